@@ -1,0 +1,82 @@
+"""Typed settings. Every default lives here and nowhere else; YAML in and out."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from visiontune.errors import ConfigError
+
+
+@dataclass
+class ScanConfig:
+    min_side: int = 32  # images whose shorter side is below this carry too little to learn from
+    max_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold (about 9459 x 9459)
+    near_duplicate_distance: int = 4  # Hamming distance between 64-bit difference hashes
+    workers: int = 0  # 0: one per core
+
+
+@dataclass
+class SplitConfig:
+    val: float = 0.1
+    test: float = 0.1
+    seed: int = 0
+    min_per_split: int = 1  # each class must have this many images in every split it is asked for
+
+
+@dataclass
+class DataConfig:
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+def default_workers(requested: int) -> int:
+    return requested if requested > 0 else max(1, os.cpu_count() or 1)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
+    """Build dataclass `cls` from a plain dict, refusing unknown keys so a typo is never ignored."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = from_dict(hint, value, f"{where}.{name}")
+        elif isinstance(hint, type) and hint is tuple and isinstance(value, list):
+            values[name] = tuple(value)
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def save_yaml(obj: Any, path: Path) -> None:
+    text = yaml.safe_dump(to_dict(obj), sort_keys=False)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def load_yaml(cls: type, path: Path) -> Any:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return from_dict(cls, data, str(path))

@@ -1,0 +1,207 @@
+"""The one way an image becomes an RGB uint8 array: training, evaluation, prediction and serving all call
+`decode`, so preprocessing can never differ between them.
+
+JPEGs are decoded with draft mode (DCT scaling) when a target size is known: libjpeg still reads every
+coefficient, so truncation is still detected, but skips most of the inverse transform.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from visiontune.config import ScanConfig
+from visiontune.errors import ImageDecodeError
+
+ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+# Bytes that identify common non-image files, so "not an image" can say what the file is instead.
+_SIGNATURES = [
+    (b"PK\x03\x04", "a zip archive"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"<!DOCTYPE html", "an HTML page"),
+    (b"<html", "an HTML page"),
+]
+
+
+@dataclass
+class Decoded:
+    """A decoded image and what had to be done to make it RGB (each note is one short phrase)."""
+
+    array: np.ndarray  # H x W x 3, uint8
+    size: tuple[int, int]  # (width, height) at full resolution, after EXIF orientation
+    format: str
+    notes: list[str] = field(default_factory=list)
+
+
+def read_bytes(path: Union[str, Path]) -> bytes:
+    """Read a file, turning the OS's errors into one-line reasons."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except PermissionError:
+        raise ImageDecodeError(str(path), "unreadable: permission denied") from None
+    except FileNotFoundError:
+        raise ImageDecodeError(str(path), "file not found") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(str(path), "is a folder, not an image") from None
+    except OSError as exc:
+        raise ImageDecodeError(str(path), f"unreadable: {exc.strerror or exc}") from None
+
+
+def describe_non_image(data: bytes) -> str:
+    head = data[:64].lstrip()
+    for magic, what in _SIGNATURES:
+        if head[: len(magic)].lower() == magic.lower():
+            return f"not an image ({what})"
+    try:
+        data[:4096].decode("utf-8")
+        return "not an image (text)"
+    except UnicodeDecodeError:
+        return "not an image (unrecognised content)"
+
+
+def decode_full(
+    source: ImageSource,
+    *,
+    draft: int | None = None,
+    max_pixels: int = ScanConfig.max_pixels,
+    where: str | None = None,
+) -> Decoded:
+    """Decode `source` to RGB, noting every conversion. Raises ImageDecodeError with a reason.
+
+    `draft`: the shorter side the caller will resize to; JPEGs are then decoded at the smallest
+    DCT scale that still covers it (never smaller), which is several times faster for large photos.
+    """
+    if isinstance(source, np.ndarray):
+        return Decoded(_array_to_rgb(source, where or "array"), _array_size(source), "array")
+    if isinstance(source, Image.Image):
+        where = where or "image"
+        return _decode_pil(source, draft=None, max_pixels=max_pixels, where=where)
+    if isinstance(source, (str, Path)):
+        where = where or str(source)
+        data = read_bytes(source)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        where = where or "bytes"
+        data = bytes(source)
+    else:
+        raise TypeError(f"cannot decode an image from {type(source).__name__}")
+    if not data:
+        raise ImageDecodeError(where, "zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit below is the one that counts; Pillow's warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(where, f"decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(where, describe_non_image(data)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(where, f"corrupt image header ({exc})") from None
+    return _decode_pil(image, draft=draft, max_pixels=max_pixels, where=where)
+
+
+def decode(source: ImageSource, *, draft: int | None = None, max_pixels: int = ScanConfig.max_pixels) -> np.ndarray:
+    """Decode `source` (path, bytes, PIL image or array) to an H x W x 3 uint8 RGB array."""
+    return decode_full(source, draft=draft, max_pixels=max_pixels).array
+
+
+def _decode_pil(image: Image.Image, *, draft: int | None, max_pixels: int, where: str) -> Decoded:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            where, f"decompression bomb: {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
+        )
+    notes: list[str] = []
+    fmt = image.format or "unknown"
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"multi-frame ({frames} frames): first frame used")
+    orientation = _exif_orientation(image)
+    if draft and fmt == "JPEG":
+        image.draft("RGB", (draft, draft))
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(where, f"truncated or corrupt ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(where, f"decompression bomb: {exc}") from None
+    if orientation not in (None, 1):
+        image = ImageOps.exif_transpose(image)
+        notes.append(f"EXIF orientation {orientation} applied")
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+    mode = image.mode
+    try:
+        rgb = _to_rgb(image)
+    except (OSError, ValueError) as exc:
+        raise ImageDecodeError(where, f"cannot convert {mode} to RGB ({exc})") from None
+    if mode != "RGB":
+        notes.append(f"converted from {_describe_mode(mode)} to RGB")
+    return Decoded(rgb, (width, height), fmt, notes)
+
+
+def _exif_orientation(image: Image.Image) -> int | None:
+    try:
+        return image.getexif().get(0x0112)
+    except Exception:  # a malformed EXIF block must not make a good image unreadable
+        return None
+
+
+def _describe_mode(mode: str) -> str:
+    names = {"L": "greyscale", "P": "palette", "CMYK": "CMYK", "RGBA": "RGBA", "LA": "greyscale+alpha",
+             "PA": "palette+alpha", "1": "1-bit", "I": "32-bit integer", "F": "32-bit float", "YCbCr": "YCbCr"}
+    if mode in _SIXTEEN_BIT_MODES:
+        return "16-bit greyscale"
+    return names.get(mode, mode)
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image, dtype=np.uint8)
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        # Pillow's own convert() clips 16-bit values at 255; scale the full range instead.
+        values = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if (mode in _SIXTEEN_BIT_MODES or values.max() > 255) else 255.0
+        grey = np.clip(values * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in _ALPHA_MODES:
+        # Transparent pixels carry arbitrary colour; put them on white, as a viewer would show them.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _array_size(array: np.ndarray) -> tuple[int, int]:
+    return (int(array.shape[1]), int(array.shape[0])) if array.ndim >= 2 else (0, 0)
+
+
+def _array_to_rgb(array: np.ndarray, where: str) -> np.ndarray:
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ImageDecodeError(where, f"expected an H x W x 3 array, got shape {tuple(array.shape)}")
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    if array.shape[2] == 4:
+        array = array[:, :, :3]
+    if array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating) and array.size and float(np.nanmax(array)) <= 1.0:
+            array = array * 255.0
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(array)

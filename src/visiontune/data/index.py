@@ -1,0 +1,272 @@
+"""Turn what the user points at into a `Dataset`: a list of files, their labels and (if given) their splits.
+
+Three layouts, told apart automatically:
+  class folders   root/<class>/**/<image>
+  split folders   root/{train,val|valid|validation,test}/<class>/**/<image>
+  CSV manifest    path,label[,split] with paths relative to the CSV's folder (or `root`)
+
+Indexing streams: it holds one relative path string and one small integer per file, nothing heavier,
+so a million files index in bounded memory. Nothing is opened here; `integrity` decides what is an image.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Union
+
+import numpy as np
+
+from visiontune import samples
+from visiontune.data.findings import Finding
+from visiontune.errors import DatasetError
+
+SPLITS = ("train", "val", "test")
+NO_SPLIT = -1
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test", "testing": "test",
+}
+MANIFEST_SUFFIXES = (".csv",)
+
+
+@dataclass
+class Dataset:
+    """Files, labels and splits; `paths[i]` is relative to `root` (or absolute, from a manifest)."""
+
+    root: Path
+    paths: list[str]
+    labels: np.ndarray  # int32, index into `classes`
+    classes: list[str]
+    splits: np.ndarray  # int8, index into SPLITS, NO_SPLIT where the data came without a split
+    layout: str  # "class-folders" | "split-folders" | "manifest"
+    source: Path
+    findings: list[Finding] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def has_splits(self) -> bool:
+        return bool(len(self.splits)) and bool((self.splits != NO_SPLIT).all())
+
+    def abspath(self, i: int) -> Path:
+        return self.root / self.paths[i]
+
+    def class_counts(self, mask: np.ndarray | None = None) -> dict[str, int]:
+        labels = self.labels if mask is None else self.labels[mask]
+        counts = np.bincount(labels, minlength=len(self.classes))
+        return {name: int(n) for name, n in zip(self.classes, counts)}
+
+    def subset(self, mask: np.ndarray) -> "Dataset":
+        """The files where `mask` is true, with the same classes (so label ids stay comparable)."""
+        keep = np.flatnonzero(mask)
+        return Dataset(self.root, [self.paths[i] for i in keep], self.labels[keep], self.classes,
+                       self.splits[keep], self.layout, self.source, list(self.findings))
+
+
+def natural_key(name: str) -> list:
+    """Sort "2" before "10", so numbered class folders keep their human order."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def resolve_source(source: Union[str, Path]) -> Path:
+    """A path on disk, or the name of an embedded sample dataset ("flowers-mini")."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if str(source) in samples.names():
+        return samples.path(str(source))
+    raise DatasetError(
+        f"{source}: no such file or folder (nor an embedded sample; those are: {', '.join(samples.names())})"
+    )
+
+
+def load_dataset(source: Union[str, Path], root: Union[str, Path, None] = None) -> Dataset:
+    """Index a dataset given as a folder, a split folder, a CSV manifest or a sample name."""
+    path = resolve_source(source)
+    if path.is_file():
+        if path.suffix.lower() not in MANIFEST_SUFFIXES:
+            raise DatasetError(f"{path}: a dataset is a folder or a CSV manifest (path,label[,split]), not a {path.suffix or 'plain'} file")
+        return _load_manifest(path, Path(root) if root else path.parent)
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise DatasetError(f"{path}: folder is not readable (permission denied)")
+    split_dirs = _split_folders(path)
+    if split_dirs:
+        return _load_split_folders(path, split_dirs)
+    return _load_class_folders(path)
+
+
+class _Builder:
+    """Accumulates files compactly: a path string and two small integers per file."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+        self.labels = array("i")
+        self.splits = array("b")
+        self.class_ids: dict[str, int] = {}
+        self.findings: list[Finding] = []
+
+    def class_id(self, name: str) -> int:
+        if name not in self.class_ids:
+            self.class_ids[name] = len(self.class_ids)
+        return self.class_ids[name]
+
+    def add(self, path: str, label: int, split: int) -> None:
+        self.paths.append(path)
+        self.labels.append(label)
+        self.splits.append(split)
+
+    def build(self, root: Path, layout: str, source: Path) -> Dataset:
+        # Class ids follow the natural order of the names, whatever order the files came in.
+        names = sorted(self.class_ids, key=natural_key)
+        remap = np.zeros(max(len(names), 1), dtype=np.int32)
+        for new_id, name in enumerate(names):
+            remap[self.class_ids[name]] = new_id
+        labels = remap[np.frombuffer(self.labels, dtype=np.int32)] if len(self.labels) else np.zeros(0, np.int32)
+        splits = np.frombuffer(self.splits, dtype=np.int8).copy()
+        return Dataset(root, self.paths, labels.astype(np.int32), names, splits, layout, source, self.findings)
+
+
+def walk_files(folder: Path, findings: list[Finding]) -> Iterator[str]:
+    """Every non-hidden file below `folder` (recursively, sorted), as a path relative to it.
+
+    Iterative and streaming: one directory listing is in memory at a time. Symlinked folders are
+    followed once (a loop is reported, not followed forever).
+    """
+    seen: set[tuple[int, int]] = set()
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        current = folder / rel if rel else folder
+        try:
+            st = current.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                findings.append(Finding("warning", str(current), "folder visited twice (symlink loop): skipped"))
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(current) as it:
+                entries = sorted((e for e in it if not is_hidden(e.name)), key=lambda e: e.name)
+        except PermissionError:
+            findings.append(Finding("warning", str(current), "unreadable folder: permission denied"))
+            continue
+        except OSError as exc:
+            findings.append(Finding("warning", str(current), f"unreadable folder: {exc.strerror or exc}"))
+            continue
+        subdirs = []
+        for entry in entries:
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(child)
+            else:
+                yield child
+        stack.extend(reversed(subdirs))
+
+
+def _class_folders(root: Path, findings: list[Finding]) -> list[str]:
+    try:
+        with os.scandir(root) as it:
+            entries = sorted(it, key=lambda e: natural_key(e.name))
+    except OSError as exc:
+        raise DatasetError(f"{root}: cannot list folder ({exc.strerror or exc})") from None
+    loose = [e.name for e in entries if not is_hidden(e.name) and not e.is_dir()]
+    if loose:
+        manifests = [n for n in loose if n.lower().endswith(MANIFEST_SUFFIXES)]
+        hint = f"; to use a manifest's labels and splits, pass it instead: {', '.join(manifests)}" if manifests else ""
+        findings.append(Finding("info", str(root), f"{len(loose)} file(s) at the top level are in no class folder and were ignored{hint}"))
+    return [e.name for e in entries if not is_hidden(e.name) and e.is_dir()]
+
+
+def _add_class_tree(builder: _Builder, root: Path, prefix: str, class_name: str, split: int) -> None:
+    label = builder.class_id(class_name)
+    before = len(builder.paths)
+    for rel in walk_files(root / prefix, builder.findings):
+        builder.add(f"{prefix}/{rel}", label, split)
+    if len(builder.paths) == before:
+        builder.findings.append(Finding("error", str(root / prefix), f"class {class_name!r} has no files"))
+
+
+def _load_class_folders(root: Path) -> Dataset:
+    builder = _Builder()
+    for name in _class_folders(root, builder.findings):
+        _add_class_tree(builder, root, name, name, NO_SPLIT)
+    return builder.build(root, "class-folders", root)
+
+
+def _split_folders(root: Path) -> dict[str, str]:
+    """{"train": "train", "val": "validation", ...} when `root` holds split folders, else {}."""
+    try:
+        names = [e.name for e in os.scandir(root) if e.is_dir() and not is_hidden(e.name)]
+    except OSError as exc:
+        raise DatasetError(f"{root}: cannot list folder ({exc.strerror or exc})") from None
+    found: dict[str, str] = {}
+    for name in sorted(names):
+        split = SPLIT_ALIASES.get(name.lower())
+        if split and split not in found:
+            found[split] = name
+    if "train" in found and len(found) >= 2:
+        return found
+    return {}
+
+
+def _load_split_folders(root: Path, split_dirs: dict[str, str]) -> Dataset:
+    builder = _Builder()
+    for split, folder in sorted(split_dirs.items(), key=lambda kv: SPLITS.index(kv[0])):
+        for name in _class_folders(root / folder, builder.findings):
+            _add_class_tree(builder, root, f"{folder}/{name}", name, SPLITS.index(split))
+    return builder.build(root, "split-folders", root)
+
+
+def _load_manifest(csv_path: Path, root: Path) -> Dataset:
+    builder = _Builder()
+    seen_paths: set[str] = set()
+    try:
+        fh = open(csv_path, newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise DatasetError(f"{csv_path}: cannot read manifest ({exc.strerror or exc})") from None
+    with fh:
+        reader = csv.reader(fh)
+        header = [h.strip().lower() for h in next(reader, [])]
+        if "path" not in header or "label" not in header:
+            raise DatasetError(f"{csv_path}: a manifest needs a header with 'path' and 'label' columns (and optionally 'split'); found {header}")
+        col_path, col_label = header.index("path"), header.index("label")
+        col_split = header.index("split") if "split" in header else None
+        for line_no, row in enumerate(reader, start=2):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) < len(header):
+                raise DatasetError(f"{csv_path}:{line_no}: expected {len(header)} columns, got {len(row)}")
+            rel, label = row[col_path].strip(), row[col_label].strip()
+            if not rel or not label:
+                raise DatasetError(f"{csv_path}:{line_no}: empty path or label")
+            split = NO_SPLIT
+            if col_split is not None:
+                split_name = SPLIT_ALIASES.get(row[col_split].strip().lower())
+                if split_name is None:
+                    raise DatasetError(f"{csv_path}:{line_no}: unknown split {row[col_split]!r}; use train, val or test")
+                split = SPLITS.index(split_name)
+            if rel in seen_paths:
+                builder.findings.append(Finding("warning", rel, f"listed twice in {csv_path.name}: later row (line {line_no}) ignored"))
+                continue
+            seen_paths.add(rel)
+            if not (root / rel).is_file():
+                builder.findings.append(Finding("warning", str(root / rel), f"listed in {csv_path.name} (line {line_no}) but missing"))
+                continue
+            builder.add(rel, builder.class_id(label), split)
+    dataset = builder.build(root, "manifest", csv_path)
+    if len(dataset) and (dataset.splits == NO_SPLIT).any() and (dataset.splits != NO_SPLIT).any():
+        raise DatasetError(f"{csv_path}: some rows have a split and some do not; give every row a split or none")
+    return dataset

@@ -1,0 +1,246 @@
+"""`scan`: decode every file once, on every core, and report what is wrong with the dataset.
+
+Nothing here writes to the user's files. Each file is read once: the bytes give the content digest,
+the decoded pixels give the size, the conversions made and the perceptual hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from visiontune.config import ScanConfig, default_workers
+from visiontune.data import dedup
+from visiontune.data.decode import decode_full, read_bytes
+from visiontune.data.findings import Finding, sort_findings
+from visiontune.data.index import NO_SPLIT, SPLITS, Dataset
+from visiontune.errors import ImageDecodeError
+
+# Small enough to compute the perceptual hash from, large enough that libjpeg still checks every block.
+_SCAN_DRAFT = 64
+# Below this many files, starting worker processes costs more than it saves.
+_MIN_FILES_FOR_POOL = 64
+
+
+@dataclass
+class FileCheck:
+    """The verdict on one file; `problem` set means it is unusable and skipped."""
+
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    digest: bytes = b""
+    dhash: int = 0
+    notes: tuple[str, ...] = ()
+    problem: str | None = None
+
+
+def check_file(path: str, cfg: ScanConfig = ScanConfig()) -> FileCheck:
+    """Read and fully decode one file; never raises for a bad file, it says why instead."""
+    try:
+        data = read_bytes(path)
+        if not data:
+            return FileCheck(problem="zero-byte file")
+        decoded = decode_full(data, draft=_SCAN_DRAFT, max_pixels=cfg.max_pixels, where=path)
+    except ImageDecodeError as exc:
+        return FileCheck(problem=exc.reason)
+    width, height = decoded.size
+    check = FileCheck(width, height, decoded.format, hashlib.blake2b(data, digest_size=dedup.HASH_BYTES).digest(),
+                      dedup.difference_hash(decoded.array), tuple(decoded.notes))
+    if min(width, height) < cfg.min_side:
+        check.problem = f"too small: {width}x{height} px (shorter side under {cfg.min_side})"
+    return check
+
+
+def _check_with_config(args: tuple[str, ScanConfig]) -> FileCheck:
+    return check_file(*args)
+
+
+def check_files(paths: list[str], cfg: ScanConfig, quiet: bool = False, desc: str = "scan") -> Iterator[FileCheck]:
+    """check_file over many paths, in order, on `cfg.workers` processes, with a progress bar."""
+    workers = default_workers(cfg.workers)
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+    with bar:
+        if workers == 1 or len(paths) < _MIN_FILES_FOR_POOL:
+            for path in paths:
+                yield check_file(path, cfg)
+                bar.update()
+            return
+        # fork: the workers need only PIL and numpy, and start in milliseconds.
+        context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            chunk = max(1, min(256, len(paths) // (workers * 8)))
+            for result in pool.map(_check_with_config, ((p, cfg) for p in paths), chunksize=chunk):
+                yield result
+                bar.update()
+
+
+@dataclass
+class ScanReport:
+    dataset: Dataset
+    usable: np.ndarray  # bool per file
+    widths: np.ndarray
+    heights: np.ndarray
+    formats: dict[str, int]
+    findings: list[Finding]
+    exact_duplicates: list[list[int]]
+    near_duplicates: list[list[int]]
+    leaks: list[list[int]] = field(default_factory=list)
+    problems: list[tuple[int, str]] = field(default_factory=list)  # (file index, why it is unusable)
+    unusable_reason: str | None = None  # set when the dataset cannot be trained on as it is
+
+    @property
+    def class_counts(self) -> dict[str, int]:
+        return self.dataset.class_counts(self.usable)
+
+    @property
+    def imbalance_ratio(self) -> float:
+        counts = [n for n in self.class_counts.values() if n > 0]
+        return (max(counts) / min(counts)) if counts else 0.0
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file left out as unusable."""
+        return [(str(self.dataset.abspath(i)), reason) for i, reason in self.problems]
+
+    def size_stats(self) -> dict:
+        ok = self.usable
+        if not ok.any():
+            return {}
+        w, h = self.widths[ok], self.heights[ok]
+
+        def summary(values: np.ndarray) -> dict:
+            return {"min": int(values.min()), "median": float(statistics.median(values.tolist())), "max": int(values.max())}
+
+        return {"width": summary(w), "height": summary(h)}
+
+    def to_dict(self) -> dict:
+        ds = self.dataset
+        per_split = {}
+        if ds.has_splits:
+            for s, name in enumerate(SPLITS):
+                mask = self.usable & (ds.splits == s)
+                if mask.any():
+                    per_split[name] = ds.class_counts(mask)
+
+        def group_paths(groups: list[list[int]]) -> list[list[str]]:
+            return [[ds.paths[i] for i in g] for g in groups]
+
+        return {
+            "source": str(ds.source),
+            "root": str(ds.root),
+            "layout": ds.layout,
+            "files": len(ds),
+            "usable_images": int(self.usable.sum()),
+            "skipped_files": int((~self.usable).sum()),
+            "classes": ds.classes,
+            "class_counts": self.class_counts,
+            "class_counts_per_split": per_split,
+            "imbalance_ratio": round(self.imbalance_ratio, 3),
+            "image_size": self.size_stats(),
+            "formats": self.formats,
+            "exact_duplicate_groups": group_paths(self.exact_duplicates),
+            "near_duplicate_groups": group_paths(self.near_duplicates),
+            "leaking_groups": group_paths(self.leaks),
+            "findings": [f.to_dict() for f in self.findings],
+            "counts_by_level": {lvl: sum(f.level == lvl for f in self.findings) for lvl in ("error", "warning", "info")},
+            "usable": self.unusable_reason is None,
+            "unusable_reason": self.unusable_reason,
+        }
+
+
+def scan_dataset(dataset: Dataset, cfg: ScanConfig = ScanConfig(), quiet: bool = False) -> ScanReport:
+    n = len(dataset)
+    usable = np.zeros(n, dtype=bool)
+    widths = np.zeros(n, dtype=np.int32)
+    heights = np.zeros(n, dtype=np.int32)
+    digests = np.zeros((n, dedup.HASH_BYTES // 8), dtype=np.uint64)
+    hashes = np.zeros(n, dtype=np.uint64)
+    formats: dict[str, int] = {}
+    problems: list[tuple[int, str]] = []
+    findings = list(dataset.findings)
+    paths = [str(dataset.abspath(i)) for i in range(n)]
+    for i, check in enumerate(check_files(paths, cfg, quiet)):
+        if check.problem:
+            problems.append((i, check.problem))
+            findings.append(Finding("warning", paths[i], check.problem))
+            continue
+        usable[i] = True
+        widths[i], heights[i] = check.width, check.height
+        digests[i] = np.frombuffer(check.digest, dtype=np.uint64)
+        hashes[i] = np.uint64(check.dhash)
+        formats[check.format] = formats.get(check.format, 0) + 1
+        findings.extend(Finding("info", paths[i], note) for note in check.notes)
+
+    exact = dedup.exact_groups(digests, usable)
+    near = dedup.near_groups(hashes, usable, cfg.near_duplicate_distance, exact)
+    leaks = _leaking_groups(dataset, exact + near)
+    findings.extend(_duplicate_findings(dataset, exact, near, leaks))
+    report = ScanReport(dataset, usable, widths, heights, dict(sorted(formats.items())), [], exact, near, leaks, problems)
+    findings.extend(_class_findings(dataset, usable))
+    report.findings = sort_findings(findings)
+    report.unusable_reason = unusable_reason(dataset, usable)
+    return report
+
+
+def _leaking_groups(dataset: Dataset, groups: Iterable[list[int]]) -> list[list[int]]:
+    if not dataset.has_splits:
+        return []
+    return [g for g in groups if len({int(dataset.splits[i]) for i in g}) > 1]
+
+
+def _describe(dataset: Dataset, i: int) -> str:
+    split = int(dataset.splits[i])
+    where = f" [{SPLITS[split]}]" if split != NO_SPLIT else ""
+    return f"{dataset.paths[i]}{where}"
+
+
+def _duplicate_findings(dataset: Dataset, exact: list[list[int]], near: list[list[int]], leaks: list[list[int]]) -> list[Finding]:
+    leak_set = {tuple(g) for g in leaks}
+    findings = []
+    for kind, groups in (("exact duplicate", exact), ("near-duplicate", near)):
+        for group in groups:
+            first, others = group[0], group[1:]
+            others_text = ", ".join(_describe(dataset, i) for i in others)
+            labels = sorted({dataset.classes[dataset.labels[i]] for i in group})
+            if len(labels) > 1:
+                others_text += f" (labelled differently: {', '.join(labels)})"
+            if tuple(group) in leak_set:
+                findings.append(Finding("error", str(dataset.abspath(first)),
+                                        f"leakage: {kind} across splits: {_describe(dataset, first)} = {others_text}"))
+            else:
+                findings.append(Finding("warning" if kind == "exact duplicate" else "info", str(dataset.abspath(first)),
+                                        f"{kind} of {others_text}"))
+    return findings
+
+
+def _class_findings(dataset: Dataset, usable: np.ndarray) -> list[Finding]:
+    findings = []
+    counts = np.bincount(dataset.labels[usable], minlength=len(dataset.classes)) if len(dataset) else []
+    all_counts = np.bincount(dataset.labels, minlength=len(dataset.classes)) if len(dataset) else []
+    for name, n, total in zip(dataset.classes, counts, all_counts):
+        if n == 0 and total > 0:
+            findings.append(Finding("error", name, f"class {name!r} has no usable image ({total} file(s), all skipped)"))
+    return findings
+
+
+def unusable_reason(dataset: Dataset, usable: np.ndarray) -> str | None:
+    """Why training on this dataset cannot work, in one line; None when it can."""
+    if len(dataset) == 0:
+        return f"{dataset.source}: no files found (expected class folders, split folders or a CSV manifest)"
+    if not usable.any():
+        return f"{dataset.source}: none of the {len(dataset)} file(s) is a usable image"
+    counts = dataset.class_counts(usable)
+    empty = [name for name, n in counts.items() if n == 0]
+    if empty:
+        return f"{dataset.source}: class(es) with no usable image: {', '.join(empty)}"
+    if len(counts) < 2:
+        return f"{dataset.source}: only one class ({next(iter(counts))}); a classifier needs at least two"
+    return None

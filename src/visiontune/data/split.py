@@ -1,0 +1,163 @@
+"""Stratified train/val/test splits that the same seed reproduces byte for byte.
+
+A dataset that comes with splits keeps them; a missing val or test split is carved out of train.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from visiontune.config import SplitConfig
+from visiontune.data.index import NO_SPLIT, SPLITS, Dataset
+from visiontune.errors import SplitError
+
+TRAIN, VAL, TEST = range(3)
+
+
+@dataclass
+class Split:
+    """Which split each usable file of `dataset` is in (NO_SPLIT for a file left out)."""
+
+    dataset: Dataset
+    assignment: np.ndarray  # int8 per file
+    notes: list[str] = field(default_factory=list)
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.assignment == SPLITS.index(split))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{class: {split: count}}."""
+        table = {}
+        for c, name in enumerate(self.dataset.classes):
+            of_class = self.dataset.labels == c
+            table[name] = {s: int((of_class & (self.assignment == k)).sum()) for k, s in enumerate(SPLITS)}
+        return table
+
+    def write_csv(self, out: Path | TextIO, relative_to: Path | None = None) -> None:
+        """Write `path,label,split`, rows in dataset order. Paths are relative to `relative_to`
+        (the CSV's own folder, so the file works as a manifest) or to the dataset root."""
+        if isinstance(out, (str, Path)):
+            out = Path(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            buffer = io.StringIO()
+            self._write_rows(buffer, out.resolve().parent)
+            tmp = out.with_name(f".{out.name}.tmp")
+            tmp.write_text(buffer.getvalue(), encoding="utf-8")
+            os.replace(tmp, out)
+        else:
+            self._write_rows(out, relative_to)
+
+    def _write_rows(self, fh: TextIO, relative_to: Path | None) -> None:
+        ds = self.dataset
+        root = ds.root.resolve()
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["path", "label", "split"])
+        for i in np.flatnonzero(self.assignment != NO_SPLIT):
+            path = ds.paths[i]
+            if relative_to is not None:
+                path = _relative(root / path, relative_to)
+            writer.writerow([path, ds.classes[ds.labels[i]], SPLITS[self.assignment[i]]])
+
+
+def _relative(path: Path, start: Path) -> str:
+    try:
+        return Path(os.path.relpath(path, start)).as_posix()
+    except ValueError:  # another drive on Windows: no relative path exists
+        return path.as_posix()
+
+
+def split_dataset(dataset: Dataset, usable: np.ndarray | None = None, cfg: SplitConfig = SplitConfig()) -> Split:
+    """Assign every usable file to train, val or test, stratified by class, driven by `cfg.seed`."""
+    for name, value in (("val", cfg.val), ("test", cfg.test)):
+        if not 0.0 <= value < 1.0:
+            raise SplitError(f"--{name} must be a fraction in [0, 1), got {value}")
+    if cfg.val + cfg.test >= 1.0:
+        raise SplitError(f"--val {cfg.val} + --test {cfg.test} leaves nothing to train on")
+    usable = np.ones(len(dataset), dtype=bool) if usable is None else usable
+    rng = np.random.default_rng(cfg.seed)
+    notes: list[str] = []
+    if dataset.has_splits:
+        assignment = np.where(usable, dataset.splits, NO_SPLIT).astype(np.int8)
+        _check_class_sets(dataset, assignment)
+        wanted = {VAL: cfg.val, TEST: cfg.test}
+        missing = {k: f for k, f in wanted.items() if f > 0 and not (assignment == k).any()}
+        if missing:
+            train_idx = np.flatnonzero(assignment == TRAIN)
+            carved = _stratify(dataset, train_idx, missing, rng, cfg.min_per_split, notes)
+            assignment[train_idx] = carved
+            notes.append("carved " + " and ".join(f"{SPLITS[k]} ({f:.0%} of each class)" for k, f in missing.items())
+                         + " out of the given train split")
+        else:
+            notes.append("kept the splits the dataset came with")
+    else:
+        idx = np.flatnonzero(usable)
+        assignment = np.full(len(dataset), NO_SPLIT, dtype=np.int8)
+        assignment[idx] = _stratify(dataset, idx, {VAL: cfg.val, TEST: cfg.test}, rng, cfg.min_per_split, notes)
+    return Split(dataset, assignment, notes)
+
+
+def _stratify(dataset: Dataset, idx: np.ndarray, fractions: dict[int, float], rng: np.random.Generator,
+              min_per_split: int, notes: list[str]) -> np.ndarray:
+    """Split assignment for the files `idx` (in their order): per class, shuffle, then cut."""
+    out = np.full(len(idx), TRAIN, dtype=np.int8)
+    labels = dataset.labels[idx]
+    asked = [k for k in (VAL, TEST) if fractions.get(k, 0) > 0]
+    for c, name in enumerate(dataset.classes):
+        members = np.flatnonzero(labels == c)
+        n = len(members)
+        if n == 0:
+            continue
+        take = {k: int(round(n * fractions[k])) for k in asked}
+        take = {k: max(v, min_per_split) for k, v in take.items()}
+        needed = sum(take.values()) + max(min_per_split, 1)
+        if n < needed:
+            if min_per_split > 0:
+                raise SplitError(
+                    f"class {name!r} has {n} usable image(s), too few for at least {min_per_split} in each of "
+                    f"{', '.join(['train'] + [SPLITS[k] for k in asked])}; add images, lower --val/--test, "
+                    f"or pass --min-per-split 0 to allow splits without this class"
+                )
+            take = _shrink(take, n)
+        order = members[rng.permutation(n)]
+        start = 0
+        for k in asked:
+            out[order[start:start + take[k]]] = k
+            start += take[k]
+        empty = ["train" if start >= n else None] + [SPLITS[k] for k in asked if take[k] == 0]
+        empty = [s for s in empty if s]
+        if empty:
+            notes.append(f"class {name!r} ({n} images) has none in {', '.join(empty)}")
+    return out
+
+
+def _shrink(take: dict[int, int], n: int) -> dict[int, int]:
+    """Fit the requested counts into n images, keeping at least one for training when n > 1."""
+    budget = max(n - 1, 0) if n > 1 else 0
+    out = {}
+    for k, v in take.items():
+        out[k] = min(v, budget)
+        budget -= out[k]
+    return out
+
+
+def _check_class_sets(dataset: Dataset, assignment: np.ndarray) -> None:
+    present = {s: set(np.unique(dataset.labels[assignment == k]).tolist()) for k, s in enumerate(SPLITS)}
+    present = {s: labels for s, labels in present.items() if labels}
+    if "train" not in present:
+        raise SplitError(f"{dataset.source}: the given splits have no usable training image")
+    all_labels = set().union(*present.values())
+    problems = []
+    for split, labels in present.items():
+        missing = sorted(all_labels - labels)
+        if missing:
+            names = ", ".join(dataset.classes[c] for c in missing)
+            problems.append(f"{split} lacks {names}")
+    if problems:
+        raise SplitError(f"{dataset.source}: class sets differ between the given splits: {'; '.join(problems)}")
