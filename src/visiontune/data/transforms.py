@@ -1,0 +1,131 @@
+"""Preprocessing: the spec that travels with a model, and the functions that apply it.
+
+`Preprocess` is filled in by the model registry and stored in model.json; evaluation, export, prediction
+and serving all rebuild it from there, so there is one definition of "what the model sees".
+Everything here is numpy + Pillow (no torch), so a served ONNX model needs nothing heavier.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    input_size: int
+    crop_pct: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side before the centre crop (input_size / crop_pct, as timm does)."""
+        return int(math.floor(self.input_size / self.crop_pct))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preprocess":
+        return cls(int(data["input_size"]), float(data["crop_pct"]), tuple(data["mean"]), tuple(data["std"]),
+                   str(data["interpolation"]))
+
+
+def resample(name: str) -> Image.Resampling:
+    return _RESAMPLE.get(name, Image.Resampling.BICUBIC)
+
+
+def resize_shorter(rgb: np.ndarray, size: int, interpolation: str) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    scale = size / min(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    if (new_w, new_h) == (w, h):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((new_w, new_h), resample(interpolation)))
+
+
+def center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    if h < size or w < size:  # an odd aspect ratio can leave one side short after the resize: pad by edge
+        pad_h, pad_w = max(0, size - h), max(0, size - w)
+        rgb = np.pad(rgb, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)), mode="edge")
+        h, w = rgb.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return rgb[top:top + size, left:left + size]
+
+
+def eval_crop(rgb: np.ndarray, spec: Preprocess) -> np.ndarray:
+    """Resize the shorter side to `resize_size`, then centre-crop `input_size`: uint8 H x W x 3."""
+    return center_crop(resize_shorter(rgb, spec.resize_size, spec.interpolation), spec.input_size)
+
+
+def normalize(batch_uint8: np.ndarray, spec: Preprocess) -> np.ndarray:
+    """N x H x W x 3 uint8 (or one H x W x 3) -> N x 3 x H x W float32, normalised with the model's mean/std."""
+    batch = batch_uint8 if batch_uint8.ndim == 4 else batch_uint8[None]
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1) * 255.0
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1) * 255.0
+    chw = batch.transpose(0, 3, 1, 2).astype(np.float32)
+    return (chw - mean) / std
+
+
+def preprocess(rgb: np.ndarray, spec: Preprocess) -> np.ndarray:
+    """One decoded image -> the 1 x 3 x S x S float32 tensor the model takes."""
+    return normalize(eval_crop(rgb, spec), spec)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training-time augmentation (applied to a decoded uint8 image, before normalisation)."""
+
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    hflip: float
+    rotate_degrees: float
+    brightness: float
+    contrast: float
+
+
+def augment_crop(rgb: np.ndarray, spec: Preprocess, aug: Augment, rng: np.random.Generator) -> np.ndarray:
+    """Random resized crop, flip, small rotation and brightness/contrast jitter: uint8 S x S x 3."""
+    h, w = rgb.shape[:2]
+    area = h * w
+    box = None
+    for _ in range(10):
+        target = area * rng.uniform(*aug.scale)
+        log_ratio = rng.uniform(math.log(aug.ratio[0]), math.log(aug.ratio[1]))
+        aspect = math.exp(log_ratio)
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            box = (left, top, left + cw, top + ch)
+            break
+    if box is None:  # fall back to the largest centred square
+        side = min(h, w)
+        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    image = Image.fromarray(rgb)
+    if aug.rotate_degrees > 0:
+        angle = float(rng.uniform(-aug.rotate_degrees, aug.rotate_degrees))
+        image = image.rotate(angle, resample=Image.Resampling.BILINEAR, center=((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+    image = image.resize((spec.input_size, spec.input_size), resample(spec.interpolation), box=box)
+    if rng.random() < aug.hflip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    out = np.asarray(image, dtype=np.float32)
+    if aug.brightness > 0 or aug.contrast > 0:
+        b = 1.0 + rng.uniform(-aug.brightness, aug.brightness)
+        c = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
+        mean = out.mean()
+        out = (out - mean) * c + mean * b
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,131 @@
+"""The model bundle: model.safetensors (weights) + model.json (architecture, labels, preprocessing, versions).
+
+Everything downstream (evaluation, export, explain, inference, serving) loads a model through here and
+needs nothing from training. No pickle anywhere: a bundle can be loaded from an untrusted source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from visiontune.data.transforms import Preprocess
+from visiontune.errors import ModelError
+
+FORMAT = "visiontune-model"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+
+@dataclass
+class ModelMeta:
+    """What model.json holds; `extra` keeps keys added by later stages (calibration, thresholds)."""
+
+    backbone: str
+    timm_name: str
+    labels: list[str]
+    preprocess: Preprocess
+    dropout: float = 0.0
+    versions: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "architecture": {"backbone": self.backbone, "timm_name": self.timm_name,
+                             "num_classes": self.num_classes, "dropout": self.dropout},
+            "id2label": {str(i): name for i, name in enumerate(self.labels)},
+            "preprocess": self.preprocess.to_dict(),
+            "versions": self.versions,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> "ModelMeta":
+        if data.get("format") != FORMAT:
+            raise ModelError(f"{where}: not a visiontune model description (no \"format\": \"{FORMAT}\")")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ModelError(f"{where}: model format version {data.get('format_version')} is not supported "
+                             f"by this visiontune (reads version {FORMAT_VERSION})")
+        try:
+            arch = data["architecture"]
+            id2label = data["id2label"]
+            labels = [id2label[str(i)] for i in range(len(id2label))]
+            known = {"format", "format_version", "architecture", "id2label", "preprocess", "versions"}
+            return cls(arch["backbone"], arch["timm_name"], labels, Preprocess.from_dict(data["preprocess"]),
+                       float(arch.get("dropout", 0.0)), data.get("versions", {}),
+                       {k: v for k, v in data.items() if k not in known})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{where}: malformed model description (missing or bad {exc})") from None
+
+
+def current_versions() -> dict:
+    import timm
+
+    from visiontune import __version__
+
+    return {"visiontune": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_bundle(folder: Path, model: nn.Module, meta: ModelMeta) -> None:
+    """Write weights and description, each atomically, so a killed process leaves the previous good pair."""
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic_write_bytes(folder / WEIGHTS_FILE, save(state))
+    _atomic_write_bytes(folder / META_FILE, (json.dumps(meta.to_dict(), indent=2) + "\n").encode())
+
+
+def read_meta(folder: Path) -> ModelMeta:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise ModelError(f"{folder}: not a visiontune run or model folder ({META_FILE} is missing)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: unreadable ({exc})") from None
+    return ModelMeta.from_dict(data, str(path))
+
+
+def load_bundle(folder: Path) -> tuple[nn.Module, ModelMeta]:
+    """Rebuild the architecture from model.json and load model.safetensors into it (eval mode, CPU)."""
+    import timm
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelError(f"{folder}: {WEIGHTS_FILE} is missing")
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise ModelError(f"{weights}: damaged or not a safetensors file ({str(exc)[:200]})") from None
+    model = timm.create_model(meta.timm_name, pretrained=False, num_classes=meta.num_classes, drop_rate=meta.dropout)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{weights}: weights do not match {meta.timm_name} with {meta.num_classes} classes "
+                         f"({str(exc).splitlines()[0][:200]})") from None
+    return model.eval(), meta

