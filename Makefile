@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/visiontune scan flowers-mini
-	$(BIN)/visiontune split flowers-mini --seed 0 --out runs/flowers-mini/split.csv
+	$(BIN)/visiontune train flowers-mini --out runs/demo --overwrite
 
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q

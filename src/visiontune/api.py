@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
-from visiontune.config import ScanConfig, SplitConfig
+import dataclasses
+
+from visiontune.config import ScanConfig, SplitConfig, TrainConfig
 from visiontune.data.index import Dataset, load_dataset
 from visiontune.data.integrity import ScanReport, scan_dataset
 from visiontune.data.split import Split, split_dataset
-from visiontune.errors import DatasetError, SplitError
+from visiontune.errors import ConfigError, DatasetError, SplitError
 
 PathLike = Union[str, Path]
 
@@ -55,3 +57,48 @@ def _refuse_to_overwrite_input(dataset: Dataset, out: Path) -> None:
         return
     if rel in dataset.paths:
         raise SplitError(f"{out}: that is one of the dataset's own files; write the split somewhere else")
+
+
+def default_run_dir(data: PathLike, model: str, parent: Path = Path("runs")) -> Path:
+    """runs/<dataset>-<model>, numbered when taken, so a new run never lands on an old one."""
+    name = Path(str(data)).stem if Path(str(data)).suffix else Path(str(data)).name
+    base = parent / f"{name or 'data'}-{model}"
+    candidate, n = base, 2
+    while candidate.exists():
+        candidate, n = parent / f"{base.name}-{n}", n + 1
+    return candidate
+
+
+def train_config(config: TrainConfig | None = None, **settings) -> TrainConfig:
+    """A TrainConfig from a base config and keyword overrides (`epochs` is phase 2's, `val`/`test`/`seed`
+    also set the split's)."""
+    cfg = dataclasses.replace(config) if config else TrainConfig()
+    if "epochs" in settings:
+        settings["finetune_epochs"] = settings.pop("epochs")
+    split_keys = {k: settings.pop(k) for k in ("val", "test", "min_per_split") if k in settings}
+    if "seed" in settings:
+        split_keys["seed"] = settings["seed"]
+    if split_keys:
+        cfg.split = dataclasses.replace(cfg.split, **split_keys)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"unknown training setting(s): {', '.join(unknown)}")
+    return dataclasses.replace(cfg, **settings)
+
+
+def train(data: PathLike | Dataset, *, out: PathLike | None = None, model: str = TrainConfig.model,
+          root: PathLike | None = None, config: TrainConfig | None = None, quiet: bool = True,
+          overwrite: bool = False, **settings):
+    """Train a classifier on `data` and write a run directory; returns a TrainResult (run_dir, metrics, ...).
+
+    Settings are TrainConfig's fields (views=, finetune_epochs= or epochs=, full_finetune=, seed=, ...).
+    """
+    from visiontune.training.trainer import train_dataset
+
+    cfg = train_config(config, model=model, **settings)
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, root=root)
+    label = str(dataset.source) if isinstance(data, Dataset) else str(data)
+    run_dir = Path(out) if out is not None else default_run_dir(label, cfg.model)
+    return train_dataset(dataset, cfg, run_dir, data_label=label, root=str(root) if root else None,
+                         quiet=quiet, overwrite=overwrite)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from visiontune.config import ScanConfig, SplitConfig
+from visiontune.config import ScanConfig, SplitConfig, TrainConfig
 from visiontune.errors import VisiontuneError
 
 
@@ -55,7 +55,91 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--no-check", action="store_true", help="skip decoding every image (bad files then stay in)")
     _scan_arguments(split)
     split.set_defaults(run=cmd_split)
+
+    train = verbs.add_parser("train", help="train a classifier and write a run directory")
+    _data_argument(train)
+    _train_arguments(train)
+    train.set_defaults(run=cmd_train)
     return parser
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--out", help="run directory (default: runs/<data>-<model>, numbered if taken)")
+    p.add_argument("--config", help="a config.yaml (e.g. from an earlier run); flags given here override it")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help=f"registry or timm name (default {d.model})")
+    m.add_argument("--weights", help="backbone weights file (safetensors or a PyTorch state dict)")
+    m.add_argument("--from-scratch", action="store_true", default=None, help="random initialisation, no pretrained weights")
+    m.add_argument("--download", action="store_true", default=None, help="let timm download weights from its hub")
+    r = p.add_argument_group("recipe")
+    r.add_argument("--full-finetune", action="store_true", default=None, help="train every layer on fresh augmentations (GPU)")
+    r.add_argument("--views", type=int, help=f"augmented views cached per image (default {d.views})")
+    r.add_argument("--trainable-stages", type=int, help=f"top backbone stages fine-tuned in phase 2 (default {d.trainable_stages})")
+    r.add_argument("--head-epochs", type=int, help=f"phase 1 epochs (default {d.head_epochs})")
+    r.add_argument("--epochs", type=int, dest="finetune_epochs", help=f"phase 2 / full fine-tune epochs (default {d.finetune_epochs})")
+    r.add_argument("--head-lr", type=float, help=f"default {d.head_lr}")
+    r.add_argument("--lr", type=float, dest="finetune_lr", help=f"phase 2 / full fine-tune learning rate (default {d.finetune_lr})")
+    r.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
+    r.add_argument("--schedule", choices=["cosine", "onecycle", "plateau"], help=f"default {d.schedule}")
+    r.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
+    r.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
+    r.add_argument("--dropout", type=float, help=f"default {d.dropout}")
+    r.add_argument("--balance", choices=["none", "weights", "sampler"], help="for imbalanced data: class-weighted loss or balanced batches")
+    r.add_argument("--early-stopping", type=int, help="stop after this many epochs without a better validation score")
+    r.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision on CUDA (default auto)")
+    r.add_argument("--seed", type=int, help=f"drives the split, augmentations and initialisation (default {d.seed})")
+    r.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels where torch has them")
+    a = p.add_argument_group("augmentation (full fine-tune)")
+    a.add_argument("--randaugment", action="store_true", default=None)
+    a.add_argument("--mixup", type=float, help="Beta alpha, e.g. 0.2")
+    a.add_argument("--cutmix", type=float, help="Beta alpha, e.g. 1.0")
+    s = p.add_argument_group("split (when the data has none)")
+    s.add_argument("--val", type=float)
+    s.add_argument("--test", type=float)
+    s.add_argument("--workers", type=int, help="processes for decoding (default: one per core)")
+
+
+_TRAIN_FLAGS = ("model", "weights", "from_scratch", "download", "full_finetune", "views", "trainable_stages",
+                "head_epochs", "finetune_epochs", "head_lr", "finetune_lr", "batch_size", "schedule", "weight_decay",
+                "label_smoothing", "dropout", "balance", "early_stopping", "amp", "seed", "deterministic", "val", "test",
+                "workers")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from visiontune.api import train
+    from visiontune.config import load_yaml
+
+    base = None
+    if args.config:
+        from visiontune.training.run_dir import read_config
+
+        config_path = Path(args.config)
+        _, _, base = read_config(config_path.parent) if config_path.name == "config.yaml" else (None, None, load_yaml(TrainConfig, config_path))
+    settings = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    augment = {k: getattr(args, k) for k in ("randaugment", "mixup", "cutmix") if getattr(args, k) is not None}
+    if augment:
+        current = (base or TrainConfig()).augment
+        settings["augment"] = dataclasses.replace(current, **augment)
+    if "workers" in settings:
+        settings["scan"] = dataclasses.replace((base or TrainConfig()).scan, workers=settings.pop("workers"))
+    model = settings.pop("model", (base or TrainConfig()).model)
+    result = train(args.data, out=args.out, model=model, root=args.root, config=base, quiet=args.quiet,
+                   overwrite=args.overwrite, **settings)
+    m = result.metrics
+    val = m.get("val", {}).get("top1")
+    test = m.get("test", {}).get("top1")
+    line = f"run: {result.run_dir}  ({m['train_seconds']:.0f} s)"
+    if val is not None:
+        line += f"  val top-1 {val:.2%}"
+    if test is not None:
+        line += f"  test top-1 {test:.2%}"
+    print(line)
+    return 0
 
 
 def cmd_scan(args: argparse.Namespace) -> int:

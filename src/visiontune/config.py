@@ -35,6 +35,53 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
 
 
+@dataclass
+class AugmentConfig:
+    scale: tuple = (0.25, 1.0)  # random resized crop: fraction of the image area kept
+    ratio: tuple = (0.75, 1.3333)
+    hflip: float = 0.5
+    rotate_degrees: float = 10.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+    # Full fine-tune only (they need a fresh image every step, which the cached recipe does not have).
+    randaugment: bool = False
+    mixup: float = 0.0  # Beta(alpha, alpha); 0 turns it off
+    cutmix: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    model: str = "efficientnet_lite0"
+    weights: str | None = None  # a local backbone weights file (safetensors or state dict)
+    from_scratch: bool = False
+    download: bool = False  # let timm fetch weights from its hub (only where one is reachable)
+    seed: int = 0
+    deterministic: bool = False
+    full_finetune: bool = False  # train every layer on fresh augmentations (the natural choice on a GPU)
+    # Cached recipe: phase 1 fits the head on pooled features of the frozen backbone; phase 2 fine-tunes
+    # the top `trainable_stages` stages on activations cached at the boundary below them.
+    views: int = 4  # augmented views cached per training image, besides the plain centre crop
+    trainable_stages: int = 2
+    head_epochs: int = 30
+    head_lr: float = 1e-3
+    head_batch_size: int = 64
+    finetune_epochs: int = 4
+    finetune_lr: float = 3e-4
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    dropout: float = 0.2
+    schedule: str = "cosine"  # cosine | onecycle | plateau
+    warmup_fraction: float = 0.1  # of each phase's steps
+    balance: str = "none"  # none | weights (class-weighted loss) | sampler (balanced batches)
+    early_stopping: int = 0  # epochs without a better validation score before stopping; 0: never
+    amp: str = "auto"  # auto (bf16 or fp16 on CUDA, off on CPU) | bf16 | fp16 | off
+    workers: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    scan: ScanConfig = field(default_factory=ScanConfig)
+
+
 def default_workers(requested: int) -> int:
     return requested if requested > 0 else max(1, os.cpu_count() or 1)
 

@@ -7,27 +7,22 @@ the decoded pixels give the size, the conversions made and the perceptual hash.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import statistics
-import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
-from visiontune.config import ScanConfig, default_workers
+from visiontune.config import ScanConfig
 from visiontune.data import dedup
 from visiontune.data.decode import decode_full, read_bytes
 from visiontune.data.findings import Finding, sort_findings
 from visiontune.data.index import NO_SPLIT, SPLITS, Dataset
+from visiontune.data.parallel import parallel_map
 from visiontune.errors import ImageDecodeError
 
 # Small enough to compute the perceptual hash from, large enough that libjpeg still checks every block.
 _SCAN_DRAFT = 64
-# Below this many files, starting worker processes costs more than it saves.
-_MIN_FILES_FOR_POOL = 64
 
 
 @dataclass
@@ -66,21 +61,7 @@ def _check_with_config(args: tuple[str, ScanConfig]) -> FileCheck:
 
 def check_files(paths: list[str], cfg: ScanConfig, quiet: bool = False, desc: str = "scan") -> Iterator[FileCheck]:
     """check_file over many paths, in order, on `cfg.workers` processes, with a progress bar."""
-    workers = default_workers(cfg.workers)
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True)
-    with bar:
-        if workers == 1 or len(paths) < _MIN_FILES_FOR_POOL:
-            for path in paths:
-                yield check_file(path, cfg)
-                bar.update()
-            return
-        # fork: the workers need only PIL and numpy, and start in milliseconds.
-        context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            chunk = max(1, min(256, len(paths) // (workers * 8)))
-            for result in pool.map(_check_with_config, ((p, cfg) for p in paths), chunksize=chunk):
-                yield result
-                bar.update()
+    return parallel_map(_check_with_config, [(p, cfg) for p in paths], workers=cfg.workers, desc=desc, quiet=quiet)
 
 
 @dataclass

@@ -20,6 +20,12 @@ def build_classifier(model_name: str, num_classes: int, *, dropout: float, weigh
     spec = get_spec(model_name)
     model = create_pretrained(spec, num_classes, dropout, weights=weights, from_scratch=from_scratch,
                               allow_download=allow_download)
+    # timm's EfficientNet init draws the new classifier from U(+-1/sqrt(num_classes)): with 5 classes and
+    # 1280 pooled features that starts at logits of several units and a loss near 6. Zeros start at log(C).
+    classifier = model.get_classifier()
+    if isinstance(classifier, nn.Linear):
+        nn.init.zeros_(classifier.weight)
+        nn.init.zeros_(classifier.bias)
     return model, spec
 
 

@@ -1,0 +1,51 @@
+"""Decode once: every image a model sees goes through `load_resized` (decode with JPEG draft + resize of
+the shorter side to the model's resize size). Training caches its output; inference calls it per image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from visiontune.config import ScanConfig
+from visiontune.data.decode import ImageSource, decode
+from visiontune.data.parallel import parallel_map
+from visiontune.data.transforms import Preprocess, center_crop, resize_shorter
+from visiontune.errors import ImageDecodeError
+
+
+def load_resized(source: ImageSource, spec: Preprocess, max_pixels: int = ScanConfig.max_pixels) -> np.ndarray:
+    """uint8 RGB with the shorter side at `spec.resize_size`: the common start of training and inference."""
+    rgb = decode(source, draft=spec.resize_size, max_pixels=max_pixels)
+    return resize_shorter(rgb, spec.resize_size, spec.interpolation)
+
+
+def load_for_model(source: ImageSource, spec: Preprocess) -> np.ndarray:
+    """The uint8 input_size x input_size crop the model is evaluated on."""
+    return center_crop(load_resized(source, spec), spec.input_size)
+
+
+@dataclass
+class DecodedSet:
+    images: list[np.ndarray | None]
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
+
+
+def _load_one(args: tuple[str, Preprocess]) -> np.ndarray | str:
+    path, spec = args
+    try:
+        return load_resized(path, spec)
+    except ImageDecodeError as exc:
+        return exc.reason
+
+
+def load_all(paths: list[str], spec: Preprocess, *, workers: int = 0, quiet: bool = False) -> DecodedSet:
+    """Decode and resize every path once, on every core; failures are listed, not raised."""
+    out = DecodedSet([])
+    for i, result in enumerate(parallel_map(_load_one, [(p, spec) for p in paths], workers=workers, desc="decode", quiet=quiet)):
+        if isinstance(result, str):
+            out.images.append(None)
+            out.failed.append((i, result))
+        else:
+            out.images.append(result)
+    return out

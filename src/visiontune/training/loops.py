@@ -1,0 +1,175 @@
+"""The pieces every training phase shares: batches, loss, schedules, evaluation, best-state tracking."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visiontune.config import TrainConfig
+from visiontune.errors import ConfigError
+
+SCHEDULES = ("cosine", "onecycle", "plateau")
+BALANCE = ("none", "weights", "sampler")
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, normalised so a balanced dataset gets all ones."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def batches(labels: np.ndarray, batch_size: int, rng: np.random.Generator, balance: str) -> Iterator[np.ndarray]:
+    """Indices into `labels`, one epoch's worth. With balance="sampler", classes are drawn equally often."""
+    n = len(labels)
+    if balance == "sampler":
+        counts = np.bincount(labels)
+        p = 1.0 / counts[labels]
+        order = rng.choice(n, size=n, replace=True, p=p / p.sum())
+    else:
+        order = rng.permutation(n)
+    for start in range(0, n, batch_size):
+        chunk = order[start:start + batch_size]
+        if len(chunk) > 1 or n == 1:  # a batch of one breaks BatchNorm in train mode
+            yield chunk
+
+
+def make_loss(cfg: TrainConfig, train_labels: np.ndarray, num_classes: int) -> Callable:
+    weight = class_weights(train_labels, num_classes) if cfg.balance == "weights" else None
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        w = weight.to(logits.device) if weight is not None else None
+        if target.dtype.is_floating_point:  # soft targets (mixup/cutmix)
+            return torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+        return F.cross_entropy(logits.float(), target, weight=w, label_smoothing=cfg.label_smoothing)
+
+    return loss
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Per-step schedule (cosine or one-cycle, both with warm-up), or None for plateau (stepped per epoch)."""
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if cfg.schedule == "plateau":
+        return None
+    total_steps = max(1, total_steps)
+    if cfg.schedule == "onecycle":
+        max_lrs = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total_steps,
+                                                   pct_start=max(cfg.warmup_fraction, 0.01))
+    warmup = int(total_steps * cfg.warmup_fraction)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def plateau_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    if cfg.schedule != "plateau":
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.3, patience=1)
+
+
+@dataclass
+class Score:
+    loss: float
+    accuracy: float
+
+    def better_than(self, other: "Score | None") -> bool:
+        if other is None:
+            return True
+        return (self.accuracy, -self.loss) > (other.accuracy, -other.loss)
+
+
+@torch.no_grad()
+def evaluate_logits(forward: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray, labels: np.ndarray,
+                    device: torch.device, batch_size: int = 256) -> tuple[Score, np.ndarray]:
+    """Loss and accuracy of `forward` over cached inputs, and the logits (for metrics downstream)."""
+    chunks = []
+    for start in range(0, len(inputs), batch_size):
+        x = torch.from_numpy(np.asarray(inputs[start:start + batch_size], dtype=np.float32)).to(device)
+        chunks.append(forward(x).float().cpu())
+    logits = torch.cat(chunks) if chunks else torch.zeros(0, 1)
+    target = torch.from_numpy(labels.astype(np.int64))
+    loss = F.cross_entropy(logits, target).item() if len(labels) else float("nan")
+    acc = (logits.argmax(1) == target).float().mean().item() if len(labels) else float("nan")
+    return Score(loss, acc), logits.numpy()
+
+
+@dataclass
+class BestState:
+    """The weights of the best epoch so far, by validation score (kept in memory, restored at the end)."""
+
+    module: nn.Module
+    score: Score | None = None
+    epoch: int = -1
+    state: dict = field(default_factory=dict)
+
+    def offer(self, score: Score, epoch: int) -> bool:
+        if score.better_than(self.score):
+            self.score, self.epoch = score, epoch
+            self.state = copy.deepcopy(self.module.state_dict())
+            return True
+        return False
+
+    def restore(self) -> None:
+        if self.state:
+            self.module.load_state_dict(self.state)
+
+
+class EpochTimer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def run_epochs(name: str, epochs: int, params: list[dict], n_train: int, cfg: TrainConfig, step_fn, validate,
+                best: BestState, history, batch_size: int, labels: np.ndarray) -> None:
+    """The epoch loop both phases share: AdamW, schedule, validation, best-state and early stopping."""
+    optimizer = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, -(-n_train // batch_size))
+    scheduler = make_scheduler(optimizer, cfg, epochs * steps_per_epoch)
+    plateau = plateau_scheduler(optimizer, cfg)
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])  # str hash() varies per process
+    stale = 0
+    for epoch in range(1, epochs + 1):
+        timer = EpochTimer()
+        total_loss = correct = seen = 0.0
+        for idx in batches(labels, batch_size, rng, cfg.balance):
+            loss, hits = step_fn(idx, optimizer)
+            if scheduler is not None:
+                scheduler.step()
+            total_loss += loss * len(idx)
+            correct += hits
+            seen += len(idx)
+        val = validate()
+        if plateau is not None and val is not None:
+            plateau.step(val.loss)
+        seconds = timer.seconds()
+        history.add({"phase": name, "epoch": epoch, "train_loss": total_loss / max(seen, 1),
+                     "train_acc": correct / max(seen, 1), "val_loss": val.loss if val else "",
+                     "val_acc": val.accuracy if val else "", "lr": optimizer.param_groups[0]["lr"],
+                     "seconds": round(seconds, 2), "images_per_s": round(seen / max(seconds, 1e-9), 1)})
+        if val is None or best.offer(val, epoch):
+            stale = 0
+        else:
+            stale += 1
+            if cfg.early_stopping and stale >= cfg.early_stopping:
+                break
+    if val is not None:
+        best.restore()
