@@ -87,18 +87,38 @@ def train_config(config: TrainConfig | None = None, **settings) -> TrainConfig:
     return dataclasses.replace(cfg, **settings)
 
 
-def train(data: PathLike | Dataset, *, out: PathLike | None = None, model: str = TrainConfig.model,
+def train(data: PathLike | Dataset | None = None, *, out: PathLike | None = None, model: str = TrainConfig.model,
           root: PathLike | None = None, config: TrainConfig | None = None, quiet: bool = True,
-          overwrite: bool = False, **settings):
+          overwrite: bool = False, resume: PathLike | None = None, **settings):
     """Train a classifier on `data` and write a run directory; returns a TrainResult (run_dir, metrics, ...).
 
     Settings are TrainConfig's fields (views=, finetune_epochs= or epochs=, full_finetune=, seed=, ...).
+    `resume=RUN` continues an interrupted run with its own data and settings, to the same result.
     """
     from visiontune.training.trainer import train_dataset
 
+    if resume is not None:
+        return _resume(Path(resume), quiet)
+    if data is None:
+        raise ConfigError("train needs a dataset (or resume=RUN)")
     cfg = train_config(config, model=model, **settings)
     dataset = data if isinstance(data, Dataset) else load_dataset(data, root=root)
     label = str(dataset.source) if isinstance(data, Dataset) else str(data)
     run_dir = Path(out) if out is not None else default_run_dir(label, cfg.model)
     return train_dataset(dataset, cfg, run_dir, data_label=label, root=str(root) if root else None,
                          quiet=quiet, overwrite=overwrite)
+
+
+def _resume(run_dir: Path, quiet: bool):
+    from visiontune.training.checkpoint import Checkpoint
+    from visiontune.training.run_dir import read_config
+    from visiontune.training.trainer import train_dataset
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: no such run directory")
+    if not Checkpoint(run_dir).exists():
+        finished = (run_dir / "model.json").exists()
+        raise ConfigError(f"{run_dir}: nothing to resume ({'the run finished' if finished else 'no checkpoint was written yet'})")
+    data, root, cfg = read_config(run_dir)
+    dataset = load_dataset(data, root=root)
+    return train_dataset(dataset, cfg, run_dir, data_label=data, root=root, quiet=quiet, resume=True)

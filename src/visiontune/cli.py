@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 from visiontune.config import ScanConfig, SplitConfig, TrainConfig
-from visiontune.errors import VisiontuneError
+from visiontune.errors import ConfigError, VisiontuneError
 
 
-def _data_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="class folders, split folders, a CSV manifest (path,label[,split]), "
+def _data_argument(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    parser.add_argument("data", nargs="?" if optional else None, help="class folders, split folders, a CSV manifest (path,label[,split]), "
                                      "or an embedded sample name (flowers-mini)")
     parser.add_argument("--root", help="folder a manifest's relative paths start from (default: the manifest's folder)")
 
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     split.set_defaults(run=cmd_split)
 
     train = verbs.add_parser("train", help="train a classifier and write a run directory")
-    _data_argument(train)
+    _data_argument(train, optional=True)
+    train.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its data and settings)")
     _train_arguments(train)
     train.set_defaults(run=cmd_train)
     return parser
@@ -127,9 +128,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings["augment"] = dataclasses.replace(current, **augment)
     if "workers" in settings:
         settings["scan"] = dataclasses.replace((base or TrainConfig()).scan, workers=settings.pop("workers"))
+    if args.resume and (args.data or settings):
+        raise ConfigError("--resume continues a run with its own data and settings; give no others")
+    if not args.resume and not args.data:
+        raise ConfigError("train needs a dataset (or --resume RUN)")
     model = settings.pop("model", (base or TrainConfig()).model)
     result = train(args.data, out=args.out, model=model, root=args.root, config=base, quiet=args.quiet,
-                   overwrite=args.overwrite, **settings)
+                   overwrite=args.overwrite, resume=args.resume, **settings)
     m = result.metrics
     val = m.get("val", {}).get("top1")
     test = m.get("test", {}).get("top1")

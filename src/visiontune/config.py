@@ -77,6 +77,9 @@ class TrainConfig:
     early_stopping: int = 0  # epochs without a better validation score before stopping; 0: never
     amp: str = "auto"  # auto (bf16 or fp16 on CUDA, off on CPU) | bf16 | fp16 | off
     workers: int = 0
+    # Where cached views go; None: <run>/cache, deleted when the run finishes. A shared folder lets runs
+    # that differ only after the frozen pass (epochs, learning rates) skip it.
+    cache_dir: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)

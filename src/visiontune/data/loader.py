@@ -3,12 +3,13 @@ the shorter side to the model's resize size). Training caches its output; infere
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from visiontune.config import ScanConfig
-from visiontune.data.decode import ImageSource, decode
+from visiontune.data.decode import ImageSource, decode, read_bytes
 from visiontune.data.parallel import parallel_map
 from visiontune.data.transforms import Preprocess, center_crop, resize_shorter
 from visiontune.errors import ImageDecodeError
@@ -16,7 +17,7 @@ from visiontune.errors import ImageDecodeError
 
 def load_resized(source: ImageSource, spec: Preprocess, max_pixels: int = ScanConfig.max_pixels) -> np.ndarray:
     """uint8 RGB with the shorter side at `spec.resize_size`: the common start of training and inference."""
-    rgb = decode(source, draft=spec.resize_size, max_pixels=max_pixels)
+    rgb = decode(source, draft=spec.resize_size, max_pixels=max_pixels)  # a path, bytes, PIL image or array
     return resize_shorter(rgb, spec.resize_size, spec.interpolation)
 
 
@@ -28,13 +29,15 @@ def load_for_model(source: ImageSource, spec: Preprocess) -> np.ndarray:
 @dataclass
 class DecodedSet:
     images: list[np.ndarray | None]
+    digests: list[str] = field(default_factory=list)  # content digest per file ("" where it failed)
     failed: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
 
 
-def _load_one(args: tuple[str, Preprocess]) -> np.ndarray | str:
+def _load_one(args: tuple[str, Preprocess]) -> tuple[np.ndarray, str] | str:
     path, spec = args
     try:
-        return load_resized(path, spec)
+        data = read_bytes(path)
+        return load_resized(data, spec), hashlib.blake2b(data, digest_size=16).hexdigest()
     except ImageDecodeError as exc:
         return exc.reason
 
@@ -45,7 +48,9 @@ def load_all(paths: list[str], spec: Preprocess, *, workers: int = 0, quiet: boo
     for i, result in enumerate(parallel_map(_load_one, [(p, spec) for p in paths], workers=workers, desc="decode", quiet=quiet)):
         if isinstance(result, str):
             out.images.append(None)
+            out.digests.append("")
             out.failed.append((i, result))
         else:
-            out.images.append(result)
+            out.images.append(result[0])
+            out.digests.append(result[1])
     return out

@@ -9,10 +9,15 @@ PyTorch eager there; on a GPU, PyTorch runs them.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
+import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -129,3 +134,41 @@ def build_view_cache(images: list[np.ndarray], indices: np.ndarray, views: int, 
                     boundary[v, position[i]] = b[row]
             bar.update(len(chunk))
     return ViewCache(boundary, pooled)
+
+
+def cache_key(**parts) -> str:
+    """A short digest of everything a cached activation depends on (file contents, model, weights,
+    preprocessing, split point, views, augmentation, seed): change any of them and the key changes."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class DiskCache:
+    """View caches on disk as .npy files under folder/<key>/, memory-mapped when read back.
+
+    Written to a temporary folder and renamed, so a killed run never leaves a half-written cache behind.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def load(self, key: str) -> ViewCache | None:
+        entry = self.folder / key
+        if not (entry / "pooled.npy").is_file():
+            return None
+        boundary = entry / "boundary.npy"
+        return ViewCache(np.load(boundary, mmap_mode="r") if boundary.is_file() else None,
+                         np.load(entry / "pooled.npy"))
+
+    def save(self, key: str, cache: ViewCache) -> None:
+        entry = self.folder / key
+        tmp = self.folder / f".{key}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "pooled.npy", cache.pooled)
+        if cache.boundary is not None:
+            np.save(tmp / "boundary.npy", cache.boundary)
+        if entry.exists():
+            shutil.rmtree(tmp)
+            return
+        os.replace(tmp, entry)

@@ -54,8 +54,9 @@ def _mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, r
     return x, lam * onehot + (1 - lam) * onehot[perm]
 
 
-def full_finetune(model: nn.Module, spec: Preprocess, cfg: TrainConfig, aug: Augment, images: list, sets, device: torch.device,
-                  history, quiet: bool) -> dict[str, Score]:
+def full_finetune(model: nn.Module, spec: Preprocess, cfg: TrainConfig, aug: Augment, images: list, sets,
+                  ctx) -> dict[str, Score]:
+    device = ctx.device
     num_classes = int(sets.labels.max()) + 1
     y_train = sets.labels[sets.train]
     loss_fn = make_loss(cfg, y_train, num_classes)
@@ -67,26 +68,25 @@ def full_finetune(model: nn.Module, spec: Preprocess, cfg: TrainConfig, aug: Aug
         p.requires_grad_(True)
     randaug = _randaugment() if cfg.augment.randaugment else None
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    epoch_counter = [0]
     mix_rng = np.random.default_rng([cfg.seed, 7])
 
     def to_device(batch: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(batch).to(device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-    def crops(idx: np.ndarray) -> np.ndarray:
+    def crops(idx: np.ndarray, epoch: int) -> np.ndarray:
         out = []
         for j in idx:
             i = int(sets.train[j])
-            crop = augment_crop(images[i], spec, aug, np.random.default_rng([cfg.seed, 1000 + epoch_counter[0], i]))
+            crop = augment_crop(images[i], spec, aug, np.random.default_rng([cfg.seed, 1000 + epoch, i]))
             if randaug is not None:
                 crop = np.asarray(randaug(Image.fromarray(crop)))
             out.append(crop)
         return normalize(np.stack(out), spec)
 
-    def step(idx, optimizer):
+    def step(idx, optimizer, epoch):
         model.train()
-        x = to_device(crops(idx))
+        x = to_device(crops(idx, epoch))
         target = torch.from_numpy(y_train[idx].astype(np.int64)).to(device)
         x, soft = _mix(x, target, num_classes, cfg, mix_rng)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -108,14 +108,14 @@ def full_finetune(model: nn.Module, spec: Preprocess, cfg: TrainConfig, aug: Aug
             return model(to_device(x.cpu().numpy()) if channels_last else x)
 
     def validate():
-        epoch_counter[0] += 1
         if val_x is None:
             return None
         model.eval()
         return evaluate_logits(forward, val_x, sets.labels[sets.val], device, batch_size=64)[0]
 
     run_epochs("full", cfg.finetune_epochs, [{"params": list(model.parameters()), "lr": cfg.finetune_lr}],
-               len(y_train), cfg, step, validate, BestState(model), history, cfg.batch_size, y_train)
+               len(y_train), cfg, step, validate, BestState(model), ctx.history, cfg.batch_size, y_train,
+               model=model, checkpoint=ctx.checkpoint, resume=ctx.resume)
     model.eval()
     scores = {}
     for name, indices in (("val", sets.val), ("test", sets.test)):

@@ -138,20 +138,52 @@ class EpochTimer:
         return time.perf_counter() - self.start
 
 
+@dataclass
+class Resume:
+    """A loaded checkpoint, and the order of the run's phases (to tell a finished phase from a pending one)."""
+
+    state: dict
+    tensors: dict
+    phases: list[str]
+
+    def is_past(self, name: str) -> bool:
+        return self.phases.index(self.state["phase"]) > self.phases.index(name)
+
+
 def run_epochs(name: str, epochs: int, params: list[dict], n_train: int, cfg: TrainConfig, step_fn, validate,
-                best: BestState, history, batch_size: int, labels: np.ndarray) -> None:
-    """The epoch loop both phases share: AdamW, schedule, validation, best-state and early stopping."""
+               best: BestState, history, batch_size: int, labels: np.ndarray, *, model: nn.Module,
+               checkpoint=None, resume: Resume | None = None, every_epoch: bool = True) -> None:
+    """The epoch loop every phase shares: AdamW, schedule, validation, best state, early stopping, and a
+    checkpoint after each epoch (`every_epoch`) or at the end of the phase, from which `resume` continues."""
+    from visiontune.training.checkpoint import restore
+
+    if resume is not None and resume.is_past(name):
+        return  # finished before the interruption; its weights come back with the later phase's checkpoint
     optimizer = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, -(-n_train // batch_size))
     scheduler = make_scheduler(optimizer, cfg, epochs * steps_per_epoch)
     plateau = plateau_scheduler(optimizer, cfg)
     rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])  # str hash() varies per process
-    stale = 0
-    for epoch in range(1, epochs + 1):
+    start, stale = 1, 0
+    if resume is not None and resume.state["phase"] == name:
+        restore(resume.state, resume.tensors, model=model, optimizer=optimizer, scheduler=scheduler,
+                plateau=plateau, rng=rng, best=best)
+        if resume.state["finished"]:
+            return
+        start, stale = resume.state["epoch"] + 1, resume.state["stale"]
+
+    def save(epoch: int, finished: bool) -> None:
+        if checkpoint is not None:
+            checkpoint.save(phase=name, epoch=epoch, finished=finished, model=model, optimizer=optimizer,
+                            scheduler=scheduler, plateau=plateau, rng=rng, best=best, stale=stale,
+                            history_rows=len(history.rows))
+
+    epoch = start - 1
+    for epoch in range(start, epochs + 1):
         timer = EpochTimer()
         total_loss = correct = seen = 0.0
         for idx in batches(labels, batch_size, rng, cfg.balance):
-            loss, hits = step_fn(idx, optimizer)
+            loss, hits = step_fn(idx, optimizer, epoch)
             if scheduler is not None:
                 scheduler.step()
             total_loss += loss * len(idx)
@@ -165,11 +197,10 @@ def run_epochs(name: str, epochs: int, params: list[dict], n_train: int, cfg: Tr
                      "train_acc": correct / max(seen, 1), "val_loss": val.loss if val else "",
                      "val_acc": val.accuracy if val else "", "lr": optimizer.param_groups[0]["lr"],
                      "seconds": round(seconds, 2), "images_per_s": round(seen / max(seconds, 1e-9), 1)})
-        if val is None or best.offer(val, epoch):
-            stale = 0
-        else:
-            stale += 1
-            if cfg.early_stopping and stale >= cfg.early_stopping:
-                break
-    if val is not None:
-        best.restore()
+        stale = 0 if (val is None or best.offer(val, epoch)) else stale + 1
+        if cfg.early_stopping and stale >= cfg.early_stopping:
+            break
+        if every_epoch and epoch < epochs:
+            save(epoch, finished=False)
+    best.restore()  # no-op when there was no validation: the last epoch is kept
+    save(epoch, finished=True)

@@ -7,8 +7,10 @@ boundary activations. `full_finetune` trains everything on fresh augmentations i
 
 from __future__ import annotations
 
+import hashlib
+import io
 import random
-import sys
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +31,11 @@ from visiontune.models.bundle import META_FILE, ModelMeta, current_versions, sav
 from visiontune.models.classifier import build_classifier, count_parameters
 from visiontune.models.stages import frozen_trainable
 from visiontune.training import run_dir as rd
-from visiontune.training.feature_cache import FrozenFeatures, FrozenRunner, ViewCache, build_view_cache
+from visiontune.training.checkpoint import Checkpoint
+from visiontune.training.feature_cache import (DiskCache, FrozenFeatures, FrozenRunner, ViewCache, build_view_cache,
+                                               cache_key)
 from visiontune.training.full_finetune import full_finetune
-from visiontune.training.loops import BALANCE, BestState, Score, evaluate_logits, make_loss, run_epochs
+from visiontune.training.loops import BALANCE, BestState, Resume, Score, evaluate_logits, make_loss, run_epochs
 
 
 @dataclass
@@ -84,18 +88,28 @@ def prepare_run_dir(out: Path, overwrite: bool) -> Path:
     out = Path(out)
     if (out / META_FILE).exists() and not overwrite:
         raise ConfigError(f"{out}: a trained run is already there; pass --overwrite, or another --out")
+    if Checkpoint(out).exists() and not overwrite:
+        raise ConfigError(f"{out}: an interrupted run is there; continue it with --resume {out}, or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
+    Checkpoint(out).remove()
     return out
 
 
 def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: str, root: str | None = None,
-                  quiet: bool = False, overwrite: bool = False) -> TrainResult:
+                  quiet: bool = False, overwrite: bool = False, resume: bool = False) -> TrainResult:
+    """Train on `dataset` into run directory `out`; with `resume`, continue the interrupted run there."""
     started = time.perf_counter()
     validate_config(cfg)
     seed_everything(cfg.seed, cfg.deterministic)
-    run_dir = prepare_run_dir(out, overwrite)
+    run_dir = Path(out) if resume else prepare_run_dir(out, overwrite)
+    checkpoint = Checkpoint(run_dir)
     device = pick_device()
     notes: list[str] = []
+    # The model first: a wrong name or missing weights should fail before minutes of decoding.
+    model, spec = build_classifier(cfg.model, len(dataset.classes), dropout=cfg.dropout,
+                                   weights=Path(cfg.weights) if cfg.weights else None,
+                                   from_scratch=cfg.from_scratch, allow_download=cfg.download)
+    model.to(device)
 
     report = scan_dataset(dataset, cfg.scan, quiet=quiet)
     if report.unusable_reason:
@@ -106,20 +120,30 @@ def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: 
     notes += split.notes
     if not len(split.indices("val")):
         notes.append("no validation images: the last epoch is kept, not the best")
-    rd.write_config(run_dir, data_label, root, cfg)
-    split.write_csv(run_dir / rd.SPLIT_FILE)
+    split_text = _split_csv(split, run_dir)
+    if resume:
+        if (run_dir / rd.SPLIT_FILE).read_text() != split_text:
+            raise DatasetError(f"{run_dir}: the data changed since this run started (its split.csv differs); "
+                               f"start a new run instead of resuming")
+    else:
+        rd.write_config(run_dir, data_label, root, cfg)
+        rd.atomic_write_text(run_dir / rd.SPLIT_FILE, split_text)
 
-    model, spec = build_classifier(cfg.model, len(dataset.classes), dropout=cfg.dropout,
-                                   weights=Path(cfg.weights) if cfg.weights else None,
-                                   from_scratch=cfg.from_scratch, allow_download=cfg.download)
-    model.to(device)
-    sets, images = _decode(dataset, split, spec.preprocess, cfg, quiet, notes)
-    history = rd.History(run_dir, quiet)
+    sets, images, digests = _decode(dataset, split, spec.preprocess, cfg, quiet, notes)
+    loaded = None
+    if resume:
+        state, tensors = checkpoint.load()
+        loaded = Resume(state, tensors, ["full"] if cfg.full_finetune else ["head", "finetune"])
+    history = rd.History(run_dir, quiet, rd.read_history(run_dir)[: loaded.state["history_rows"]] if loaded else None)
+    context = PhaseContext(cfg, device, history, quiet, notes, checkpoint, loaded)
     try:
         if cfg.full_finetune:
-            scores = full_finetune(model, spec.preprocess, cfg, augment_from(cfg), images, sets, device, history, quiet)
+            scores = full_finetune(model, spec.preprocess, cfg, augment_from(cfg), images, sets, context)
         else:
-            scores = cached_recipe(model, spec.preprocess, cfg, images, sets, device, history, quiet, notes)
+            cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
+            scores = cached_recipe(model, spec, cfg, images, digests, sets, context, DiskCache(cache_dir))
+            if not cfg.cache_dir:
+                shutil.rmtree(cache_dir, ignore_errors=True)
     finally:
         history.close()
 
@@ -129,13 +153,21 @@ def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: 
         "model": spec.name,
         "parameters": count_parameters(model),
         "train_seconds": round(time.perf_counter() - started, 1),
+        "resumed": resume,
         "device": str(device),
         "images": {name: int(len(getattr(sets, name))) for name in ("train", "val", "test")},
         **{name: {"loss": s.loss, "top1": s.accuracy} for name, s in scores.items()},
         "notes": notes,
     }
     rd.write_metrics(run_dir, metrics)
+    checkpoint.remove()
     return TrainResult(run_dir, meta, metrics, history.rows, notes)
+
+
+def _split_csv(split: Split, run_dir: Path) -> str:
+    buffer = io.StringIO()
+    split.write_csv(buffer, relative_to=run_dir.resolve())
+    return buffer.getvalue()
 
 
 def _decode(dataset: Dataset, split: Split, spec, cfg: TrainConfig, quiet: bool, notes: list[str]):
@@ -148,26 +180,59 @@ def _decode(dataset: Dataset, split: Split, spec, cfg: TrainConfig, quiet: bool,
     ok = np.array([img is not None for img in decoded.images], dtype=bool)
     labels = dataset.labels[order]
     sets = Sets(*(np.flatnonzero(ok & (which == k)) for k in range(3)), labels=labels)
-    return sets, decoded.images
+    return sets, decoded.images, decoded.digests
 
 
-def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, sets: Sets, device: torch.device,
-                  history: rd.History, quiet: bool, notes: list[str]) -> dict[str, Score]:
+@dataclass
+class PhaseContext:
+    """What every phase needs besides the model and the data."""
+
+    cfg: TrainConfig
+    device: torch.device
+    history: rd.History
+    quiet: bool
+    notes: list[str]
+    checkpoint: Checkpoint | None = None
+    resume: Resume | None = None
+
+
+def _weights_identity(cfg: TrainConfig, spec) -> str:
+    if cfg.from_scratch:
+        return f"scratch:{cfg.seed}"
+    if cfg.weights:
+        return f"file:{hashlib.blake2b(Path(cfg.weights).read_bytes(), digest_size=16).hexdigest()}"
+    return f"pretrained:{spec.timm_name}"
+
+
+def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digests: list[str], sets: Sets,
+                  ctx: PhaseContext, disk: DiskCache) -> dict[str, Score]:
     parts = frozen_trainable(model, cfg.trainable_stages)
     bottom, top = parts if parts else (None, None)
     if parts is None and cfg.trainable_stages > 0:
-        notes.append(f"{type(model).__name__} has no known stage split: only the head is trained "
-                     f"(use --full-finetune to train everything)")
+        ctx.notes.append(f"{type(model).__name__} has no known stage split: only the head is trained "
+                         f"(use --full-finetune to train everything)")
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    runner = FrozenRunner(FrozenFeatures(model, bottom, top), spec, device, notes)
     aug = augment_from(cfg)
+    runner: list[FrozenRunner] = []  # built on first use: a run whose caches are all on disk never exports
+    split_at = cfg.trainable_stages if parts else 0
 
     def cache(indices: np.ndarray, views: int, desc: str) -> ViewCache | None:
         if not len(indices):
             return None
-        return build_view_cache(images, indices, views, runner, spec, aug, cfg.seed, desc=desc, quiet=quiet)
+        key = cache_key(files=[digests[i] for i in indices], weights=_weights_identity(cfg, spec),
+                        preprocess=spec.preprocess.to_dict(), split_at=split_at, views=views,
+                        augment=aug if views > 1 else None, seed=cfg.seed if views > 1 else None)
+        found = disk.load(key)
+        if found is not None:
+            return found
+        if not runner:
+            runner.append(FrozenRunner(FrozenFeatures(model, bottom, top), spec.preprocess, ctx.device, ctx.notes))
+        built = build_view_cache(images, indices, views, runner[0], spec.preprocess, aug, cfg.seed, desc=desc,
+                                 quiet=ctx.quiet)
+        disk.save(key, built)
+        return built
 
     train_cache = cache(sets.train, 1 + cfg.views, "cache train views")
     val_cache = cache(sets.val, 1, "cache val")
@@ -176,26 +241,24 @@ def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, sets: 
     y_val, y_test = sets.labels[sets.val], sets.labels[sets.test]
     loss_fn = make_loss(cfg, y_train, int(sets.labels.max()) + 1)
 
-    head = model.get_classifier()
-    fit_head(head, cfg, train_cache, y_train, val_cache, y_val, loss_fn, device, history)
-    head_forward = lambda x: head(x)  # noqa: E731
-    scores = {}
+    fit_head(model, cfg, train_cache, y_train, val_cache, y_val, loss_fn, ctx)
     if top is not None and cfg.finetune_epochs > 0:
-        finetune_top(model, top, cfg, train_cache, y_train, val_cache, y_val, loss_fn, device, history)
-        forward = lambda x: model.forward_head(top(x))  # noqa: E731
-        key = "boundary"
+        finetune_top(model, top, cfg, train_cache, y_train, val_cache, y_val, loss_fn, ctx)
+        forward, key = (lambda x: model.forward_head(top(x))), "boundary"
     else:
-        forward, key = head_forward, "pooled"
+        forward, key = model.get_classifier(), "pooled"
     model.eval()
+    scores = {}
     for name, c, y in (("val", val_cache, y_val), ("test", test_cache, y_test)):
         if c is not None:
-            scores[name], _ = evaluate_logits(forward, getattr(c, key)[0], y, device)
+            scores[name], _ = evaluate_logits(forward, getattr(c, key)[0], y, ctx.device)
     return scores
 
 
-def fit_head(head: nn.Module, cfg: TrainConfig, train: ViewCache, y_train: np.ndarray, val: ViewCache | None,
-             y_val: np.ndarray, loss_fn, device: torch.device, history: rd.History) -> None:
+def fit_head(model: nn.Module, cfg: TrainConfig, train: ViewCache, y_train: np.ndarray, val: ViewCache | None,
+             y_val: np.ndarray, loss_fn, ctx: PhaseContext) -> None:
     """Phase 1: the linear head on pooled features of every cached view (seconds, even on a CPU)."""
+    head, device = model.get_classifier(), ctx.device
     views, n, dim = train.pooled.shape
     features = torch.from_numpy(train.pooled.reshape(views * n, dim)).to(device)
     labels = np.tile(y_train, views)
@@ -203,7 +266,7 @@ def fit_head(head: nn.Module, cfg: TrainConfig, train: ViewCache, y_train: np.nd
     for p in head.parameters():
         p.requires_grad_(True)
 
-    def step(idx, optimizer):
+    def step(idx, optimizer, epoch):
         head.train()
         x = F.dropout(features[idx], p=cfg.dropout, training=True)
         logits = head(x)
@@ -220,14 +283,15 @@ def fit_head(head: nn.Module, cfg: TrainConfig, train: ViewCache, y_train: np.nd
         head.eval()
         return evaluate_logits(head, val.pooled[0], y_val, device)[0]
 
-    best = BestState(head)
     run_epochs("head", cfg.head_epochs, [{"params": list(head.parameters()), "lr": cfg.head_lr}], len(labels), cfg,
-                step, validate, best, history, cfg.head_batch_size, labels)
+               step, validate, BestState(head), ctx.history, cfg.head_batch_size, labels, model=model,
+               checkpoint=ctx.checkpoint, resume=ctx.resume, every_epoch=False)
 
 
 def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: ViewCache, y_train: np.ndarray,
-                 val: ViewCache | None, y_val: np.ndarray, loss_fn, device: torch.device, history: rd.History) -> None:
+                 val: ViewCache | None, y_val: np.ndarray, loss_fn, ctx: PhaseContext) -> None:
     """Phase 2: the top stages and the head, on boundary activations cached for every view."""
+    device = ctx.device
     views, n = train.boundary.shape[:2]
     activations = train.boundary.reshape(views * n, *train.boundary.shape[2:])
     labels = np.tile(y_train, views)
@@ -235,7 +299,7 @@ def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: View
     for p in list(top.parameters()) + list(head.parameters()):
         p.requires_grad_(True)
 
-    def step(idx, optimizer):
+    def step(idx, optimizer, epoch):
         model.train()
         x = torch.from_numpy(activations[np.sort(idx)].astype(np.float32)).to(device)
         target = torch.from_numpy(labels[np.sort(idx)].astype(np.int64)).to(device)
@@ -254,10 +318,5 @@ def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: View
 
     params = [{"params": list(top.parameters()), "lr": cfg.finetune_lr},
               {"params": list(head.parameters()), "lr": cfg.finetune_lr}]
-    run_epochs("finetune", cfg.finetune_epochs, params, len(labels), cfg, step, validate, BestState(model), history,
-                cfg.batch_size, labels)
-
-
-def log(message: str, quiet: bool) -> None:
-    if not quiet:
-        print(message, file=sys.stderr)
+    run_epochs("finetune", cfg.finetune_epochs, params, len(labels), cfg, step, validate, BestState(model),
+               ctx.history, cfg.batch_size, labels, model=model, checkpoint=ctx.checkpoint, resume=ctx.resume)

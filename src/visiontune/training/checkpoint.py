@@ -1,0 +1,124 @@
+"""Resume state: after every epoch, everything needed to continue as if never stopped.
+
+checkpoint/state.safetensors holds the tensors (model, best model so far, optimizer moments, torch RNG),
+checkpoint/state.json the rest (phase, epoch, scheduler, numpy RNG, best score, history length).
+Both are written to temporary names and renamed, JSON last, so a kill at any instant leaves either the
+previous complete checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+FOLDER = "checkpoint"
+TENSORS = "state.safetensors"
+STATE = "state.json"
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for param_id, slots in state["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{param_id}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{param_id}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, param_id, name = key.split(".", 2)
+            state.setdefault(int(param_id), {})[name] = value
+    for key, value in meta["scalars"].items():
+        param_id, name = key.split(".", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class Checkpoint:
+    """Reads and writes one run's resume state."""
+
+    def __init__(self, run_dir: Path):
+        self.folder = Path(run_dir) / FOLDER
+
+    def exists(self) -> bool:
+        return (self.folder / STATE).is_file()
+
+    def save(self, *, phase: str, epoch: int, finished: bool, model: nn.Module, optimizer, scheduler, plateau,
+             rng: np.random.Generator, best, stale: int, history_rows: int) -> None:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best.state.items()})
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(opt_tensors)
+        tensors["torch_rng"] = torch.get_rng_state()
+        state = {
+            "phase": phase, "epoch": epoch, "finished": finished, "stale": stale, "history_rows": history_rows,
+            "optimizer": opt_meta,
+            "scheduler": _scheduler_state(scheduler), "plateau": _scheduler_state(plateau),
+            "rng": rng.bit_generator.state,
+            "best": {"epoch": best.epoch, "loss": best.score.loss if best.score else None,
+                     "accuracy": best.score.accuracy if best.score else None},
+        }
+        tmp_tensors = self.folder / f".{TENSORS}.tmp"
+        save_file(tensors, str(tmp_tensors))
+        os.replace(tmp_tensors, self.folder / TENSORS)
+        tmp_state = self.folder / f".{STATE}.tmp"
+        tmp_state.write_text(json.dumps(state, default=_json_default))
+        os.replace(tmp_state, self.folder / STATE)
+
+    def load(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        from safetensors.torch import load_file
+
+        state = json.loads((self.folder / STATE).read_text())
+        return state, load_file(str(self.folder / TENSORS))
+
+    def remove(self) -> None:
+        for name in (TENSORS, STATE):
+            (self.folder / name).unlink(missing_ok=True)
+        if self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
+
+def restore(state: dict, tensors: dict[str, torch.Tensor], *, model: nn.Module, optimizer, scheduler, plateau,
+            rng: np.random.Generator, best) -> None:
+    """Put model, optimizer, schedules, RNGs and best-so-far back as they were after the saved epoch."""
+    from visiontune.training.loops import Score
+
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if plateau is not None and state["plateau"] is not None:
+        plateau.load_state_dict(state["plateau"])
+    rng.bit_generator.state = state["rng"]
+    torch.set_rng_state(tensors["torch_rng"])
+    best.state = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+    if state["best"]["accuracy"] is not None:
+        best.score = Score(state["best"]["loss"], state["best"]["accuracy"])
+        best.epoch = state["best"]["epoch"]
+
+
+def _scheduler_state(scheduler) -> dict | None:
+    if scheduler is None:
+        return None
+    return {k: v for k, v in scheduler.state_dict().items() if not callable(v)}
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
