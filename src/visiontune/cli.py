@@ -83,6 +83,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--epochs", type=int, dest="finetune_epochs", help=f"phase 2 / full fine-tune epochs (default {d.finetune_epochs})")
     r.add_argument("--head-lr", type=float, help=f"default {d.head_lr}")
     r.add_argument("--lr", type=float, dest="finetune_lr", help=f"phase 2 / full fine-tune learning rate (default {d.finetune_lr})")
+    r.add_argument("--feature-mixup", type=float, help="phase 2: mixup of cached activations, Beta alpha (default off)")
     r.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
     r.add_argument("--schedule", choices=["cosine", "onecycle", "plateau"], help=f"default {d.schedule}")
     r.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
@@ -101,12 +102,13 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--val", type=float)
     s.add_argument("--test", type=float)
     s.add_argument("--workers", type=int, help="processes for decoding (default: one per core)")
+    p.add_argument("--cache-dir", help="keep cached views here to reuse across runs (default: inside the run, deleted at the end)")
 
 
 _TRAIN_FLAGS = ("model", "weights", "from_scratch", "download", "full_finetune", "views", "trainable_stages",
-                "head_epochs", "finetune_epochs", "head_lr", "finetune_lr", "batch_size", "schedule", "weight_decay",
+                "head_epochs", "finetune_epochs", "feature_mixup", "head_lr", "finetune_lr", "batch_size", "schedule", "weight_decay",
                 "label_smoothing", "dropout", "balance", "early_stopping", "amp", "seed", "deterministic", "val", "test",
-                "workers")
+                "workers", "cache_dir")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -66,7 +66,10 @@ class TrainConfig:
     head_lr: float = 1e-3
     head_batch_size: int = 64
     finetune_epochs: int = 4
-    finetune_lr: float = 3e-4
+    finetune_lr: float = 1e-4
+    # Mixup of cached boundary activations in phase 2 (Beta alpha; 0: off): each view is seen every epoch,
+    # so without it the top stages memorise the cache.
+    feature_mixup: float = 0.0
     batch_size: int = 32
     weight_decay: float = 0.01
     label_smoothing: float = 0.1

@@ -12,7 +12,7 @@ from torch import nn
 
 from visiontune.config import TrainConfig
 from visiontune.data.transforms import Augment, Preprocess, augment_crop, center_crop, normalize
-from visiontune.training.loops import BestState, Score, evaluate_logits, make_loss, run_epochs
+from visiontune.training.loops import BestState, Score, batch_rng, evaluate_logits, make_loss, run_epochs
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -68,7 +68,6 @@ def full_finetune(model: nn.Module, spec: Preprocess, cfg: TrainConfig, aug: Aug
         p.requires_grad_(True)
     randaug = _randaugment() if cfg.augment.randaugment else None
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    mix_rng = np.random.default_rng([cfg.seed, 7])
 
     def to_device(batch: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(batch).to(device, non_blocking=True)
@@ -88,7 +87,7 @@ def full_finetune(model: nn.Module, spec: Preprocess, cfg: TrainConfig, aug: Aug
         model.train()
         x = to_device(crops(idx, epoch))
         target = torch.from_numpy(y_train[idx].astype(np.int64)).to(device)
-        x, soft = _mix(x, target, num_classes, cfg, mix_rng)
+        x, soft = _mix(x, target, num_classes, cfg, batch_rng(cfg.seed, epoch, idx))
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x)
             loss = loss_fn(logits, soft)

@@ -21,6 +21,12 @@ SCHEDULES = ("cosine", "onecycle", "plateau")
 BALANCE = ("none", "weights", "sampler")
 
 
+def batch_rng(seed: int, epoch: int, batch: np.ndarray) -> np.random.Generator:
+    """A generator for one batch's random choices (mixup), fixed by the seed, the epoch and the batch's
+    members, so a resumed run draws exactly what an uninterrupted one would."""
+    return np.random.default_rng([seed, epoch, zlib.crc32(np.ascontiguousarray(batch).tobytes())])
+
+
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights, normalised so a balanced dataset gets all ones."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)

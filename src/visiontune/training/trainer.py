@@ -35,7 +35,8 @@ from visiontune.training.checkpoint import Checkpoint
 from visiontune.training.feature_cache import (DiskCache, FrozenFeatures, FrozenRunner, ViewCache, build_view_cache,
                                                cache_key)
 from visiontune.training.full_finetune import full_finetune
-from visiontune.training.loops import BALANCE, BestState, Resume, Score, evaluate_logits, make_loss, run_epochs
+from visiontune.training.loops import (BALANCE, BestState, Resume, Score, batch_rng, evaluate_logits, make_loss,
+                                       run_epochs)
 
 
 @dataclass
@@ -299,12 +300,23 @@ def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: View
     for p in list(top.parameters()) + list(head.parameters()):
         p.requires_grad_(True)
 
+    num_classes = int(max(y_train.max(), y_val.max() if len(y_val) else 0)) + 1
+
     def step(idx, optimizer, epoch):
         model.train()
-        x = torch.from_numpy(activations[np.sort(idx)].astype(np.float32)).to(device)
-        target = torch.from_numpy(labels[np.sort(idx)].astype(np.int64)).to(device)
+        idx = np.sort(idx)  # ascending reads from a memory-mapped cache
+        x = torch.from_numpy(activations[idx].astype(np.float32)).to(device)
+        target = torch.from_numpy(labels[idx].astype(np.int64)).to(device)
+        soft = target
+        if cfg.feature_mixup > 0:
+            mix_rng = batch_rng(cfg.seed, epoch, idx)
+            lam = float(mix_rng.beta(cfg.feature_mixup, cfg.feature_mixup))
+            perm = torch.from_numpy(mix_rng.permutation(len(idx))).to(device)
+            x = lam * x + (1 - lam) * x[perm]
+            onehot = F.one_hot(target, num_classes).float()
+            soft = lam * onehot + (1 - lam) * onehot[perm]
         logits = model.forward_head(top(x))
-        loss = loss_fn(logits, target)
+        loss = loss_fn(logits, soft)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
