@@ -54,7 +54,7 @@ class ModelMeta:
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> "ModelMeta":
-        if data.get("format") != FORMAT:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ModelError(f"{where}: not a visiontune model description (no \"format\": \"{FORMAT}\")")
         if data.get("format_version") != FORMAT_VERSION:
             raise ModelError(f"{where}: model format version {data.get('format_version')} is not supported "
@@ -122,6 +122,9 @@ def load_bundle(folder: Path) -> tuple[nn.Module, ModelMeta]:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise ModelError(f"{weights}: damaged or not a safetensors file ({str(exc)[:200]})") from None
+    if not timm.is_model(meta.timm_name):
+        raise ModelError(f"{folder / META_FILE}: architecture {meta.timm_name!r} is unknown to this timm "
+                         f"({timm.__version__}); the model was made with timm {meta.versions.get('timm', '?')}")
     model = timm.create_model(meta.timm_name, pretrained=False, num_classes=meta.num_classes, drop_rate=meta.dropout)
     try:
         model.load_state_dict(state, strict=True)

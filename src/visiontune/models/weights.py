@@ -72,7 +72,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # every library has its own error type for a file that is not what it claims
-        raise ModelError(f"{path}: not a readable safetensors or PyTorch weights file ({str(exc).splitlines()[0][:200]})") from None
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelError(f"{path}: not a readable safetensors or PyTorch weights file ({detail})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -82,18 +83,28 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights_file(model: nn.Module, path: Path) -> None:
-    """Backbone weights from a local file; the classifier is left to be trained for the dataset's classes."""
+    """Backbone weights from a local file, all of them or none; the classifier is trained for the dataset.
+
+    A file for a similar but different architecture (resnet18 into resnet34, BatchNorm into GroupNorm)
+    would otherwise load half-way and leave the rest at random: every backbone tensor must be there,
+    with its shape, and the file may hold nothing else but a classifier.
+    """
     state = read_state_dict(path)
     head = classifier_keys(model)
     own = model.state_dict()
-    fitting = {k: v for k, v in state.items() if k in own and k not in head and own[k].shape == v.shape}
-    if not fitting:
-        raise ModelError(f"{path}: none of its tensors fit this architecture (keys like {', '.join(list(state)[:3])})")
-    backbone_keys = [k for k in own if k not in head and not k.endswith("num_batches_tracked")]
-    missing = [k for k in backbone_keys if k not in fitting]
-    if len(missing) > len(backbone_keys) // 2:
-        raise ModelError(f"{path}: only {len(backbone_keys) - len(missing)} of {len(backbone_keys)} backbone tensors fit this architecture")
-    model.load_state_dict(fitting, strict=False)
+    backbone = [k for k in own if k not in head]
+    missing = [k for k in backbone if k not in state and not k.endswith("num_batches_tracked")]
+    wrong = [k for k in backbone if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    head_names = {k.rsplit(".", 1)[0] for k in head}
+    extra = [k for k in state if k not in own and k.rsplit(".", 1)[0] not in head_names]
+    if missing or wrong or extra:
+        parts = []
+        for label, keys in (("missing", missing), ("wrong shape", wrong), ("unknown", extra)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise ModelError(f"{path}: does not fit {type(model).__name__} {getattr(model, 'default_cfg', {}).get('architecture', '')}: "
+                         f"{'; '.join(parts)} of {len(backbone)} backbone tensors")
+    model.load_state_dict({k: state[k] for k in backbone if k in state}, strict=False)
 
 
 @contextlib.contextmanager
