@@ -159,8 +159,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     else:
         print(render_scan(report))
     if report.unusable_reason:
-        if args.json:
-            print(f"visiontune: error: {report.unusable_reason}", file=sys.stderr)
+        print(f"visiontune: error: {report.unusable_reason}", file=sys.stderr)
         return 2
     if args.strict and any(f.level == "error" for f in report.findings):
         return 1

@@ -8,6 +8,8 @@ coefficient, so truncation is still detected, but skips most of the inverse tran
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from visiontune.config import ScanConfig
 from visiontune.errors import ImageDecodeError
+
+# visiontune's own pixel limit (`max_pixels`, checked from the header before decoding) is the one that
+# counts; Pillow's fixed one would refuse images a user allowed with --max-pixels.
+Image.MAX_IMAGE_PIXELS = None
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -44,9 +50,16 @@ class Decoded:
 
 
 def read_bytes(path: Union[str, Path]) -> bytes:
-    """Read a file, turning the OS's errors into one-line reasons."""
+    """Read a regular file, turning the OS's errors into one-line reasons.
+
+    Opened non-blocking and checked to be a regular file first: a named pipe or device in a dataset
+    must be reported, not waited on forever.
+    """
     try:
-        with open(path, "rb") as fh:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ImageDecodeError(str(path), "not a regular file (a pipe, socket or device)")
             return fh.read()
     except PermissionError:
         raise ImageDecodeError(str(path), "unreadable: permission denied") from None
@@ -98,12 +111,7 @@ def decode_full(
     if not data:
         raise ImageDecodeError(where, "zero-byte file")
     try:
-        with warnings.catch_warnings():
-            # Our own pixel limit below is the one that counts; Pillow's warning would only be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(where, f"decompression bomb: {exc}") from None
+        image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError(where, describe_non_image(data)) from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -123,6 +131,9 @@ def _decode_pil(image: Image.Image, *, draft: int | None, max_pixels: int, where
             where, f"decompression bomb: {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
         )
     notes: list[str] = []
+    # Read before anything else touches the image: n_frames and getexif() can reset a PNG's tile list.
+    if image.mode in ("RGB", "RGBA") and image.tile and ";16" in str(image.tile[0].args):
+        notes.append(f"converted from 16-bit {image.mode} to 8-bit RGB")
     fmt = image.format or "unknown"
     frames = getattr(image, "n_frames", 1)
     if frames > 1:
@@ -134,8 +145,6 @@ def _decode_pil(image: Image.Image, *, draft: int | None, max_pixels: int, where
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(where, f"truncated or corrupt ({exc})") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(where, f"decompression bomb: {exc}") from None
     if orientation not in (None, 1):
         image = ImageOps.exif_transpose(image)
         notes.append(f"EXIF orientation {orientation} applied")

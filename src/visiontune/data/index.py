@@ -215,7 +215,10 @@ def _split_folders(root: Path) -> dict[str, str]:
     found: dict[str, str] = {}
     for name in sorted(names):
         split = SPLIT_ALIASES.get(name.lower())
-        if split and split not in found:
+        if split and split in found:
+            raise DatasetError(f"{root}: both {found[split]!r} and {name!r} look like the {split} split; "
+                               f"merge them or rename one")
+        if split:
             found[split] = name
     if "train" in found and len(found) >= 2:
         return found
@@ -224,6 +227,9 @@ def _split_folders(root: Path) -> dict[str, str]:
 
 def _load_split_folders(root: Path, split_dirs: dict[str, str]) -> Dataset:
     builder = _Builder()
+    others = sorted(e.name for e in os.scandir(root) if e.is_dir() and not is_hidden(e.name) and e.name not in split_dirs.values())
+    if others:
+        builder.findings.append(Finding("info", str(root), f"folder(s) that are not a split were ignored: {', '.join(others)}"))
     for split, folder in sorted(split_dirs.items(), key=lambda kv: SPLITS.index(kv[0])):
         for name in _class_folders(root / folder, builder.findings):
             _add_class_tree(builder, root, f"{folder}/{name}", name, SPLITS.index(split))
@@ -266,7 +272,4 @@ def _load_manifest(csv_path: Path, root: Path) -> Dataset:
                 builder.findings.append(Finding("warning", str(root / rel), f"listed in {csv_path.name} (line {line_no}) but missing"))
                 continue
             builder.add(rel, builder.class_id(label), split)
-    dataset = builder.build(root, "manifest", csv_path)
-    if len(dataset) and (dataset.splits == NO_SPLIT).any() and (dataset.splits != NO_SPLIT).any():
-        raise DatasetError(f"{csv_path}: some rows have a split and some do not; give every row a split or none")
-    return dataset
+    return builder.build(root, "manifest", csv_path)
