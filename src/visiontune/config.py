@@ -62,7 +62,7 @@ class TrainConfig:
     # the top `trainable_stages` stages on activations cached at the boundary below them.
     views: int = 4  # augmented views cached per training image, besides the plain centre crop
     trainable_stages: int = 2
-    head_epochs: int = 30
+    head_epochs: int = 20
     head_lr: float = 1e-3
     head_batch_size: int = 64
     finetune_epochs: int = 4
