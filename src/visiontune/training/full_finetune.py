@@ -12,7 +12,7 @@ from torch import nn
 
 from visiontune.config import TrainConfig
 from visiontune.data.transforms import Augment, Preprocess, augment_crop, center_crop, normalize
-from visiontune.training.loops import BestState, Score, batch_rng, evaluate_logits, make_loss, run_epochs
+from visiontune.training.loops import BestState, Score, batch_rng, evaluate_logits, make_loss, optimizer_step, run_epochs
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -91,11 +91,7 @@ def full_finetune(model: nn.Module, spec: Preprocess, cfg: TrainConfig, aug: Aug
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x)
             loss = loss_fn(logits, soft)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss.item(), (logits.argmax(1) == target).sum().item()
+        return optimizer_step(optimizer, loss, logits, target, scaler if scaler.is_enabled() else None)
 
     def eval_inputs(indices: np.ndarray) -> np.ndarray:
         return normalize(np.stack([center_crop(images[i], spec.input_size) for i in indices]), spec)

@@ -27,6 +27,20 @@ def batch_rng(seed: int, epoch: int, batch: np.ndarray) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, zlib.crc32(np.ascontiguousarray(batch).tobytes())])
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                   scaler: torch.amp.GradScaler | None = None) -> tuple[float, int]:
+    """Backward and step (through the AMP scaler when there is one); returns the loss and the correct count."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.item(), int((logits.argmax(1) == target).sum().item())
+
+
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights, normalised so a balanced dataset gets all ones."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)

@@ -36,7 +36,7 @@ from visiontune.training.feature_cache import (DiskCache, FrozenFeatures, Frozen
                                                cache_key)
 from visiontune.training.full_finetune import full_finetune
 from visiontune.training.loops import (BALANCE, BestState, Resume, Score, batch_rng, evaluate_logits, make_loss,
-                                       run_epochs)
+                                       optimizer_step, run_epochs)
 
 
 @dataclass
@@ -272,11 +272,7 @@ def fit_head(model: nn.Module, cfg: TrainConfig, train: ViewCache, y_train: np.n
         x = F.dropout(features[idx], p=cfg.dropout, training=True)
         logits = head(x)
         target = target_all[idx]
-        loss = loss_fn(logits, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.item(), (logits.argmax(1) == target).sum().item()
+        return optimizer_step(optimizer, loss_fn(logits, target), logits, target)
 
     def validate():
         if val is None:
@@ -316,11 +312,7 @@ def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: View
             onehot = F.one_hot(target, num_classes).float()
             soft = lam * onehot + (1 - lam) * onehot[perm]
         logits = model.forward_head(top(x))
-        loss = loss_fn(logits, soft)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.item(), (logits.argmax(1) == target).sum().item()
+        return optimizer_step(optimizer, loss_fn(logits, soft), logits, target)
 
     def validate():
         if val is None:
