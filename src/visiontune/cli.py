@@ -138,6 +138,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(args.data, out=args.out, model=model, root=args.root, config=base, quiet=args.quiet,
                    overwrite=args.overwrite, resume=args.resume, **settings)
     m = result.metrics
+    if not m:  # a process other than rank 0 of a distributed run: rank 0 reports
+        return 0
     val = m.get("val", {}).get("top1")
     test = m.get("test", {}).get("top1")
     line = f"run: {result.run_dir}  ({m['train_seconds']:.0f} s)"

@@ -12,7 +12,7 @@ from torch import nn
 
 from visiontune.config import TrainConfig
 from visiontune.data.transforms import Augment, Preprocess, augment_crop, center_crop, normalize
-from visiontune.training.loops import BestState, Score, batch_rng, evaluate_logits, make_loss, optimizer_step, run_epochs
+from visiontune.training.loops import BestState, Score, batch_rng, make_loss, optimizer_step, run_epochs
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -83,13 +83,15 @@ def full_finetune(model: nn.Module, spec: Preprocess, cfg: TrainConfig, aug: Aug
             out.append(crop)
         return normalize(np.stack(out), spec)
 
+    trained = ctx.dist.wrap(model, device)
+
     def step(idx, optimizer, epoch):
         model.train()
         x = to_device(crops(idx, epoch))
         target = torch.from_numpy(y_train[idx].astype(np.int64)).to(device)
         x, soft = _mix(x, target, num_classes, cfg, batch_rng(cfg.seed, epoch, idx))
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x)
+            logits = trained(x)
             loss = loss_fn(logits, soft)
         return optimizer_step(optimizer, loss, logits, target, scaler if scaler.is_enabled() else None)
 
@@ -97,16 +99,15 @@ def full_finetune(model: nn.Module, spec: Preprocess, cfg: TrainConfig, aug: Aug
         return normalize(np.stack([center_crop(images[i], spec.input_size) for i in indices]), spec)
 
     val_x = eval_inputs(sets.val) if len(sets.val) else None
+    y_val = sets.labels[sets.val]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return model(to_device(x.cpu().numpy()) if channels_last else x)
 
     def validate():
-        if val_x is None:
-            return None
         model.eval()
-        return evaluate_logits(forward, val_x, sets.labels[sets.val], device, batch_size=64)[0]
+        return ctx.evaluate(forward, val_x, y_val, batch_size=64)
 
     run_epochs("full", cfg.finetune_epochs, [{"params": list(model.parameters()), "lr": cfg.finetune_lr}],
                len(y_train), cfg, step, validate, BestState(model), ctx.history, cfg.batch_size, y_train,
@@ -114,6 +115,7 @@ def full_finetune(model: nn.Module, spec: Preprocess, cfg: TrainConfig, aug: Aug
     model.eval()
     scores = {}
     for name, indices in (("val", sets.val), ("test", sets.test)):
-        if len(indices):
-            scores[name], _ = evaluate_logits(forward, eval_inputs(indices), sets.labels[indices], device, batch_size=64)
+        score = ctx.evaluate(forward, eval_inputs(indices) if len(indices) else None, sets.labels[indices], batch_size=64)
+        if score is not None:
+            scores[name] = score
     return scores

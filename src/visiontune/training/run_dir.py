@@ -49,9 +49,10 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
 class History:
     """One row per epoch: history.csv (rewritten whole, atomically), TensorBoard, and a line on stderr."""
 
-    def __init__(self, run_dir: Path, quiet: bool, rows: list[dict] | None = None):
+    def __init__(self, run_dir: Path, quiet: bool, rows: list[dict] | None = None, write: bool = True):
         self.run_dir = run_dir
         self.quiet = quiet
+        self.write = write  # False on every process but rank 0 of a distributed run
         self.rows: list[dict] = list(rows or [])
         self._writer = None
 
@@ -65,6 +66,8 @@ class History:
     def add(self, row: dict) -> None:
         row = {k: row.get(k, "") for k in HISTORY_COLUMNS}
         self.rows.append(row)
+        if not self.write:
+            return
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
         writer.writeheader()

@@ -30,8 +30,10 @@ from visiontune.errors import ConfigError, DatasetError
 from visiontune.models.bundle import META_FILE, ModelMeta, current_versions, save_bundle
 from visiontune.models.classifier import build_classifier, count_parameters
 from visiontune.models.stages import frozen_trainable
+from visiontune.training import distributed
 from visiontune.training import run_dir as rd
 from visiontune.training.checkpoint import Checkpoint
+from visiontune.training.distributed import Dist
 from visiontune.training.feature_cache import (DiskCache, FrozenFeatures, FrozenRunner, ViewCache, build_view_cache,
                                                cache_key)
 from visiontune.training.full_finetune import full_finetune
@@ -56,10 +58,6 @@ class Sets:
     val: np.ndarray
     test: np.ndarray
     labels: np.ndarray  # per decoded image
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -101,10 +99,24 @@ def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: 
     """Train on `dataset` into run directory `out`; with `resume`, continue the interrupted run there."""
     started = time.perf_counter()
     validate_config(cfg)
+    d = distributed.setup()
+    try:
+        return _train(dataset, cfg, out, d, started, data_label=data_label, root=root, quiet=quiet or not d.is_main,
+                      overwrite=overwrite, resume=resume)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: float, *, data_label: str,
+           root: str | None, quiet: bool, overwrite: bool, resume: bool) -> TrainResult:
     seed_everything(cfg.seed, cfg.deterministic)
-    run_dir = Path(out) if resume else prepare_run_dir(out, overwrite)
+    if resume or not d.is_main:
+        run_dir = Path(out)
+    else:
+        run_dir = prepare_run_dir(out, overwrite)
+    d.barrier()
     checkpoint = Checkpoint(run_dir)
-    device = pick_device()
+    device = d.device()
     notes: list[str] = []
     # The model first: a wrong name or missing weights should fail before minutes of decoding.
     model, spec = build_classifier(cfg.model, len(dataset.classes), dropout=cfg.dropout,
@@ -126,27 +138,32 @@ def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: 
         if (run_dir / rd.SPLIT_FILE).read_text() != split_text:
             raise DatasetError(f"{run_dir}: the data changed since this run started (its split.csv differs); "
                                f"start a new run instead of resuming")
-    else:
+    elif d.is_main:
         rd.write_config(run_dir, data_label, root, cfg)
         rd.atomic_write_text(run_dir / rd.SPLIT_FILE, split_text)
 
-    sets, images, digests = _decode(dataset, split, spec.preprocess, cfg, quiet, notes)
+    all_sets, images, digests = _decode(dataset, split, spec.preprocess, cfg, quiet, notes)
+    sets = Sets(d.train_shard(all_sets.train), d.eval_shard(all_sets.val), d.eval_shard(all_sets.test), all_sets.labels)
     loaded = None
     if resume:
         state, tensors = checkpoint.load()
         loaded = Resume(state, tensors, ["full"] if cfg.full_finetune else ["head", "finetune"])
-    history = rd.History(run_dir, quiet, rd.read_history(run_dir)[: loaded.state["history_rows"]] if loaded else None)
-    context = PhaseContext(cfg, device, history, quiet, notes, checkpoint, loaded)
+    history = rd.History(run_dir, quiet, rd.read_history(run_dir)[: loaded.state["history_rows"]] if loaded else None,
+                         write=d.is_main)
+    context = PhaseContext(cfg, device, history, quiet, notes, checkpoint if d.is_main else None, loaded, d)
     try:
         if cfg.full_finetune:
             scores = full_finetune(model, spec.preprocess, cfg, augment_from(cfg), images, sets, context)
         else:
             cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
             scores = cached_recipe(model, spec, cfg, images, digests, sets, context, DiskCache(cache_dir))
-            if not cfg.cache_dir:
+            d.barrier()
+            if not cfg.cache_dir and d.is_main:
                 shutil.rmtree(cache_dir, ignore_errors=True)
     finally:
         history.close()
+    if not d.is_main:
+        return TrainResult(run_dir, None, {}, history.rows, notes)
 
     meta = ModelMeta(spec.name, spec.timm_name, list(dataset.classes), spec.preprocess, cfg.dropout, current_versions())
     save_bundle(run_dir, model.cpu().eval(), meta)
@@ -156,7 +173,8 @@ def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: 
         "train_seconds": round(time.perf_counter() - started, 1),
         "resumed": resume,
         "device": str(device),
-        "images": {name: int(len(getattr(sets, name))) for name in ("train", "val", "test")},
+        "images": {name: int(len(getattr(all_sets, name))) for name in ("train", "val", "test")},
+        "processes": d.world,
         **{name: {"loss": s.loss, "top1": s.accuracy} for name, s in scores.items()},
         "notes": notes,
     }
@@ -195,6 +213,17 @@ class PhaseContext:
     notes: list[str]
     checkpoint: Checkpoint | None = None
     resume: Resume | None = None
+    dist: Dist = field(default_factory=Dist)
+
+    def evaluate(self, forward, inputs, labels: np.ndarray, batch_size: int = 256) -> Score | None:
+        """Score of `forward` on this process's share, summed over all processes (None: nothing to score).
+        Every process must call it, even with an empty share."""
+        score = evaluate_logits(forward, inputs, labels, self.device, batch_size)[0] if len(labels) else None
+        if not self.dist.active:
+            return score
+        n = len(labels)
+        loss_sum, correct, count = self.dist.sum([score.loss * n if n else 0.0, score.accuracy * n if n else 0.0, float(n)])
+        return Score(loss_sum / count, correct / count) if count else None
 
 
 def _weights_identity(cfg: TrainConfig, spec) -> str:
@@ -251,8 +280,9 @@ def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digest
     model.eval()
     scores = {}
     for name, c, y in (("val", val_cache, y_val), ("test", test_cache, y_test)):
-        if c is not None:
-            scores[name], _ = evaluate_logits(forward, getattr(c, key)[0], y, ctx.device)
+        score = ctx.evaluate(forward, getattr(c, key)[0] if c is not None else None, y)
+        if score is not None:
+            scores[name] = score
     return scores
 
 
@@ -267,22 +297,33 @@ def fit_head(model: nn.Module, cfg: TrainConfig, train: ViewCache, y_train: np.n
     for p in head.parameters():
         p.requires_grad_(True)
 
+    trained = ctx.dist.wrap(head, device)
+
     def step(idx, optimizer, epoch):
         head.train()
         x = F.dropout(features[idx], p=cfg.dropout, training=True)
-        logits = head(x)
+        logits = trained(x)
         target = target_all[idx]
         return optimizer_step(optimizer, loss_fn(logits, target), logits, target)
 
     def validate():
-        if val is None:
-            return None
         head.eval()
-        return evaluate_logits(head, val.pooled[0], y_val, device)[0]
+        return ctx.evaluate(head, val.pooled[0] if val is not None else None, y_val)
 
     run_epochs("head", cfg.head_epochs, [{"params": list(head.parameters()), "lr": cfg.head_lr}], len(labels), cfg,
                step, validate, BestState(head), ctx.history, cfg.head_batch_size, labels, model=model,
                checkpoint=ctx.checkpoint, resume=ctx.resume, every_epoch=False)
+
+
+class TopAndHead(nn.Module):
+    """The part phase 2 trains, as one module (what DistributedDataParallel wraps)."""
+
+    def __init__(self, model: nn.Module, top: nn.Module):
+        super().__init__()
+        self.model, self.top = model, top
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.top(x))
 
 
 def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: ViewCache, y_train: np.ndarray,
@@ -296,7 +337,8 @@ def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: View
     for p in list(top.parameters()) + list(head.parameters()):
         p.requires_grad_(True)
 
-    num_classes = int(max(y_train.max(), y_val.max() if len(y_val) else 0)) + 1
+    num_classes = model.get_classifier().out_features
+    trained = ctx.dist.wrap(TopAndHead(model, top), device)
 
     def step(idx, optimizer, epoch):
         model.train()
@@ -311,14 +353,12 @@ def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: View
             x = lam * x + (1 - lam) * x[perm]
             onehot = F.one_hot(target, num_classes).float()
             soft = lam * onehot + (1 - lam) * onehot[perm]
-        logits = model.forward_head(top(x))
+        logits = trained(x)
         return optimizer_step(optimizer, loss_fn(logits, soft), logits, target)
 
     def validate():
-        if val is None:
-            return None
         model.eval()
-        return evaluate_logits(lambda x: model.forward_head(top(x)), val.boundary[0], y_val, device)[0]
+        return ctx.evaluate(lambda x: model.forward_head(top(x)), val.boundary[0] if val is not None else None, y_val)
 
     params = [{"params": list(top.parameters()), "lr": cfg.finetune_lr},
               {"params": list(head.parameters()), "lr": cfg.finetune_lr}]
