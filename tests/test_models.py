@@ -239,23 +239,17 @@ def test_a_pickled_object_is_refused_not_executed(tmp_path):
 
 @pytest.mark.parametrize("source, target", [("test_resnet", "test_efficientnet"),
                                             ("test_convnext", "test_efficientnet"),
-                                            ("test_efficientnet", "test_convnext")])
+                                            ("test_efficientnet", "test_convnext"),
+                                            # near architectures: a half-way load would leave tensors random
+                                            ("test_efficientnet_gn", "test_efficientnet"),
+                                            ("test_efficientnet", "test_efficientnet_gn"),
+                                            ("test_vit", "test_vit2")])
 def test_weights_of_another_architecture_are_a_model_error(tmp_path, source, target):
     path = tmp_path / f"{source}.safetensors"
     save_file(randomised_state(source), str(path))
     with pytest.raises(ModelError) as exc:
         create_pretrained(get_spec(target), 3, 0.0, weights=path)
     assert str(path) in one_line(exc)
-
-
-@pytest.mark.parametrize("source, target", [("test_efficientnet_gn", "test_efficientnet"),
-                                            ("test_efficientnet", "test_efficientnet_gn"),
-                                            ("test_vit", "test_vit2")])
-def test_weights_of_a_near_architecture_are_a_model_error(tmp_path, source, target):
-    path = tmp_path / f"{source}.safetensors"
-    save_file(randomised_state(source), str(path))
-    with pytest.raises(ModelError):
-        create_pretrained(get_spec(target), 3, 0.0, weights=path)
 
 
 # ---------------------------------------------------------------- stages

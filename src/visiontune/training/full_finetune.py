@@ -103,7 +103,7 @@ def full_finetune(model: nn.Module, spec: Preprocess, cfg: TrainConfig, aug: Aug
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return model(to_device(x.cpu().numpy()) if channels_last else x)
+            return model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
 
     def validate():
         model.eval()
