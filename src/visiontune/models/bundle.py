@@ -132,3 +132,12 @@ def load_bundle(folder: Path) -> tuple[nn.Module, ModelMeta]:
         raise ModelError(f"{weights}: weights do not match {meta.timm_name} with {meta.num_classes} classes "
                          f"({str(exc).splitlines()[0][:200]})") from None
     return model.eval(), meta
+
+
+def update_meta(folder: Path, **extra) -> ModelMeta:
+    """Add or replace top-level keys of model.json (calibration, uncertainty threshold, …), atomically.
+    The weights are untouched, so every later consumer sees the new keys without retraining."""
+    meta = read_meta(folder)
+    meta.extra.update(extra)
+    _atomic_write_bytes(Path(folder) / META_FILE, (json.dumps(meta.to_dict(), indent=2) + "\n").encode())
+    return meta
