@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 install: $(STAMP)
 
@@ -17,7 +17,16 @@ demo: install
 	$(BIN)/visiontune scan flowers-mini
 	$(BIN)/visiontune train flowers-mini --out runs/demo --overwrite
 
-test: install
+# The report and web-page tests drive Debian's chromium through Playwright. Installed here when missing
+# and apt-get is usable (root or sudo); elsewhere those tests skip and say why.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; \
+		elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get install -y -q chromium >/dev/null; \
+		else echo "chromium not installed and no root: browser tests will be skipped"; fi; \
+	fi
+
+test: install browser
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 clean:

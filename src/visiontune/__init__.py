@@ -2,7 +2,20 @@
 
 __version__ = "0.1.0"
 
-from visiontune.api import scan, split, train  # noqa: E402
+from visiontune.api import compare, evaluate, scan, split, train  # noqa: E402
 from visiontune.data.index import load_dataset  # noqa: E402
+from visiontune.api import bench, predict  # noqa: E402
+# The subpackages, callable as the API verbs of the same name (see _verb_package.py).
+from visiontune import explain, export  # noqa: E402
 
-__all__ = ["__version__", "load_dataset", "scan", "split", "train"]
+
+def __getattr__(name: str):
+    # Classifier pulls in torch and ONNX Runtime; `import visiontune` (and so `visiontune scan`) should not.
+    if name in ("Classifier", "Prediction"):
+        from visiontune import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module 'visiontune' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "Classifier", "Prediction", "bench", "export", "predict", "compare", "evaluate", "explain", "load_dataset", "scan", "split", "train"]

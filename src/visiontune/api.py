@@ -7,7 +7,7 @@ from typing import Union
 
 import dataclasses
 
-from visiontune.config import ScanConfig, SplitConfig, TrainConfig
+from visiontune.config import EvalConfig, ExplainConfig, ScanConfig, SplitConfig, TrainConfig
 from visiontune.data.index import Dataset, load_dataset
 from visiontune.data.integrity import ScanReport, scan_dataset
 from visiontune.data.split import Split, split_dataset
@@ -105,8 +105,17 @@ def train(data: PathLike | Dataset | None = None, *, out: PathLike | None = None
     dataset = data if isinstance(data, Dataset) else load_dataset(data, root=root)
     label = str(dataset.source) if isinstance(data, Dataset) else str(data)
     run_dir = Path(out) if out is not None else default_run_dir(label, cfg.model)
-    return train_dataset(dataset, cfg, run_dir, data_label=label, root=str(root) if root else None,
-                         quiet=quiet, overwrite=overwrite)
+    result = train_dataset(dataset, cfg, run_dir, data_label=label, root=str(root) if root else None,
+                           quiet=quiet, overwrite=overwrite)
+    return _evaluate_after_training(result, cfg, quiet)
+
+
+def _evaluate_after_training(result, cfg: TrainConfig, quiet: bool):
+    """The end of every train: the report. Only the process that wrote the run (rank 0) has metrics."""
+    if cfg.evaluate and result.metrics and result.metrics.get("images", {}).get("test"):
+        result.evaluation = evaluate(result.run_dir, quiet=quiet)
+        result.metrics["evaluation"] = result.evaluation.metrics
+    return result
 
 
 def _resume(run_dir: Path, quiet: bool):
@@ -121,4 +130,101 @@ def _resume(run_dir: Path, quiet: bool):
         raise ConfigError(f"{run_dir}: nothing to resume ({'the run finished' if finished else 'no checkpoint was written yet'})")
     data, root, cfg = read_config(run_dir)
     dataset = load_dataset(data, root=root)
-    return train_dataset(dataset, cfg, run_dir, data_label=data, root=root, quiet=quiet, resume=True)
+    result = train_dataset(dataset, cfg, run_dir, data_label=data, root=root, quiet=quiet, resume=True)
+    return _evaluate_after_training(result, cfg, quiet)
+
+
+def evaluate(run: PathLike, *, data: PathLike | None = None, root: PathLike | None = None, split: str | None = None,
+             out: PathLike | None = None, allow_subset: bool = False, config: EvalConfig | None = None,
+             quiet: bool = True, **settings):
+    """Score a run on its test split (or `data`) and write metrics.json, plots/, report.html, MODEL_CARD.md.
+
+    Settings are EvalConfig's fields (calibrate=, backend=, top_losses=, ...). Returns an Evaluation
+    (out_dir, metrics, report).
+    """
+    from visiontune.evaluation.evaluate import evaluate_run
+
+    cfg = _replace(config or EvalConfig(), settings, "evaluation")
+    return evaluate_run(Path(run), data=data, root=root, split=split, out=Path(out) if out else None,
+                        allow_subset=allow_subset, config=cfg, quiet=quiet)
+
+
+def compare(runs: list[PathLike], *, out: PathLike = "comparison"):
+    """Evaluated runs side by side: comparison.csv, .md and .html in `out`; refuses runs on different splits."""
+    from visiontune.evaluation.compare import compare_runs
+
+    return compare_runs([Path(r) for r in runs], Path(out))
+
+
+def explain(model: PathLike, images, *, method: str = ExplainConfig.method, target: str | None = None,
+            layer: str | None = None, out: PathLike | None = None, grid: bool = False,
+            top_k: int = ExplainConfig.top_k, faithfulness: bool = False):
+    """Grad-CAM (or `method`) heat maps for image files, folders, globs, or in-memory images, with a run's
+    PyTorch model. With `out`, one PNG per image (original, overlay, top-k), or one grid.png with `grid`;
+    with `faithfulness`, deletion/insertion scores. Returns an ExplainResult (explanations, files, failed)."""
+    from visiontune.explain.runner import explain_sources, load_explainer
+
+    sources = images if isinstance(images, (list, tuple)) else [images]
+    missing = []
+    if all(isinstance(s, (str, Path)) for s in sources):
+        from visiontune.inference.sources import expand
+
+        sources, missing = expand(sources)
+    explainer = load_explainer(model, method, layer)
+    result = explain_sources(explainer, list(sources), target=target, top_k=top_k, out=Path(out) if out else None,
+                             grid=grid, faithfulness=faithfulness)
+    result.failed += missing
+    return result
+
+
+def _replace(cfg, settings: dict, what: str):
+    known = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return dataclasses.replace(cfg, **settings)
+
+
+# --- export, predict, bench -------------------------------------------------------------------------------
+
+
+def export(run: PathLike, *, format: str = "onnx", precision: str = "fp32", int8_agreement: float | None = None,
+           config=None, quiet: bool = True):
+    """Write RUN/export/model[.fp16|.int8].onnx or model.torchscript.pt after its parity check passes.
+
+    Returns an ExportResult (path, parity numbers); raises ExportError when parity fails (see parity.json).
+    `int8_agreement`: the INT8 top-1 agreement with fp32 required (default ExportConfig.int8_agreement).
+    """
+    from visiontune.export.exporter import export_run
+
+    return export_run(Path(run), format, precision, config=config, int8_agreement=int8_agreement, quiet=quiet)
+
+
+def predict(model, paths, *, top_k: int | None = None, tta: bool = False, backend: str | None = None,
+            batch_size: int | None = None, threads: int | None = None) -> list:
+    """Classify files, folders (recursively) and globs with a run, a .onnx or a TorchScript file (or a
+    loaded Classifier). Returns one Prediction per file, in order, then one per name that matched nothing;
+    unreadable ones carry `error` (a reason) instead of labels."""
+    from visiontune.config import InferenceConfig
+    from visiontune.inference import Classifier, Prediction
+    from visiontune.inference.sources import expand
+
+    d = InferenceConfig()
+    clf = model if isinstance(model, Classifier) else Classifier.load(
+        model, backend, threads=d.threads if threads is None else threads,
+        batch_size=d.batch_size if batch_size is None else batch_size)
+    files, missing = expand([paths] if isinstance(paths, (str, Path)) else paths)
+    found = clf.predict(files, top_k=d.top_k if top_k is None else top_k, tta=tta)
+    return found + [Prediction(path, error=reason) for path, reason in missing]
+
+
+def bench(model: PathLike, *, image: PathLike | None = None, threads: int | None = None, quiet: bool = True, **settings):
+    """Batch-1 latency (from a tensor and from JPEG bytes) and throughput per batch size for every engine of
+    `model` (a run: PyTorch, ONNX fp32, ONNX INT8 when exported). Settings are BenchConfig's fields."""
+    from visiontune.config import BenchConfig, InferenceConfig
+    from visiontune.inference.bench import run_bench
+
+    cfg = _replace(BenchConfig(), settings, "bench")
+    return run_bench(Path(model), image=image, config=cfg,
+                     threads=InferenceConfig.threads if threads is None else threads, quiet=quiet)
+

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from visiontune.config import ScanConfig, SplitConfig, TrainConfig
+from visiontune.config import EvalConfig, ExplainConfig, ScanConfig, SplitConfig, TrainConfig
 from visiontune.errors import ConfigError, VisiontuneError
 
 
@@ -61,6 +61,43 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its data and settings)")
     _train_arguments(train)
     train.set_defaults(run=cmd_train)
+
+    evaluate = verbs.add_parser("evaluate", help="score a run: metrics.json, plots/, report.html, MODEL_CARD.md")
+    evaluate.add_argument("run_dir", metavar="RUN", help="a run directory")
+    evaluate.add_argument("--data", help="score on this dataset instead of the run's own split.csv (any layout)")
+    evaluate.add_argument("--root", help="folder a manifest's relative paths start from")
+    evaluate.add_argument("--split", choices=["train", "val", "test"], help=f"which split (default {EvalConfig.split}); "
+                          "data without splits is scored whole")
+    evaluate.add_argument("--out", help="where to write (default: the run, or RUN/evaluations/<data>-<split> for --data)")
+    evaluate.add_argument("--allow-subset", action="store_true", help="data may lack some of the model's classes")
+    evaluate.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                          help="do not fit a temperature on validation (model.json keeps what it has)")
+    evaluate.add_argument("--backend", choices=["onnx", "torch"], default=EvalConfig.backend,
+                          help="engine that scores the images (default %(default)s; same logits)")
+    evaluate.add_argument("--top-losses", type=int, default=EvalConfig.top_losses, help="mistakes in the gallery")
+    evaluate.add_argument("--workers", type=int, default=EvalConfig.workers, help="decoding processes (default: one per core)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    compare = verbs.add_parser("compare", help="evaluated runs side by side (csv, markdown, html)")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="two or more evaluated run directories on the same split")
+    compare.add_argument("--out", default="comparison", help="folder for comparison.csv/.md/.html (default %(default)s)")
+    compare.set_defaults(run=cmd_compare)
+
+    explain = verbs.add_parser("explain", help="Grad-CAM heat maps: what the model looks at")
+    explain.add_argument("model", help="a run directory (Grad-CAM needs the PyTorch weights, not an export)")
+    explain.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
+    explain.add_argument("--method", choices=["gradcam", "gradcam++", "hirescam", "eigencam", "scorecam"],
+                         default=ExplainConfig.method, help="default %(default)s")
+    explain.add_argument("--class", dest="target", metavar="LABEL", help="explain this class (default: the top prediction)")
+    explain.add_argument("--layer", help="target layer by module name (default: the last feature map before pooling)")
+    explain.add_argument("--out", default="explanations", help="folder for the PNGs (default %(default)s)")
+    explain.add_argument("--grid", action="store_true", help="one gallery image (grid.<method>.png) instead of one PNG per image")
+    explain.add_argument("--top-k", type=int, default=ExplainConfig.top_k, help="predictions shown (default %(default)s)")
+    explain.add_argument("--faithfulness", action="store_true",
+                         help="also measure deletion/insertion scores (about 40 extra forward passes per image)")
+    explain.set_defaults(run=cmd_explain)
+    _deploy_verbs(verbs)
     return parser
 
 
@@ -103,12 +140,14 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--test", type=float)
     s.add_argument("--workers", type=int, help="processes for decoding (default: one per core)")
     p.add_argument("--cache-dir", help="keep cached views here to reuse across runs (default: inside the run, deleted at the end)")
+    p.add_argument("--no-evaluate", dest="evaluate", action="store_false", default=None,
+                   help="skip the final evaluation (report.html, plots, MODEL_CARD.md)")
 
 
 _TRAIN_FLAGS = ("model", "weights", "from_scratch", "download", "full_finetune", "views", "trainable_stages",
                 "head_epochs", "finetune_epochs", "feature_mixup", "head_lr", "finetune_lr", "batch_size", "schedule", "weight_decay",
                 "label_smoothing", "dropout", "balance", "early_stopping", "amp", "seed", "deterministic", "val", "test",
-                "workers", "cache_dir")
+                "workers", "cache_dir", "evaluate")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -141,13 +180,70 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not m:  # a process other than rank 0 of a distributed run: rank 0 reports
         return 0
     val = m.get("val", {}).get("top1")
-    test = m.get("test", {}).get("top1")
+    test = (m.get("evaluation") or m.get("test") or {}).get("top1")
     line = f"run: {result.run_dir}  ({m['train_seconds']:.0f} s)"
     if val is not None:
         line += f"  val top-1 {val:.2%}"
     if test is not None:
         line += f"  test top-1 {test:.2%}"
     print(line)
+    if result.evaluation is not None:
+        print(f"report: {result.evaluation.report}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from visiontune.api import evaluate
+
+    result = evaluate(args.run_dir, data=args.data, root=args.root, split=args.split, out=args.out,
+                      allow_subset=args.allow_subset, quiet=args.quiet, calibrate=args.calibrate,
+                      backend=args.backend, top_losses=args.top_losses, workers=args.workers)
+    m = result.metrics
+    line = f"{m['split']}: {m['images']} images  top-1 {m['top1']:.2%}"
+    for k in (3, 5):
+        if f"top{k}" in m:
+            line += f"  top-{k} {m[f'top{k}']:.2%}"
+    line += f"  macro F1 {m['macro']['f1']:.2%}  ECE {m['ece']:.3f}"
+    print(line)
+    for pair in m["most_confused"][:3]:
+        print(f"  confused: {pair['true']} -> {pair['predicted']} ({pair['count']})")
+    for item in m["skipped"]:
+        print(f"not scored: {item['path']}: {item['reason']}", file=sys.stderr)
+    print(f"report: {result.report}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from visiontune.api import explain
+
+    result = explain(args.model, args.images, method=args.method, target=args.target, layer=args.layer, out=args.out,
+                     grid=args.grid, top_k=args.top_k, faithfulness=args.faithfulness)
+    for source, reason in result.failed:
+        print(f"not explained: {source}: {reason}", file=sys.stderr)
+    for e, row in zip(result.explanations, result.per_image or [None] * len(result.explanations)):
+        label, p = e.predictions[0]
+        line = f"{e.source}: {label} {p:.1%}  ({e.method} for '{e.target}' at {e.layer})"
+        if row:
+            line += f"  deletion {row['deletion']:.3f}  insertion {row['insertion']:.3f}"
+        print(line)
+    if result.faithfulness:
+        f = result.faithfulness
+        print(f"faithfulness over {f['images']} images: deletion {f['deletion']:.3f} (random {f['random_deletion']:.3f}), "
+              f"insertion {f['insertion']:.3f} (random {f['random_insertion']:.3f})")
+    for path in result.files:
+        print(f"wrote {path}")
+    if not result.explanations:
+        print("visiontune: error: no image could be explained", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from visiontune.api import compare
+
+    result = compare(args.runs, out=args.out)
+    print(result.files[1].read_text(), end="")
+    print(f"wrote {', '.join(str(f) for f in result.files)}")
     return 0
 
 
@@ -191,6 +287,129 @@ def cmd_split(args: argparse.Namespace) -> int:
             print(f"wrote {args.out}", file=log)
     return 0
 
+
+
+# --- export, predict, bench ---------------------------------------------------------------------------------
+
+
+def _deploy_verbs(verbs) -> None:
+    from visiontune.config import BenchConfig, ExportConfig, InferenceConfig
+
+    export = verbs.add_parser("export", help="write RUN/export/model.onnx (fp32, fp16, int8) or TorchScript, checked against PyTorch")
+    export.add_argument("run_dir", metavar="RUN", help="a run directory")
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="default %(default)s")
+    export.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                        help="int8: static quantization calibrated on the run's training images (default %(default)s)")
+    export.add_argument("--int8-agreement", type=float, default=ExportConfig.int8_agreement,
+                        help="INT8 must pick fp32's top-1 class on at least this fraction of test images (default %(default)s)")
+    export.add_argument("--calibration-images", type=int, default=ExportConfig.calibration_images,
+                        help="training images INT8 calibration sees (default %(default)s)")
+    export.add_argument("--quiet", action="store_true", help="no progress lines")
+    export.set_defaults(run=cmd_export)
+
+    predict = verbs.add_parser("predict", help="classify image files, folders (recursively) or globs")
+    predict.add_argument("model", help="a run directory, a .onnx file or a TorchScript file")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    predict.add_argument("--format", choices=["table", "csv", "json", "jsonl"], default="table", help="default %(default)s")
+    predict.add_argument("--out", help="write the predictions to this file instead of the terminal")
+    predict.add_argument("--top-k", type=int, default=InferenceConfig.top_k, help="labels per image (default %(default)s)")
+    predict.add_argument("--tta", action="store_true", help="average the centre crop, its mirror and four corner crops")
+    predict.add_argument("--backend", choices=["torch", "onnx"],
+                         help="engine (default: onnx for a .onnx file, torch for a run directory)")
+    predict.add_argument("--batch-size", type=int, default=InferenceConfig.batch_size, help="default %(default)s")
+    predict.add_argument("--threads", type=int, default=InferenceConfig.threads, help="default: one per core")
+    predict.set_defaults(run=cmd_predict)
+
+    bench = verbs.add_parser("bench", help="latency and throughput of PyTorch, ONNX fp32 and ONNX INT8 on this machine")
+    bench.add_argument("model", help="a run directory (every engine it has) or one model file")
+    bench.add_argument("--image", help="JPEG for the end-to-end timing (default: a sample photo)")
+    bench.add_argument("--runs", type=int, default=BenchConfig.runs, help="timed batch-1 calls per engine (default %(default)s)")
+    bench.add_argument("--warmup", type=int, default=BenchConfig.warmup, help="default %(default)s")
+    bench.add_argument("--batch-sizes", default=",".join(map(str, BenchConfig.batch_sizes)),
+                       help="throughput batch sizes (default %(default)s)")
+    bench.add_argument("--seconds", type=float, default=BenchConfig.throughput_seconds,
+                       help="per engine and batch size (default %(default)s)")
+    bench.add_argument("--threads", type=int, default=InferenceConfig.threads, help="default: one per core")
+    bench.add_argument("--json", action="store_true", help="print the full report as JSON")
+    bench.add_argument("--quiet", action="store_true", help="no progress lines")
+    bench.set_defaults(run=cmd_bench)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from visiontune.api import export
+    from visiontune.config import ExportConfig
+
+    config = dataclasses.replace(ExportConfig(), calibration_images=args.calibration_images)
+    result = export(args.run_dir, format=args.format, precision=args.precision, int8_agreement=args.int8_agreement,
+                    config=config, quiet=args.quiet)
+    print(result.summary())
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import io
+
+    from visiontune.api import predict
+    from visiontune.inference import output
+
+    if args.out:
+        _refuse_input_as_output(Path(args.out), args.paths)
+    results = predict(args.model, args.paths, top_k=args.top_k, tta=args.tta, backend=args.backend,
+                      batch_size=args.batch_size, threads=args.threads)
+    buffer = io.StringIO()
+    output.write(results, buffer, args.format, args.top_k)
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(buffer.getvalue())
+        tmp.replace(out)
+    else:
+        sys.stdout.write(buffer.getvalue())
+    failed = [p for p in results if p.error]
+    for p in failed:
+        print(f"skipped: {p.source}: {p.error}", file=sys.stderr)
+    if failed and len(failed) == len(results):
+        print(f"visiontune: error: none of the {len(results)} file(s) could be read as an image", file=sys.stderr)
+        return 2
+    if args.out:
+        print(f"wrote {len(results) - len(failed)} prediction(s) to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _refuse_input_as_output(out: Path, paths: list[str]) -> None:
+    target = out.resolve()
+    for p in paths:
+        given = Path(p).resolve()
+        if target == given or given in target.parents:
+            raise ConfigError(f"--out {out}: that is one of the inputs (or inside an input folder); "
+                              f"write the predictions somewhere else")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from visiontune.api import bench
+
+    try:
+        sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise ConfigError(f"--batch-sizes {args.batch_sizes!r}: expected comma-separated integers, e.g. 1,4,16") from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"--batch-sizes {args.batch_sizes!r}: every batch size must be at least 1")
+    if args.runs < 1:
+        raise ConfigError(f"--runs {args.runs}: must be at least 1")
+    report = bench(args.model, image=args.image, threads=args.threads, quiet=args.quiet, runs=args.runs,
+                   warmup=args.warmup, batch_sizes=sizes, throughput_seconds=args.seconds)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    m = report.machine
+    print(f"{report.model}: {report.input_size} px input; JPEG {report.image} ({report.image_size[0]}x{report.image_size[1]}); "
+          f"{m['cores']} cores, {m['cpu']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}")
+    print(report.table())
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

@@ -83,9 +83,66 @@ class TrainConfig:
     # Where cached views go; None: <run>/cache, deleted when the run finishes. A shared folder lets runs
     # that differ only after the frozen pass (epochs, learning rates) skip it.
     cache_dir: str | None = None
+    evaluate: bool = True  # score the test split at the end: metrics, plots, report.html, MODEL_CARD.md
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"  # which split of the run (or of --data) is scored
+    calibrate: bool = True  # fit a temperature on validation and store it in model.json
+    calibrate_min_images: int = 30  # fewer validation images than this give a temperature that is mostly noise
+    ece_bins: int = 15
+    most_confused: int = 10  # class pairs listed in metrics.json and the report
+    top_losses: int = 24  # worst mistakes shown in the gallery
+    gradcam_images: int = 6  # Grad-CAM overlays of right and of wrong predictions in the report (0: none)
+    batch_images: int = 256  # decoded and scored at a time, so memory stays flat on large test sets
+    backend: str = "onnx"  # ONNX Runtime scores a run 3-5x faster than PyTorch eager on a CPU, same logits
+    workers: int = 0  # decoding processes (0: one per core)
+
+
+@dataclass
+class InferenceConfig:
+    # Small batches: on 2 cores ONNX Runtime was measured fastest per image well below batch 32.
+    batch_size: int = 8
+    top_k: int = 3
+    threshold: float = 0.5  # "uncertain" below this top probability, when model.json stores no threshold
+    threads: int = 0  # intra-op threads; 0: one per core
+    decode_workers: int = 0  # threads decoding images while the model runs (0: one per core)
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 17
+    calibration_images: int = 128  # training images INT8 calibration sees (a seeded sample of the run's train split)
+    parity_images: int = 256  # test-split images the parity check runs on (0: all of them)
+    fp32_atol: float = 1e-4  # ONNX fp32 logits against PyTorch
+    fp32_cosine: float = 0.9999
+    fp16_cosine: float = 0.999  # fp16 loses about 3 decimal digits, so its bar is lower
+    int8_agreement: float = 0.99  # top-1 agreement of INT8 with fp32 on the parity images
+    per_channel: bool = True
+    quant_format: str = "qdq"  # qdq | qoperator
+    calibration_method: str = "minmax"  # minmax | entropy | percentile
+    seed: int = 0  # which training / test images are sampled
+
+
+@dataclass
+class BenchConfig:
+    runs: int = 200  # timed batch-1 calls per engine, after `warmup`
+    warmup: int = 20
+    batch_sizes: tuple = (1, 2, 4, 8, 16, 32)
+    throughput_seconds: float = 2.0  # per engine and batch size
+
+
+@dataclass
+class ExplainConfig:
+    method: str = "gradcam"  # gradcam | gradcam++ | hirescam | eigencam | scorecam
+    top_k: int = 3
+    batch_size: int = 8  # images per CAM call (Score-CAM runs many masked forwards per image)
+    faithfulness_steps: int = 10  # points on the deletion and insertion curves
+    blur_radius: float = 10.0  # the "removed" pixels come from a Gaussian blur of this radius
 
 
 def default_workers(requested: int) -> int:

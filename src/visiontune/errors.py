@@ -30,3 +30,7 @@ class ModelError(VisiontuneError):
 
 class ConfigError(VisiontuneError):
     """A setting has a value that cannot work."""
+
+
+class ExportError(VisiontuneError):
+    """An export cannot be made or does not match the model it came from (parity check failed)."""

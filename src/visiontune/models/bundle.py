@@ -11,12 +11,13 @@ import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from visiontune.data.transforms import Preprocess
 from visiontune.errors import ModelError
+
+if TYPE_CHECKING:  # torch is imported where weights are touched: reading model.json (an ONNX-only
+    from torch import nn  # prediction or server) should not cost torch's start-up time and memory
 
 FORMAT = "visiontune-model"
 FORMAT_VERSION = 1
@@ -73,6 +74,7 @@ class ModelMeta:
 
 def current_versions() -> dict:
     import timm
+    import torch
 
     from visiontune import __version__
 

@@ -42,6 +42,14 @@ def read_config(run_dir: Path) -> tuple[str, str | None, TrainConfig]:
     return data, root, from_dict(TrainConfig, payload, str(path))
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file of the run (metrics.json, a benchmark's results) or {} when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def write_metrics(run_dir: Path, metrics: dict) -> None:
     atomic_write_text(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
 

@@ -48,6 +48,7 @@ class TrainResult:
     metrics: dict
     history: list[dict]
     notes: list[str] = field(default_factory=list)
+    evaluation: object = None  # filled in by the API when the run is evaluated at the end
 
 
 @dataclass

@@ -1,0 +1,253 @@
+"""`evaluate`: score a run on its test split (or other data) and write what people read.
+
+Writes into the run (or, for other data, into RUN/evaluations/<data>-<split>/): metrics.json's
+"evaluation" key, classification_report.csv, predictions.csv, plots/*.png, report.html and MODEL_CARD.md.
+With calibration on, a temperature fitted on validation and the "uncertain" threshold go into model.json,
+where every later consumer (predict, export, serve) picks them up.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from visiontune.config import EvalConfig
+from visiontune.data.index import load_dataset
+from visiontune.data.loader import load_for_model
+from visiontune.errors import DatasetError, ImageDecodeError
+from visiontune.evaluation import plots
+from visiontune.evaluation.metrics import (choose_uncertainty_threshold, compute_metrics, fit_temperature, reliability,
+                                           roc_curves)
+from visiontune.evaluation.model_card import model_card
+from visiontune.evaluation.report import ReportData, build_html
+from visiontune.evaluation.scoring import Scored, run_split, score, select
+from visiontune.inference.classifier import Classifier, softmax
+from visiontune.models.bundle import META_FILE, read_meta, update_meta
+from visiontune.training import run_dir as rd
+
+REPORT_FILE = "report.html"
+CARD_FILE = "MODEL_CARD.md"
+CLASS_REPORT_FILE = "classification_report.csv"
+PREDICTIONS_FILE = "predictions.csv"
+PLOTS_DIR = "plots"
+THUMBNAIL = 160
+
+
+@dataclass
+class Evaluation:
+    out_dir: Path
+    metrics: dict  # the "evaluation" entry of metrics.json
+    report: Path
+
+
+def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | Path | None = None,
+                 split: str | None = None, out: Path | None = None, allow_subset: bool = False,
+                 config: EvalConfig | None = None, quiet: bool = True) -> Evaluation:
+    cfg = config or EvalConfig()
+    run_dir = Path(run_dir)
+    split = split or cfg.split
+    meta = read_meta(run_dir)
+    classifier = Classifier.load(run_dir, backend=cfg.backend)
+    own = data is None
+    run_data = run_split(run_dir) if own or cfg.calibrate else None
+    if own:
+        dataset = run_data
+        selection = select(dataset, split, meta.labels, allow_subset=True)
+        out_dir = Path(out) if out else run_dir
+    else:
+        dataset = load_dataset(data, root=root)
+        selection = select(dataset, split, meta.labels, allow_subset=allow_subset, require_split=False)
+        name = Path(str(data)).stem if Path(str(data)).suffix else Path(str(data)).name
+        out_dir = Path(out) if out else run_dir / "evaluations" / f"{name}-{split}"
+    scored = score(classifier, selection, cfg, quiet)
+
+    temperature, threshold = classifier.temperature, classifier.threshold
+    calibration_note = None
+    if own and cfg.calibrate:
+        fitted = _calibrate(classifier, run_data, meta.labels, cfg, quiet, selection.notes)
+        if fitted:
+            temperature, threshold = fitted
+            update_meta(run_dir, calibration={"temperature": temperature, "fitted_on": "val"},
+                        uncertainty={"threshold": threshold, "chosen_on": "val"})
+            if split == "val":
+                calibration_note = "the temperature was fitted on this same validation split, so its ECE is optimistic"
+    probs = softmax(scored.logits, temperature).astype(np.float64)
+    metrics = compute_metrics(scored.labels, probs, meta.labels, ece_bins=cfg.ece_bins, most_confused=cfg.most_confused)
+    raw = reliability(scored.labels, softmax(scored.logits).astype(np.float64), cfg.ece_bins)
+    confident = probs.max(axis=1) >= threshold
+    metrics.update({
+        "split": split, "data": selection.source, "backend": classifier.backend,
+        "temperature": temperature, "ece_uncalibrated": raw["ece"], "uncertainty_threshold": threshold,
+        "uncertain_share": float(np.mean(~confident)),
+        "top1_when_confident": float(np.mean(probs[confident].argmax(1) == scored.labels[confident])) if confident.any() else None,
+        "skipped": [{"path": p, "reason": r} for p, r in scored.skipped],
+        "notes": selection.notes + ([calibration_note] if calibration_note else []),
+    })
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_metrics = rd.read_json(run_dir / rd.METRICS_FILE)
+    if own:
+        rd.write_metrics(out_dir, {**train_metrics, "evaluation": metrics})
+    else:
+        rd.write_metrics(out_dir, {"model": str(run_dir), "evaluation": metrics})
+    rd.atomic_write_text(out_dir / CLASS_REPORT_FILE, classification_report_csv(metrics))
+    rd.atomic_write_text(out_dir / PREDICTIONS_FILE, predictions_csv(scored, probs, meta.labels))
+    drawn = _draw(out_dir / PLOTS_DIR, run_dir, metrics, scored, probs, raw, meta.labels, dataset if own else None,
+                  selection, cfg, classifier)
+    notes = [n for n in train_metrics.get("notes", [])] + [f"{f.level}: {f.path}: {f.reason}" for f in dataset.findings]
+    notes += metrics["notes"] + [f"not scored: {s['path']}: {s['reason']}" for s in metrics["skipped"]]
+    config_path = run_dir / rd.CONFIG_FILE
+    report = ReportData(
+        title=f"{run_dir.resolve().name}: {meta.backbone}",
+        subtitle=f"{len(meta.labels)} classes · scored on the {split} split of "
+                 f"{_config_data(run_dir) if own else selection.source} · {classifier.backend} backend",
+        metrics=metrics, train=train_metrics, plots=drawn["plots"], mistakes=drawn["mistakes"], notes=notes,
+        config_text=config_path.read_text() if config_path.is_file() else "", versions=meta.versions)
+    report_path = out_dir / REPORT_FILE
+    rd.atomic_write_text(report_path, build_html(report))
+    if own:
+        meta_json = json.loads((run_dir / META_FILE).read_text())
+        card = model_card(run_dir.resolve().name, meta_json, train_metrics, metrics, _config_data(run_dir))
+        rd.atomic_write_text(out_dir / CARD_FILE, card)
+    return Evaluation(out_dir, metrics, report_path)
+
+
+def _calibrate(classifier: Classifier, run_data, labels: list[str], cfg: EvalConfig, quiet: bool, notes: list[str]):
+    """(temperature, threshold) fitted on the run's validation split; None when it has too few images."""
+    try:
+        val = select(run_data, "val", labels, allow_subset=True)
+    except DatasetError:
+        notes.append("no validation split: probabilities are not calibrated")
+        return None
+    if len(val.paths) < cfg.calibrate_min_images:
+        notes.append(f"only {len(val.paths)} validation images (fewer than {cfg.calibrate_min_images}): "
+                     f"probabilities are not calibrated and the uncertainty threshold stays as it was")
+        return None
+    scored = score(classifier, val, cfg, quiet)
+    temperature = fit_temperature(scored.logits, scored.labels)
+    threshold = choose_uncertainty_threshold(softmax(scored.logits, temperature), scored.labels)
+    return round(temperature, 4), round(threshold, 4)
+
+
+def _config_data(run_dir: Path) -> str:
+    try:
+        data, _, _ = rd.read_config(run_dir)
+        return str(data)
+    except Exception:  # an older or hand-made run without a readable config: the card says "unknown"
+        return "unknown"
+
+
+def classification_report_csv(m: dict) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["class", "precision", "recall", "f1", "support", "predicted"])
+    fmt = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731
+    for r in m["per_class"]:
+        writer.writerow([r["label"], fmt(r["precision"]), fmt(r["recall"]), fmt(r["f1"]), r["support"], r["predicted"]])
+    total = sum(r["support"] for r in m["per_class"])
+    for name in ("macro", "weighted"):
+        writer.writerow([f"{name} avg", fmt(m[name]["precision"]), fmt(m[name]["recall"]), fmt(m[name]["f1"]), total, ""])
+    writer.writerow(["accuracy", "", "", fmt(m["top1"]), total, ""])
+    return buffer.getvalue()
+
+
+def predictions_csv(scored: Scored, probs: np.ndarray, labels: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "true", "predicted", "probability", "true_probability", "loss"])
+    predicted = probs.argmax(axis=1)
+    for i, path in enumerate(scored.paths):
+        p_true = float(probs[i, scored.labels[i]])
+        writer.writerow([path, labels[scored.labels[i]], labels[predicted[i]], f"{probs[i, predicted[i]]:.6f}",
+                         f"{p_true:.6f}", f"{-math.log(max(p_true, 1e-15)):.6f}"])
+    return buffer.getvalue()
+
+
+def worst_mistakes(scored: Scored, probs: np.ndarray, limit: int) -> list[int]:
+    """Indices of wrong predictions, highest loss (lowest probability on the true class) first."""
+    wrong = np.flatnonzero(probs.argmax(axis=1) != scored.labels)
+    loss = -np.log(np.clip(probs[wrong, scored.labels[wrong]], 1e-15, 1.0))
+    return [int(i) for i in wrong[np.argsort(-loss, kind="stable")][:limit]]
+
+
+def _draw(folder: Path, run_dir: Path, m: dict, scored: Scored, probs: np.ndarray, raw: dict, labels: list[str],
+          run_dataset, selection, cfg: EvalConfig, classifier: Classifier) -> dict:
+    drawn = {
+        "training_curves": plots.training_curves(rd.read_history(run_dir), folder / "training_curves.png"),
+        "confusion_matrix": plots.confusion_matrix(np.array(m["confusion_matrix"]), labels, folder / "confusion_matrix.png"),
+        "confused_block": plots.confused_block(np.array(m["confusion_matrix"]), labels, folder / "confused_classes.png"),
+        "f1_bars": plots.f1_bars(m["per_class"], folder / "per_class_f1.png"),
+        "reliability": plots.reliability_diagram(m["reliability"], m["ece"], folder / "reliability.png",
+                                                 "calibrated" if m["temperature"] != 1.0 else "reliability"),
+        "roc": plots.roc(roc_curves(scored.labels, probs, labels), m["roc_auc"], folder / "roc.png"),
+    }
+    if m["temperature"] != 1.0:
+        drawn["reliability_uncalibrated"] = plots.reliability_diagram(raw["bins"], raw["ece"],
+                                                                      folder / "reliability_uncalibrated.png", "before calibration")
+    if run_dataset is not None:
+        table = {name: {"train": 0, "val": 0, "test": 0} for name in labels}
+        for label, split in zip(run_dataset.labels, run_dataset.splits):
+            name = run_dataset.classes[label]
+            if name in table and split >= 0:
+                table[name][("train", "val", "test")[split]] += 1
+    else:
+        table = {name: {selection.split: int((selection.labels == i).sum())} for i, name in enumerate(labels)}
+    drawn["class_distribution"] = plots.class_distribution(table, folder / "class_distribution.png")
+    mistakes = []
+    for i in worst_mistakes(scored, probs, cfg.top_losses):
+        try:
+            crop = load_for_model(scored.paths[i], classifier.preprocess)
+        except ImageDecodeError:  # changed since it was scored: leave it out of the gallery
+            continue
+        predicted = int(probs[i].argmax())
+        mistakes.append({"image": crop, "path": scored.paths[i], "true": labels[scored.labels[i]],
+                         "predicted": labels[predicted], "probability": float(probs[i, predicted]),
+                         "jpeg": _jpeg(crop)})
+    drawn["top_losses"] = plots.gallery(mistakes, folder / "top_losses.png")
+    for item in mistakes:
+        del item["image"]
+    if cfg.gradcam_images > 0:
+        drawn.update(_gradcam(folder, run_dir, scored, probs, labels, cfg.gradcam_images))
+    return {"plots": {k: v for k, v in drawn.items() if v is not None}, "mistakes": mistakes}
+
+
+def _gradcam(folder: Path, run_dir: Path, scored: Scored, probs: np.ndarray, labels: list[str], n: int) -> dict:
+    """Grad-CAM grids of right predictions (one per class, round robin) and of the worst mistakes."""
+    from visiontune.explain.render import grid_png
+    from visiontune.explain.runner import explain_sources, load_explainer
+
+    predicted = probs.argmax(axis=1)
+    right = [int(i) for i in np.flatnonzero(predicted == scored.labels)]
+    by_class: dict[int, list[int]] = {}
+    for i in right:
+        by_class.setdefault(int(scored.labels[i]), []).append(i)
+    picked: list[int] = []
+    while len(picked) < min(n, len(right)):
+        for members in by_class.values():
+            if members and len(picked) < n:
+                picked.append(members.pop(0))
+    explainer = load_explainer(run_dir)
+    drawn = {}
+    for name, indices in (("gradcam_right", picked), ("gradcam_wrong", worst_mistakes(scored, probs, n))):
+        if not indices:
+            continue
+        result = explain_sources(explainer, [scored.paths[i] for i in indices])
+        captions = [f"true: {labels[scored.labels[i]]}" for i in indices]
+        drawn[name] = grid_png(result.explanations, folder / f"{name}.png", columns=min(len(indices), 6),
+                               captions=captions[:len(result.explanations)])
+    return drawn
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    image = Image.fromarray(rgb)
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()

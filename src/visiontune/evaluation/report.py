@@ -1,0 +1,178 @@
+"""report.html: one self-contained page (pictures embedded as data URIs, inline CSS and JS, a content
+security policy that forbids any network request) that a user opens from disk."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+TEMPLATES = "visiontune.evaluation.templates"
+
+# (section id, title, plot names shown in it)
+PLOT_SECTIONS = [
+    ("training", "Training", ["training_curves"]),
+    ("data", "Data", ["class_distribution"]),
+    ("errors", "Where it fails", ["confusion_matrix", "confused_block", "f1_bars"]),
+    ("calibration", "Calibration", ["reliability", "reliability_uncalibrated"]),
+    ("roc", "ROC", ["roc"]),
+    ("gradcam", "What the model looks at (Grad-CAM)", ["gradcam_right", "gradcam_wrong"]),
+]
+
+
+@dataclass
+class ReportData:
+    title: str
+    subtitle: str
+    metrics: dict  # the evaluation (compute_metrics output plus split, temperature, ...)
+    train: dict = field(default_factory=dict)  # the run's training metrics (time, images per split)
+    plots: dict[str, Path] = field(default_factory=dict)
+    mistakes: list[dict] = field(default_factory=list)  # jpeg (bytes), true, predicted, probability, path
+    notes: list[str] = field(default_factory=list)
+    config_text: str = ""
+    versions: dict = field(default_factory=dict)
+
+
+def template(name: str) -> str:
+    return resources.files(TEMPLATES).joinpath(name).read_text(encoding="utf-8")
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _num(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _cards(d: ReportData) -> str:
+    m = d.metrics
+    cards = [("top-1", _pct(m["top1"]))]
+    cards += [(f"top-{k}", _pct(m[f"top{k}"])) for k in (3, 5) if f"top{k}" in m]
+    cards += [("balanced accuracy", _pct(m["balanced_accuracy"])), ("macro F1", _pct(m["macro"]["f1"])),
+              ("ECE", _num(m["ece"])), ("log loss", _num(m["log_loss"])),
+              (f"{m['split']} images", str(m["images"]))]
+    if d.train.get("train_seconds") is not None:
+        cards.append(("train time", f"{d.train['train_seconds']:.0f} s"))
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><div class="v">{html.escape(v)}</div><div class="k">{html.escape(k)}</div></div>'
+        for k, v in cards) + "</div>"
+
+
+def _img(path: Path, alt: str) -> str:
+    return f'<img class="plot" alt="{html.escape(alt)}" src="{data_uri(Path(path).read_bytes(), "image/png")}">'
+
+
+def _plots(d: ReportData, names: list[str]) -> str:
+    shown = [_img(d.plots[n], n.replace("_", " ")) for n in names if d.plots.get(n)]
+    return f'<div class="plots">{"".join(shown)}</div>' if shown else ""
+
+
+def _per_class_table(m: dict) -> str:
+    head = "".join(f'<th class="{c}">{t}</th>' for t, c in (("class", ""), ("precision", "n"), ("recall", "n"),
+                                                            ("F1", "n"), ("support", "n"), ("predicted", "n"),
+                                                            ("ROC AUC", "n")))
+    auc = m["roc_auc"]["per_class"]
+    rows = []
+    for r in m["per_class"]:
+        cells = [f"<td>{html.escape(r['label'])}</td>"]
+        for key in ("precision", "recall", "f1"):
+            cells.append(f'<td class="n" data-v="{"" if r[key] is None else r[key]}">{_num(r[key])}</td>')
+        cells.append(f'<td class="n">{r["support"]}</td><td class="n">{r["predicted"]}</td>')
+        a = auc.get(r["label"])
+        cells.append(f'<td class="n" data-v="{"" if a is None else a}">{_num(a)}</td>')
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    avg = "".join(f"<tr class='muted'><td>{name} average</td>" + "".join(
+        f'<td class="n">{_num(m[name][k])}</td>' for k in ("precision", "recall", "f1")) + "<td></td><td></td><td></td></tr>"
+        for name in ("macro", "weighted"))
+    return (f'<p class="muted">Click a column to sort. Precision of a class never predicted is 0; a class with '
+            f'no {m["split"]} images has no recall or F1 and is left out of the macro average.</p>'
+            f'<table class="sortable" id="per-class"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody>'
+            f'</table><table><tbody>{avg}</tbody></table>')
+
+
+def _confused_table(m: dict) -> str:
+    if not m["most_confused"]:
+        return "<p>No confusions: every image was classified correctly.</p>"
+    rows = "".join(f"<tr><td>{html.escape(p['true'])}</td><td>{html.escape(p['predicted'])}</td>"
+                   f"<td class='n'>{p['count']}</td><td class='n'>{p['share_of_true']:.0%}</td></tr>"
+                   for p in m["most_confused"])
+    return ("<h3>Most confused pairs</h3><table><thead><tr><th>true class</th><th>predicted as</th>"
+            f"<th class='n'>images</th><th class='n'>share of the class</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def _mistakes(d: ReportData) -> str:
+    if not d.mistakes:
+        return "<p>No mistakes to show.</p>"
+    figures = []
+    for item in d.mistakes:
+        figures.append(
+            f'<figure class="mistake"><img alt="{html.escape(Path(item["path"]).name)}" '
+            f'src="{data_uri(item["jpeg"], "image/jpeg")}"><figcaption>'
+            f'<div class="true">true: {html.escape(item["true"])}</div>'
+            f'<div class="pred">predicted: {html.escape(item["predicted"])} ({item["probability"]:.0%})</div>'
+            f'<div class="muted">{html.escape(Path(item["path"]).name)}</div></figcaption></figure>')
+    return (f'<p class="muted">The {len(d.mistakes)} wrong predictions with the highest loss '
+            f'(the lowest probability on the true class).</p><div class="gallery">{"".join(figures)}</div>')
+
+
+def _calibration_text(m: dict) -> str:
+    t = m.get("temperature")
+    parts = [f"Expected calibration error {m['ece']:.3f} over {len(m['reliability'])} confidence bins."]
+    if t is not None and t != 1.0:
+        parts.append(f"Probabilities are divided by a temperature of {t:.3f} fitted on validation "
+                     f"(ECE without it: {m.get('ece_uncalibrated', float('nan')):.3f}); every later consumer "
+                     f"(predict, serve, export) applies it.")
+    if m.get("uncertainty_threshold") is not None:
+        parts.append(f"Predictions whose top probability is below {m['uncertainty_threshold']:.3f} are marked "
+                     f"uncertain (chosen on validation).")
+    return "<p>" + " ".join(html.escape(p) for p in parts) + "</p>"
+
+
+def _data_section(d: ReportData) -> str:
+    images = d.train.get("images") or {}
+    counts = ", ".join(f"{k} {v}" for k, v in images.items())
+    text = f"<p>Images per split: {html.escape(counts)}.</p>" if counts else ""
+    if d.notes:
+        text += "<h3>Notes and findings</h3><ul class='notes'>" + "".join(
+            f"<li>{html.escape(n)}</li>" for n in d.notes) + "</ul>"
+    return text
+
+
+def build_html(d: ReportData) -> str:
+    from visiontune import __version__
+
+    m = d.metrics
+    sections = [("summary", "Summary", _cards(d))]
+    for sid, title, names in PLOT_SECTIONS:
+        body = _plots(d, names)
+        if sid == "data":
+            body = _data_section(d) + body
+        elif sid == "errors":
+            body += _confused_table(m)
+        elif sid == "calibration":
+            body = _calibration_text(m) + body
+        elif sid == "gradcam" and body:
+            body = ("<p>Heat maps of the last feature map before pooling, for the predicted class: first right "
+                    "predictions (one per class), then the worst mistakes.</p>") + body
+        if body:
+            sections.append((sid, title, body))
+    sections.insert(3, ("classes", "Per-class metrics", _per_class_table(m)))
+    sections.append(("mistakes", "Worst mistakes", _mistakes(d)))
+    config = f"<pre>{html.escape(d.config_text)}</pre>" if d.config_text else ""
+    versions = ", ".join(f"{k} {v}" for k, v in d.versions.items())
+    sections.append(("config", "Settings", config + (f"<p class='muted'>{html.escape(versions)}</p>" if versions else "")))
+    body = "\n".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>'
+                     for sid, title, content in sections)
+    nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
+    return Template(template("report.html")).substitute(
+        title=html.escape(d.title), subtitle=html.escape(d.subtitle), nav=nav, body=body, css=template("report.css"),
+        js=template("report.js"), version=__version__, date=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))

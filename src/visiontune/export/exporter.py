@@ -1,0 +1,266 @@
+"""`visiontune export RUN`: write RUN/export/<file>, but only once it has passed its parity check.
+
+Reference logits come from the run's own PyTorch model on the run's test images (eval crop, the same
+function training evaluated with). fp32 ONNX and TorchScript must match them to float rounding; fp16 must
+keep their direction; INT8 must pick the same class as fp32 ONNX on nearly every image. Results go to
+RUN/export/parity.json, pass or fail, and a failed export writes no model file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from visiontune.config import ExportConfig
+from visiontune.data.index import SPLITS, load_dataset
+from visiontune.data.loader import load_for_model
+from visiontune.data.transforms import normalize
+from visiontune.errors import ConfigError, ExportError, ImageDecodeError, ModelError
+from visiontune.export import parity
+from visiontune.export.onnx import INPUT, embed_metadata, serialize, to_onnx
+from visiontune.models.bundle import ModelMeta, load_bundle
+
+FORMATS = ("onnx", "torchscript")
+PRECISIONS = ("fp32", "fp16", "int8")
+EXPORT_DIR = "export"
+PARITY_FILE = "parity.json"
+FILES = {("onnx", "fp32"): "model.onnx", ("onnx", "fp16"): "model.fp16.onnx", ("onnx", "int8"): "model.int8.onnx",
+         ("torchscript", "fp32"): "model.torchscript.pt"}
+_BATCH = 16
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    precision: str
+    parity: dict
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        p = self.parity
+        size = self.path.stat().st_size / 2**20
+        line = f"wrote {self.path} ({size:.1f} MiB, {self.seconds:.0f} s); parity on {p['images']} images: "
+        if self.precision == "int8":
+            line += f"top-1 agreement with fp32 {p['top1_agreement']:.2%}"
+            if "accuracy_change_points" in p:
+                line += (f", test accuracy {p['reference_accuracy']:.2%} -> {p['accuracy']:.2%} "
+                         f"({p['accuracy_change_points']:+.2f} points)")
+        else:
+            line += f"max |diff| {p['max_abs_diff']:.2e}, min cosine {p['min_cosine']:.6f}"
+        return line
+
+
+def export_run(run: str | Path, format: str = "onnx", precision: str = "fp32", *, config: ExportConfig | None = None,
+               int8_agreement: float | None = None, quiet: bool = True) -> ExportResult:
+    """Export a run directory; returns where the file went and its parity numbers. Raises ExportError
+    (nothing written but parity.json) when the export does not match the trained model."""
+    cfg = config or ExportConfig()
+    if format not in FORMATS:
+        raise ConfigError(f"format {format!r}: choose one of {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if format == "torchscript" and precision != "fp32":
+        raise ConfigError(f"TorchScript export is fp32 only (asked for {precision}); use --format onnx for {precision}")
+    agreement = cfg.int8_agreement if int8_agreement is None else float(int8_agreement)
+    if not 0.0 <= agreement <= 1.0:
+        raise ConfigError(f"INT8 agreement threshold must be between 0 and 1, got {agreement}")
+    run = Path(run)
+    if not run.is_dir():
+        raise ModelError(f"{run}: no such run folder")
+    start = time.perf_counter()
+    say = (lambda msg: None) if quiet else (lambda msg: print(f"export: {msg}", file=sys.stderr, flush=True))
+    model, meta = load_bundle(run)
+    metrics = _read_json(run / "metrics.json")
+    images = _RunImages(run, meta, cfg)
+    say(f"{len(images.parity_crops)} {images.parity_split} images for the parity check")
+    reference = _torch_logits(model, images.parity_batches())
+    target = run / EXPORT_DIR / FILES[format, precision]
+    info = {"format": format, "precision": precision, "file": target.name, "source_run": str(run.resolve()),
+            "versions": _versions()}
+    notes: list[str] = []
+
+    if format == "torchscript":
+        from visiontune.export.torchscript import to_torchscript
+
+        data = to_torchscript(model, meta)
+        result = parity.check_close("TorchScript", parity.compare(reference, _torchscript_logits(data, images),
+                                                                    images.parity_labels),
+                                    atol=cfg.fp32_atol, cosine=cfg.fp32_cosine)
+        _finish(run, target, result)
+        _atomic_write(target, data)
+        return ExportResult(target, format, precision, result, time.perf_counter() - start, notes)
+
+    say("tracing to ONNX (fp32)")
+    fp32 = serialize(to_onnx(model, meta.preprocess.input_size, opset=cfg.opset))
+    fp32_logits = _onnx_logits(fp32, images)
+    fp32_result = parity.check_close("ONNX fp32", parity.compare(reference, fp32_logits, images.parity_labels),
+                                     atol=cfg.fp32_atol, cosine=cfg.fp32_cosine)
+    if precision == "fp32":
+        data, result = fp32, fp32_result
+    else:
+        if not fp32_result["passed"]:  # a broken fp32 graph would make any lower precision meaningless
+            _finish(run, target, dict(fp32_result, stage="fp32 graph the lower precision starts from"))
+        if precision == "fp16":
+            say("tracing to ONNX (fp16)")
+            data = serialize(to_onnx(model, meta.preprocess.input_size, half=True, opset=cfg.opset))
+            result = parity.check_cosine("ONNX fp16", parity.compare(reference, _onnx_logits(data, images),
+                                                                     images.parity_labels), cosine=cfg.fp16_cosine)
+        else:
+            from visiontune.export.quantize import quantize_int8
+
+            calibration = images.calibration_batches()
+            n_cal = sum(len(b) for b in calibration)
+            say(f"calibrating INT8 on {n_cal} training images")
+            data = quantize_int8(fp32, calibration, input_name=INPUT, per_channel=cfg.per_channel,
+                                 quant_format=cfg.quant_format, method=cfg.calibration_method)
+            result = parity.check_agreement("ONNX INT8", parity.compare(fp32_logits, _onnx_logits(data, images),
+                                                                        images.parity_labels), agreement=agreement)
+            result["vs_pytorch"] = parity.compare(reference, _onnx_logits(data, images), images.parity_labels)
+            info["int8"] = {"calibration_images": n_cal, "method": cfg.calibration_method,
+                            "per_channel": cfg.per_channel, "quant_format": cfg.quant_format,
+                            "activations": "uint8", "weights": "int8"}
+    result["reference"] = "onnx fp32" if precision == "int8" else "pytorch"
+    result["split"] = images.parity_split
+    _finish(run, target, result)
+    info["parity"] = {k: v for k, v in result.items() if k != "vs_pytorch"}
+    proto = embed_metadata(_load_proto(data), meta, metrics, info)
+    _atomic_write(target, serialize(proto))
+    return ExportResult(target, format, precision, result, time.perf_counter() - start, notes)
+
+
+class _RunImages:
+    """The run's own images, eval-cropped: a test sample for parity, a training sample for calibration."""
+
+    def __init__(self, run: Path, meta: ModelMeta, cfg: ExportConfig):
+        split_file = run / "split.csv"
+        if not split_file.is_file():
+            raise ExportError(f"{run}: split.csv is missing; the parity check needs the run's own images")
+        self.meta, self.cfg = meta, cfg
+        self.dataset = load_dataset(split_file)
+        names = list(self.dataset.classes)
+        # The manifest's class order is its own; map every label through the model's labels.
+        self.to_model = np.array([meta.labels.index(n) if n in meta.labels else -1 for n in names])
+        rng = np.random.default_rng(cfg.seed)
+        self.parity_split, idx = self._pick(("test", "val", "train"), cfg.parity_images, rng)
+        crops, keep = self._load(idx)
+        if not len(crops):
+            raise ExportError(f"{split_file}: none of the {self.parity_split} images could be read for the parity check")
+        self.parity_crops = crops
+        self.parity_labels = self.to_model[self.dataset.labels[keep]]
+        self._rng = rng
+
+    def _pick(self, order, limit: int, rng) -> tuple[str, np.ndarray]:
+        for name in order:
+            idx = np.flatnonzero(self.dataset.splits == SPLITS.index(name))
+            if len(idx):
+                if limit and len(idx) > limit:
+                    idx = np.sort(rng.choice(idx, limit, replace=False))
+                return name, idx
+        raise ExportError(f"{self.dataset.source}: lists no images")
+
+    def _load(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def one(i):
+            try:
+                return load_for_model(self.dataset.abspath(int(i)), self.meta.preprocess)
+            except ImageDecodeError:
+                return None
+
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            loaded = list(pool.map(one, idx))
+        keep = np.array([i for i, c in zip(idx, loaded) if c is not None], dtype=np.int64)
+        crops = [c for c in loaded if c is not None]
+        size = self.meta.preprocess.input_size
+        return (np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)), keep
+
+    def parity_batches(self) -> list[np.ndarray]:
+        return _batches(self.parity_crops, self.meta)
+
+    def calibration_batches(self) -> list[np.ndarray]:
+        _, idx = self._pick(("train", "val", "test"), self.cfg.calibration_images, self._rng)
+        crops, _ = self._load(idx)
+        return _batches(crops, self.meta)
+
+
+def _batches(crops: np.ndarray, meta: ModelMeta) -> list[np.ndarray]:
+    return [normalize(crops[i:i + _BATCH], meta.preprocess) for i in range(0, len(crops), _BATCH)]
+
+
+def _torch_logits(model, batches: list[np.ndarray]) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return np.concatenate([model(torch.from_numpy(b)).float().numpy() for b in batches])
+
+
+def _onnx_logits(data: bytes, images: _RunImages) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {INPUT: b})[0] for b in images.parity_batches()]).astype(np.float32)
+
+
+def _torchscript_logits(data: bytes, images: _RunImages) -> np.ndarray:
+    import io
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    with torch.inference_mode():
+        return np.concatenate([module(torch.from_numpy(b)).float().numpy() for b in images.parity_batches()])
+
+
+def _load_proto(data: bytes):
+    import onnx
+
+    return onnx.load_from_string(data)
+
+
+def _finish(run: Path, target: Path, result: dict) -> None:
+    """Record the result in parity.json (kept per file), then refuse to go on if it failed."""
+    folder = run / EXPORT_DIR
+    folder.mkdir(exist_ok=True)
+    record = _read_json(folder / PARITY_FILE)
+    record[target.name] = result
+    _atomic_write(folder / PARITY_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    parity.raise_if_failed(target.name, result, str(target))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    from visiontune import __version__
+
+    return {"visiontune": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}

@@ -1,0 +1,316 @@
+"""One classifier API over PyTorch, TorchScript and ONNX Runtime.
+
+Images reach the model through `data.loader.load_for_model`, the function training evaluates with, so a
+prediction sees exactly the pixels validation saw. Probabilities are softmax(logits / temperature), with
+the temperature and the "uncertain" threshold that evaluation stores in model.json.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from visiontune.config import InferenceConfig
+from visiontune.data.decode import ImageSource
+from visiontune.data.loader import load_for_model, load_resized
+from visiontune.data.transforms import Preprocess, center_crop, normalize
+from visiontune.errors import ConfigError, ImageDecodeError, ModelError
+from visiontune.inference.backends import OnnxBackend, TorchBackend, default_threads, load_torchscript
+from visiontune.models.bundle import META_FILE, WEIGHTS_FILE, ModelMeta
+
+BACKENDS = ("torch", "onnx")
+ONNX_SUFFIXES = (".onnx",)
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".jit")
+EXPORTED_ONNX = Path("export") / "model.onnx"
+
+
+@dataclass
+class Prediction:
+    """One image's answer; `error` is set (and the rest empty) when the image could not be read."""
+
+    source: str
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    entropy: float | None = None  # of the full distribution, in nats
+    uncertain: bool | None = None  # top probability below the model's threshold
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.top_k[0][0] if self.top_k else None
+
+    @property
+    def probability(self) -> float | None:
+        return self.top_k[0][1] if self.top_k else None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "label": self.label, "probability": self.probability,
+                "top_k": [{"label": name, "probability": p} for name, p in self.top_k],
+                "entropy": self.entropy, "uncertain": self.uncertain, "error": self.error}
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def describe_source(source: ImageSource, index: int) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return f"<{type(source).__name__} #{index}>"
+
+
+class Classifier:
+    """Load with `Classifier.load(path)`; call `predict`, `probabilities` or `logits`."""
+
+    def __init__(self, engine, meta: ModelMeta, *, path: Path | None, backend: str,
+                 metrics: dict | None = None, batch_size: int = InferenceConfig.batch_size):
+        self.engine = engine
+        self.meta = meta
+        self.labels: list[str] = list(meta.labels)
+        self.preprocess: Preprocess = meta.preprocess
+        self.path = path
+        self.backend = backend
+        self.metrics = metrics or {}
+        self.batch_size = max(1, int(batch_size))
+        calibration = meta.extra.get("calibration") or {}
+        uncertainty = meta.extra.get("uncertainty") or {}
+        self.temperature: float = float(calibration.get("temperature", 1.0))
+        self.threshold: float = float(uncertainty.get("threshold", InferenceConfig.threshold))
+        self._explainer = None  # built on the first `explain`, kept for the next with the same method and layer
+        self._explainer_key: tuple | None = None
+
+    def __repr__(self) -> str:
+        return f"Classifier({str(self.path)!r}, backend={self.backend!r}, classes={len(self.labels)})"
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | Path, backend: str | None = None, *, threads: int = InferenceConfig.threads,
+             batch_size: int = InferenceConfig.batch_size) -> "Classifier":
+        """A run directory, a .onnx file or a TorchScript file.
+
+        backend: "torch" or "onnx". Defaults: "onnx" for a .onnx file, "torch" for a run directory (where
+        "onnx" uses export/model.onnx if present, else exports fp32 in memory).
+        """
+        if backend is not None and backend not in BACKENDS:
+            raise ConfigError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        path = Path(path)
+        if path.is_file() and path.name in (META_FILE, WEIGHTS_FILE):
+            path = path.parent  # pointing at a bundle's file means the bundle
+        if path.is_dir():
+            return cls._load_run(path, backend, threads, batch_size)
+        if not path.exists():
+            raise ModelError(f"{path}: no such model file or run folder")
+        if not path.is_file():
+            raise ModelError(f"{path}: not a regular file")
+        kind = _file_kind(path)
+        if kind == "onnx":
+            if backend == "torch":
+                raise ConfigError(f"{path}: an ONNX file runs with backend 'onnx' only")
+            engine = OnnxBackend(path, str(path), threads)
+            from visiontune.export.metadata import read_metadata
+
+            meta, metrics, _ = read_metadata(engine.metadata, str(path))
+            return cls(engine, meta, path=path, backend="onnx", metrics=metrics, batch_size=batch_size)
+        if backend == "onnx":
+            raise ConfigError(f"{path}: a TorchScript file runs with backend 'torch' only")
+        module, text = load_torchscript(path)
+        if not text:
+            raise ModelError(f"{path}: a TorchScript model, but not a visiontune one (no model.json inside); "
+                             f"export it with `visiontune export RUN --format torchscript`")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{path}: damaged model.json inside the TorchScript file ({exc})") from None
+        meta = ModelMeta.from_dict(data, f"{path}:model.json")
+        return cls(TorchBackend(module, str(path)), meta, path=path, backend="torch", batch_size=batch_size)
+
+    @classmethod
+    def _load_run(cls, run: Path, backend: str | None, threads: int, batch_size: int) -> "Classifier":
+        from visiontune.models.bundle import load_bundle, read_meta
+
+        metrics = _read_metrics(run)
+        if backend == "onnx":
+            meta = read_meta(run)  # the run's model.json is newer than any export (calibration is added later)
+            exported = run / EXPORTED_ONNX
+            if exported.is_file():
+                engine = OnnxBackend(exported, str(exported), threads)
+            else:
+                from visiontune.export.onnx import serialize, to_onnx
+
+                model, meta = load_bundle(run)
+                engine = OnnxBackend(serialize(to_onnx(model, meta.preprocess.input_size)), f"{run} (in memory)", threads)
+            return cls(engine, meta, path=run, backend="onnx", metrics=metrics, batch_size=batch_size)
+        model, meta = load_bundle(run)
+        if threads > 0:
+            import torch
+
+            torch.set_num_threads(default_threads(threads))
+        return cls(TorchBackend(model, str(run)), meta, path=run, backend="torch", metrics=metrics, batch_size=batch_size)
+
+    # ----------------------------------------------------------------- numbers
+    def logits(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 N x S x S x 3 eval crops (`load_for_model` output) -> float32 N x C raw logits."""
+        crops = np.asarray(crops)
+        if crops.ndim == 3:
+            crops = crops[None]
+        size = self.preprocess.input_size
+        if crops.ndim != 4 or crops.shape[1:] != (size, size, 3):
+            raise ConfigError(f"expected N x {size} x {size} x 3 crops for this model, got shape {tuple(crops.shape)}")
+        if len(crops) == 0:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        out = [self.engine(normalize(crops[i:i + self.batch_size], self.preprocess))
+               for i in range(0, len(crops), self.batch_size)]
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def probabilities(self, crops: np.ndarray) -> np.ndarray:
+        """softmax(logits / temperature), float32 N x C."""
+        return softmax(self.logits(crops), self.temperature)
+
+    # ----------------------------------------------------------------- images
+    def predict(self, images: ImageSource | Sequence[ImageSource], top_k: int = InferenceConfig.top_k,
+                tta: bool = False, *, workers: int = InferenceConfig.decode_workers) -> list[Prediction]:
+        """Paths, bytes, PIL images or H x W x 3 arrays (one, or a list) -> one Prediction each, in order.
+
+        An image that cannot be read gets a Prediction with `error` set; the others are still predicted.
+        """
+        return list(self.iter_predict(_as_list(images), top_k=top_k, tta=tta, workers=workers))
+
+    def iter_predict(self, images: Iterable[ImageSource], top_k: int = InferenceConfig.top_k, tta: bool = False,
+                     *, workers: int = InferenceConfig.decode_workers) -> Iterator[Prediction]:
+        """Like `predict`, streaming: decodes a few batches ahead, so memory stays flat on large folders."""
+        if top_k < 1:
+            raise ConfigError(f"top_k must be at least 1, got {top_k}")
+        top_k = min(top_k, len(self.labels))
+        load = self._tta_views if tta else self._one_view
+        chunk = self.batch_size * 4
+        pool = None  # started only when there is more than one image to decode at a time
+        try:
+            pending: list[tuple[str, ImageSource]] = []
+            for index, source in enumerate(images):
+                pending.append((describe_source(source, index), source))
+                if len(pending) == chunk:
+                    pool = pool or ThreadPoolExecutor(max_workers=default_threads(workers))
+                    yield from self._predict_chunk(pending, pool, load, top_k)
+                    pending = []
+            if pending:
+                if len(pending) > 1 and default_threads(workers) > 1:
+                    pool = pool or ThreadPoolExecutor(max_workers=default_threads(workers))
+                yield from self._predict_chunk(pending, pool, load, top_k)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+
+    def _predict_chunk(self, items, pool, load, top_k) -> list[Prediction]:
+        decode = lambda item: _try(load, item[1])  # noqa: E731
+        decoded = list(pool.map(decode, items)) if pool is not None else [decode(item) for item in items]
+        views = [d for d in decoded if isinstance(d, np.ndarray)]
+        probs = iter([])
+        if views:
+            counts = [len(v) for v in views]
+            p = self.probabilities(np.concatenate(views))
+            # TTA: the views of one image are averaged in probability space.
+            probs = iter((np.add.reduceat(p, np.cumsum([0, *counts[:-1]])) / np.asarray(counts)[:, None]).astype(np.float32))
+        results = []
+        for (where, _), d in zip(items, decoded):
+            if isinstance(d, str):
+                results.append(Prediction(where, error=d))
+                continue
+            results.append(self._prediction(where, next(probs), top_k))
+        return results
+
+    def _prediction(self, where: str, p: np.ndarray, top_k: int) -> Prediction:
+        order = np.argsort(-p, kind="stable")[:top_k]
+        top = [(self.labels[i], float(p[i])) for i in order]
+        entropy = float(entropy_of(p[None])[0])
+        return Prediction(where, top, entropy, bool(top[0][1] < self.threshold))
+
+    def _one_view(self, source: ImageSource) -> np.ndarray:
+        return load_for_model(source, self.preprocess)[None]
+
+    def _tta_views(self, source: ImageSource) -> np.ndarray:
+        """Centre crop, its mirror, and the four corner crops of the resized image."""
+        resized = load_resized(source, self.preprocess)
+        size = self.preprocess.input_size
+        centre = center_crop(resized, size)
+        h, w = resized.shape[:2]
+        views = [centre, centre[:, ::-1]]
+        if h >= size and w >= size:
+            views += [resized[:size, :size], resized[:size, w - size:], resized[h - size:, :size],
+                      resized[h - size:, w - size:]]
+        return np.ascontiguousarray(np.stack(views))
+
+
+    # ----------------------------------------------------------------- explanations
+    def explain(self, image: ImageSource, method: str = "gradcam", target: str | int | None = None, *,
+                top_k: int = InferenceConfig.top_k, layer: str | None = None):
+        """Grad-CAM (or `method`) for one image -> `visiontune.explain.gradcam.Explanation` (heat map,
+        overlay, the model's top-k). `target`: the class to explain (default: the predicted one).
+
+        Gradients need the PyTorch model, so the classifier must come from a run directory; an exported
+        .onnx or TorchScript file raises ModelError saying so.
+        """
+        from visiontune.explain.runner import load_explainer
+
+        key = (method, layer)
+        if self._explainer_key != key:
+            if self.path is None or not Path(self.path).is_dir():
+                raise ModelError(f"{self.path}: Grad-CAM needs the gradients of the PyTorch model; load the run "
+                                 f"directory (the folder with model.safetensors and model.json), not an exported file")
+            self._explainer, self._explainer_key = load_explainer(self.path, method, layer), key
+        explainer = self._explainer
+        explainer.temperature = self.temperature
+        crop = load_for_model(image, self.preprocess)[None]
+        return explainer.explain(crop, [explainer.target_index(target)], top_k=min(top_k, len(self.labels)),
+                                 sources=[describe_source(image, 0)])[0]
+
+
+def _try(load, source: ImageSource) -> np.ndarray | str:
+    try:
+        return load(source)
+    except ImageDecodeError as exc:
+        return exc.reason
+    except TypeError as exc:  # an object that is not an image source at all
+        return str(exc)
+
+
+def _as_list(images) -> list:
+    if isinstance(images, (str, Path, bytes, bytearray, memoryview, Image.Image)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return [images] if images.ndim in (2, 3) else list(images)
+    return list(images)
+
+
+def _file_kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        return "onnx"
+    if suffix in TORCHSCRIPT_SUFFIXES:
+        return "torchscript"
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return "torchscript" if head == b"PK\x03\x04" else "onnx"
+
+
+def _read_metrics(run: Path) -> dict:
+    try:
+        return json.loads((run / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def entropy_of(p: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of each row of a probability matrix."""
+    return -np.sum(p * np.log(np.clip(p, 1e-12, 1.0)), axis=1)

@@ -1,0 +1,119 @@
+"""`visiontune predict` and `visiontune bench` as a user runs them: real model files, real photos."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+
+import pytest
+
+import visiontune
+from deploy_run import copy_run
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A lone fp32 .onnx file (the fastest engine to start in a fresh process) plus its run."""
+    run = copy_run(tmp_path_factory, "predict")
+    visiontune.export(run)
+    return run / "export" / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def album(tmp_path_factory, photos):
+    """A user's folder: good photos in nested folders, one truncated JPEG and one text file."""
+    root = tmp_path_factory.mktemp("album")
+    for i, p in enumerate(photos["daisy"][10:12] + photos["tulips"][10:12]):
+        target = root / ("garden" if i % 2 else "park") / p.name
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy(p, target)
+    (root / "park" / "broken.jpg").write_bytes(photos["roses"][10].read_bytes()[:2000])
+    (root / "notes.txt").write_text("shopping list")
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json", "jsonl"])
+def test_predict_formats_on_a_folder_with_bad_files(cli, model, album, untouched, fmt):
+    with untouched(album):
+        done = cli("predict", model, album, "--format", fmt, "--top-k", "2")
+    assert done.returncode == 0, done.stderr
+    skipped = sorted(line for line in done.stderr.splitlines() if line.startswith("skipped: "))
+    assert len(skipped) == 2
+    assert skipped[0].startswith(f"skipped: {album / 'notes.txt'}: not an image (text)")
+    assert skipped[1].startswith(f"skipped: {album / 'park' / 'broken.jpg'}: truncated or corrupt")
+    good = sorted(str(p) for p in album.rglob("*.jpg") if p.name != "broken.jpg")
+    if fmt == "table":
+        lines = done.stdout.splitlines()
+        assert lines[0].split() == ["file", "label", "prob", "next"]
+        rows = [line for line in lines[1:] if line.startswith(str(album))]
+        assert sorted(r.split()[0] for r in rows) == good
+        assert all(r.split()[1] in ("daisy", "roses", "tulips") and r.split()[2].endswith("%") for r in rows)
+        return
+    if fmt == "csv":
+        records = list(csv.DictReader(io.StringIO(done.stdout)))
+        assert list(records[0]) == ["source", "label", "probability", "label_2", "probability_2", "entropy",
+                                    "uncertain", "error"]
+    elif fmt == "json":
+        records = json.loads(done.stdout)
+    else:
+        records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(records) == 6  # every file, the unreadable ones with their reason
+    ok = [r for r in records if not r["error"]]
+    assert sorted(r["source"] for r in ok) == good
+    for r in ok:
+        assert r["label"] in ("daisy", "roses", "tulips") and 0 < float(r["probability"]) <= 1
+    if fmt != "csv":
+        assert all(len(r["top_k"]) == 2 and r["top_k"][0]["label"] == r["label"] for r in ok)
+
+
+def test_predict_globs_single_files_out_file_and_backends(cli, model, album, photos, tmp_path):
+    out = tmp_path / "predictions.jsonl"
+    run = model.parent.parent
+    done = cli("predict", run, album / "garden" / "*.jpg", photos["roses"][11], tmp_path / "nope.jpg",
+               "--format", "jsonl", "--out", out, "--backend", "onnx", "--tta")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and f"to {out}" in done.stderr
+    assert "skipped: " + str(tmp_path / "nope.jpg") + ": file not found" in done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["source"] for r in records[:3]] == [*sorted(str(p) for p in (album / "garden").glob("*.jpg")),
+                                                  str(photos["roses"][11])]
+    refused = cli("predict", model, album, "--out", album / "park" / "out.csv")
+    assert refused.returncode == 2 and "one of the inputs" in refused.stderr
+
+
+@pytest.mark.parametrize("case", ["not a model", "truncated onnx", "empty folder", "only bad images"])
+def test_predict_bad_input_is_one_line_and_exit_2(cli, model, album, tmp_path, case):
+    target, data = model, album
+    if case == "not a model":
+        target = tmp_path / "weights.onnx"
+        target.write_text("definitely not protobuf")
+    elif case == "truncated onnx":
+        target = tmp_path / "cut.onnx"
+        target.write_bytes(model.read_bytes()[:50_000])
+    elif case == "empty folder":
+        data = tmp_path / "empty"
+        data.mkdir()
+    else:
+        data = album / "notes.txt"
+    done = cli("predict", target, data)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if not line.startswith("skipped: ")]
+    assert len(errors) == 1 and errors[0].startswith("visiontune: error: ") and "Traceback" not in done.stderr
+    assert str(target if case in ("not a model", "truncated onnx") else data) in done.stderr or case == "only bad images"
+
+
+def test_bench_cli_reports_every_engine(cli, model):
+    run = model.parent.parent
+    done = cli("bench", run, "--runs", "3", "--warmup", "1", "--batch-sizes", "1,2", "--seconds", "0.05", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [e["engine"] for e in report["engines"]] == ["pytorch fp32", "onnx fp32"]  # no INT8 exported here
+    assert any("--precision int8" in n for n in report["notes"])
+    for engine in report["engines"]:
+        assert engine["tensor_ms"]["runs"] == 3 and engine["jpeg_ms"]["p50"] > 0 and engine["threads"] >= 1
+        assert set(engine["throughput"]) == {"1", "2"} and engine["best_images_per_s"] > 0
+    assert report["machine"]["cores"] >= 1
+    bad = cli("bench", run, "--batch-sizes", "x")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1

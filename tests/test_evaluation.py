@@ -1,0 +1,215 @@
+"""Evaluation end to end: a real Lite0 run on a few real photos, scored, reported, compared, and refused
+where the input is wrong."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import visiontune
+from visiontune import samples
+from visiontune.errors import ConfigError, DatasetError, ModelError
+from visiontune.evaluation import plots
+
+FAST = dict(views=1, head_epochs=3, finetune_epochs=1, seed=0, val=0.25, test=0.25)
+CLASSES = ("daisy", "roses", "tulips")
+
+
+@pytest.fixture(scope="module")
+def flowers(tmp_path_factory) -> Path:
+    """3 classes x 8 real photos from the embedded sample."""
+    root = tmp_path_factory.mktemp("data") / "flowers"
+    source = samples.path("flowers-mini")
+    for name in CLASSES:
+        (root / name).mkdir(parents=True)
+        for photo in sorted((source / name).glob("*.jpg"))[:8]:
+            shutil.copy(photo, root / name / photo.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(flowers, tmp_path_factory):
+    """A run trained (and so evaluated) by the public API."""
+    return visiontune.train(flowers, out=tmp_path_factory.mktemp("runs") / "run", **FAST)
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_training_ends_with_an_evaluation(run):
+    d = run.run_dir
+    for name in ("report.html", "MODEL_CARD.md", "classification_report.csv", "predictions.csv"):
+        assert (d / name).is_file(), name
+    for name in ("training_curves", "confusion_matrix", "per_class_f1", "class_distribution", "reliability", "roc"):
+        assert (d / "plots" / f"{name}.png").stat().st_size > 5000, name
+    metrics = json.loads((d / "metrics.json").read_text())
+    e = metrics["evaluation"]
+    assert metrics["images"]["test"] == e["images"] == 6 and e["split"] == "test"
+    # The saved model scored from scratch agrees with what training measured on its cached test features.
+    assert e["top1"] == pytest.approx(metrics["test"]["top1"])
+    assert set(e) >= {"top1", "balanced_accuracy", "log_loss", "macro", "weighted", "per_class", "confusion_matrix",
+                      "most_confused", "roc_auc", "ece", "reliability", "temperature", "uncertainty_threshold"}
+    assert "top3" not in e  # three classes: top-3 would always be 100 %
+    assert np.array(e["confusion_matrix"]).sum() == 6
+    # Six validation images are too few to fit a temperature: model.json is left alone, and the report says so.
+    assert e["temperature"] == 1.0 and any("not calibrated" in n for n in e["notes"])
+    assert "calibration" not in json.loads((d / "model.json").read_text())
+
+
+def test_report_files_agree_with_metrics(run):
+    e = run.metrics["evaluation"]
+    rows = {r["class"]: r for r in _rows(run.run_dir / "classification_report.csv")}
+    for per in e["per_class"]:
+        assert int(rows[per["label"]]["support"]) == per["support"]
+        assert float(rows[per["label"]]["f1"]) == pytest.approx(per["f1"], abs=1e-6)
+    assert float(rows["accuracy"]["f1"]) == pytest.approx(e["top1"], abs=1e-6)
+    predictions = _rows(run.run_dir / "predictions.csv")
+    assert len(predictions) == 6
+    assert np.mean([p["true"] == p["predicted"] for p in predictions]) == pytest.approx(e["top1"])
+    card = (run.run_dir / "MODEL_CARD.md").read_text()
+    assert "## Intended use" in card and f"{e['top1']:.1%}" in card and "Classifier.load" in card
+
+
+def test_torch_and_onnx_backends_score_alike(run, tmp_path):
+    torch_eval = visiontune.evaluate(run.run_dir, out=tmp_path / "torch", backend="torch", calibrate=False)
+    onnx_rows = _rows(run.run_dir / "predictions.csv")
+    torch_rows = _rows(tmp_path / "torch" / "predictions.csv")
+    assert [r["predicted"] for r in torch_rows] == [r["predicted"] for r in onnx_rows]
+    assert [float(r["probability"]) for r in torch_rows] == pytest.approx([float(r["probability"]) for r in onnx_rows], abs=1e-4)
+    assert torch_eval.metrics["backend"] == "torch"
+
+
+def test_calibration_is_stored_in_model_json(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run.run_dir, copy)
+    result = visiontune.evaluate(copy, calibrate_min_images=5)
+    stored = json.loads((copy / "model.json").read_text())
+    t = stored["calibration"]["temperature"]
+    assert t > 0 and t != 1.0 and result.metrics["temperature"] == t
+    assert stored["uncertainty"]["threshold"] == result.metrics["uncertainty_threshold"]
+    assert (copy / "plots" / "reliability_uncalibrated.png").is_file()
+    # A later consumer applies it.
+    assert visiontune.Classifier.load(copy).temperature == t
+
+
+def test_other_data_with_a_missing_class_needs_allow_subset(run, flowers, tmp_path, untouched):
+    subset = tmp_path / "subset"
+    for name in CLASSES[:2]:
+        shutil.copytree(flowers / name, subset / name)
+    with untouched(subset):
+        with pytest.raises(DatasetError, match=r"missing from the data: tulips.*--allow-subset"):
+            visiontune.evaluate(run.run_dir, data=subset)
+        result = visiontune.evaluate(run.run_dir, data=subset, allow_subset=True)
+    assert result.out_dir == run.run_dir / "evaluations" / "subset-test"
+    e = result.metrics
+    assert e["images"] == 16 and e["absent_classes"] == ["tulips"]
+    tulips = next(r for r in e["per_class"] if r["label"] == "tulips")
+    assert tulips["support"] == 0 and tulips["recall"] is None
+    assert (result.out_dir / "report.html").is_file()
+
+
+def test_unknown_classes_are_listed(run, flowers, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(flowers / "daisy", other / "daisy")
+    shutil.copytree(samples.path("flowers-mini") / "sunflowers", other / "sunflowers")
+    with pytest.raises(DatasetError, match=r"unknown to the model: sunflowers; missing from the data: roses, tulips"):
+        visiontune.evaluate(run.run_dir, data=other, allow_subset=True)
+
+
+def test_broken_run_directories_say_which_file(run, tmp_path):
+    for missing, error, message in (("model.json", ModelError, "model.json is missing"),
+                                    ("model.safetensors", ModelError, "model.safetensors"),
+                                    ("split.csv", DatasetError, "split.csv is missing")):
+        broken = tmp_path / f"no-{missing}"
+        shutil.copytree(run.run_dir, broken)
+        (broken / missing).unlink()
+        with pytest.raises(error, match=message):
+            visiontune.evaluate(broken)
+
+
+def test_compare_marks_the_best_and_refuses_other_splits(run, flowers, tmp_path):
+    second = visiontune.train(flowers, out=tmp_path / "second", head_lr=3e-3, evaluate=True, **FAST)
+    result = visiontune.compare([run.run_dir, second.run_dir], out=tmp_path / "cmp")
+    assert [f.name for f in result.files] == ["comparison.csv", "comparison.md", "comparison.html"]
+    rows = _rows(tmp_path / "cmp" / "comparison.csv")
+    assert [r["backbone"] for r in rows] == ["efficientnet_lite0"] * 2
+    assert rows[1]["settings"] == "head_lr=0.003" and rows[0]["settings"] == "head_lr=0.001"
+    top1 = [float(r["top1"]) for r in rows]
+    assert result.best["top1"] == {i for i, v in enumerate(top1) if v == max(top1)}
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert markdown.count("**") >= 2 * len(result.best)
+
+    other = tmp_path / "other-split"
+    shutil.copytree(run.run_dir, other)
+    lines = (other / "split.csv").read_text().splitlines()
+    test_row = next(i for i, line in enumerate(lines) if line.endswith(",test"))
+    lines[test_row] = lines[test_row][: -len("test")] + "val"
+    (other / "split.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="not scored on the same split"):
+        visiontune.compare([run.run_dir, other], out=tmp_path / "cmp2")
+
+
+def test_cli_evaluate_and_its_errors(run, cli, tmp_path):
+    done = cli("evaluate", run.run_dir, "--out", tmp_path / "e", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "test: 6 images  top-1" in done.stdout and f"report: {tmp_path / 'e' / 'report.html'}" in done.stdout
+    bad = cli("evaluate", tmp_path / "nowhere")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nowhere" in bad.stderr
+    one = cli("compare", run.run_dir)
+    assert one.returncode == 2 and "two or more runs" in one.stderr
+
+
+def test_many_classes_get_a_zoomed_confusion_view(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = [f"class {i}" for i in range(60)]
+    counts = np.diag(rng.integers(5, 20, 60))
+    counts[3, 7] = counts[7, 3] = 4
+    counts[10, 11] = 2
+    assert plots.confusion_matrix(counts, labels, tmp_path / "cm.png").stat().st_size > 5000
+    assert plots.confused_block(counts, labels, tmp_path / "block.png").is_file()
+    assert plots.confused_block(np.diag([3, 4]), ["a", "b"], tmp_path / "none.png") is None
+    assert list(plots.class_order(np.array([[5, 0], [3, 2]]))) == [1, 0]  # worst recall first
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (make test installs it)")
+def test_report_in_a_real_browser(run):
+    from playwright.sync_api import sync_playwright
+
+    report = run.run_dir / "report.html"
+    url = report.resolve().as_uri()
+    errors, requests = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(url)
+            assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+            assert page.locator("img").count() >= 8
+            top1 = f"{run.metrics['evaluation']['top1']:.2%}"
+            assert page.locator(".card .v").first.inner_text() == top1
+            # Sorting the per-class table by F1 puts the rows in F1 order.
+            page.locator("#per-class th", has_text="F1").click()
+            shown = page.eval_on_selector_all("#per-class tbody tr td:nth-child(4)", "cells => cells.map(c => c.dataset.v)")
+            assert [float(v) for v in shown] == sorted(float(v) for v in shown)
+            ARTIFACTS.mkdir(exist_ok=True)
+            shot = ARTIFACTS / "report.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert [r for r in requests if r != url and not r.startswith("data:")] == []
+    assert shot.stat().st_size > 50_000

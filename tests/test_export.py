@@ -1,0 +1,126 @@
+"""Export of a real trained run to ONNX (fp32, fp16, INT8) and TorchScript, with real parity checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+import visiontune
+from deploy_run import copy_run
+from visiontune.config import ExportConfig
+from visiontune.data.loader import load_for_model
+from visiontune.errors import ConfigError, ExportError, ModelError
+from visiontune.inference import Classifier
+
+# Twelve training photos and three barely-trained classes leave logits close together, so a few of the
+# six test images can flip class under INT8 rounding; real runs keep the 0.99 default.
+TINY_AGREEMENT = 0.5
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return copy_run(tmp_path_factory, "export")
+
+
+@pytest.fixture(scope="module")
+def exported(run):
+    return {"fp32": visiontune.export(run), "int8": visiontune.export(run, precision="int8", int8_agreement=TINY_AGREEMENT)}
+
+
+def test_fp32_onnx_matches_pytorch_and_records_parity(run, exported):
+    result = exported["fp32"]
+    assert result.path == run / "export" / "model.onnx"
+    parity = json.loads((run / "export" / "parity.json").read_text())["model.onnx"]
+    assert parity["passed"] and parity["reference"] == "pytorch" and parity["split"] == "test"
+    assert parity["images"] == 6 and parity["max_abs_diff"] <= 1e-4 and parity["min_cosine"] >= 0.9999
+    model = onnx.load(str(result.path))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch
+
+
+def test_onnx_file_alone_classifies_like_the_run(run, exported, tmp_path, photos):
+    lone = tmp_path / "elsewhere.onnx"
+    shutil.copy(exported["fp32"].path, lone)
+    meta = {p.key: p.value for p in onnx.load(str(lone)).metadata_props}
+    model_json = json.loads(meta["visiontune.model"])
+    assert model_json["id2label"] == {"0": "daisy", "1": "roses", "2": "tulips"}
+    assert model_json["preprocess"]["input_size"] == 224
+    assert json.loads(meta["visiontune.metrics"])["images"]["test"] == 6
+    assert json.loads(meta["visiontune.export"])["parity"]["passed"] is True
+
+    alone, torch_run = Classifier.load(lone), Classifier.load(run)
+    assert alone.backend == "onnx" and alone.labels == torch_run.labels and alone.preprocess == torch_run.preprocess
+    images = photos["daisy"][8:11] + photos["tulips"][8:10]  # photos the run never saw
+    a, b = alone.predict(images), torch_run.predict(images)
+    assert [p.label for p in a] == [p.label for p in b]
+    assert np.allclose([p.probability for p in a], [p.probability for p in b], atol=1e-5)
+
+
+def test_int8_is_static_qdq_per_channel_and_reports_accuracy_change(run, exported):
+    result = exported["int8"]
+    assert result.path == run / "export" / "model.int8.onnx"
+    assert result.path.stat().st_size < exported["fp32"].path.stat().st_size / 2.5
+    parity = json.loads((run / "export" / "parity.json").read_text())["model.int8.onnx"]
+    assert parity["reference"] == "onnx fp32" and parity["thresholds"] == {"top1_agreement": TINY_AGREEMENT}
+    for key in ("top1_agreement", "reference_accuracy", "accuracy", "accuracy_change_points", "vs_pytorch"):
+        assert key in parity
+    graph = onnx.load(str(result.path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    # Per-channel: a convolution's weight scale has one entry per output channel.
+    scales = {i.name: i for i in graph.initializer}
+    weight_scales = [scales[n.input[1]] for n in graph.node
+                     if n.op_type == "DequantizeLinear" and n.input[1] in scales and len(scales[n.input[1]].dims) == 1]
+    assert any(s.dims[0] > 1 for s in weight_scales)
+    info = json.loads({p.key: p.value for p in onnx.load(str(result.path)).metadata_props}["visiontune.export"])
+    assert info["precision"] == "int8" and info["int8"]["per_channel"] is True and info["int8"]["calibration_images"] == 12
+
+
+def test_fp16_and_torchscript_exports_load_and_agree(run, exported, photos):
+    fp16 = visiontune.export(run, precision="fp16")
+    script = visiontune.export(run, format="torchscript")
+    assert fp16.path.name == "model.fp16.onnx" and script.path.name == "model.torchscript.pt"
+    assert fp16.path.stat().st_size < exported["fp32"].path.stat().st_size * 0.6
+    record = json.loads((run / "export" / "parity.json").read_text())
+    assert set(record) == {"model.onnx", "model.int8.onnx", "model.fp16.onnx", "model.torchscript.pt"}
+    reference = Classifier.load(run)
+    crops = np.stack([load_for_model(p, reference.preprocess) for p in photos["roses"][:3]])
+    ts = Classifier.load(script.path)
+    assert ts.backend == "torch" and ts.labels == reference.labels
+    assert np.allclose(ts.logits(crops), reference.logits(crops), atol=1e-4)
+    half = Classifier.load(fp16.path)
+    assert np.allclose(half.logits(crops), reference.logits(crops), atol=0.02)
+
+
+def test_failed_parity_is_an_error_and_writes_no_model(run, exported):
+    before = exported["fp32"].path.read_bytes()
+    impossible = ExportConfig(fp32_cosine=1.5)
+    with pytest.raises(ExportError, match=r"model\.onnx failed its parity check.*min_cosine"):
+        visiontune.export(run, config=impossible)
+    assert exported["fp32"].path.read_bytes() == before  # the good earlier export is kept
+    record = json.loads((run / "export" / "parity.json").read_text())["model.onnx"]
+    assert record["passed"] is False
+    visiontune.export(run)  # a passing export puts the record right again
+    assert json.loads((run / "export" / "parity.json").read_text())["model.onnx"]["passed"] is True
+
+
+def test_bad_export_requests_are_user_errors(run, tmp_path):
+    with pytest.raises(ConfigError, match="fp32 only"):
+        visiontune.export(run, format="torchscript", precision="int8")
+    with pytest.raises(ConfigError, match="precision 'int4'"):
+        visiontune.export(run, precision="int4")
+    with pytest.raises(ModelError, match="no such run folder"):
+        visiontune.export(tmp_path / "nothing")
+    with pytest.raises(ModelError, match="model.json is missing"):
+        visiontune.export(tmp_path)
+
+
+def test_cli_export(run, cli, tmp_path):
+    done = cli("export", run, "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "model.onnx" in done.stdout and "max |diff|" in done.stdout
+    bad = cli("export", tmp_path / "missing-run")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no such run folder" in bad.stderr
