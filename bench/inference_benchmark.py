@@ -1,6 +1,6 @@
 """Inference speed and INT8 accuracy of a trained run, every engine measured side by side in one process.
 
-    .venv/bin/python bench/inference_benchmark.py --run /tmp/flowers_run --json bench/out/inference.json
+    .venv/bin/python bench/inference_benchmark.py --run bench/out/train/flower_photos-efficientnet_lite0-0 --json bench/out/inference.json
 
 What it does, in order:
 1. exports RUN/export/model.onnx and model.int8.onnx with `visiontune export` defaults (if missing);
@@ -154,7 +154,8 @@ def interleaved_latency(fns: dict[str, callable], runs: int, warmup: int, block:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="/tmp/flowers_run", help="a trained run directory")
+    parser.add_argument("--run", default=str(ROOT / "bench" / "out" / "train" / "flower_photos-efficientnet_lite0-0"),
+                        help="a trained run directory (default: the one bench/train_benchmark.py leaves)")
     parser.add_argument("--runs", type=int, default=300, help="timed batch-1 calls per engine (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32")

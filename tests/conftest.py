@@ -27,6 +27,30 @@ SAMPLE = "flowers-mini"
 SAMPLE_CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 # The console script installed next to this interpreter (the real entry point, not `python -m`).
 VISIONTUNE = Path(sys.executable).parent / "visiontune"
+# Debian's chromium, driven by Playwright (never `playwright install`); `make test` installs it.
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (make test installs it)")
+
+
+@contextmanager
+def browser_page(viewport: dict) -> Iterator[tuple[object, list[str], list[str]]]:
+    """(a page in headless chromium, the console errors it logs, the URLs it requests)."""
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport=viewport)
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("request", lambda r: requests.append(r.url))
+            ARTIFACTS.mkdir(exist_ok=True)
+            yield page, errors, requests
+        finally:
+            browser.close()
 
 
 def tree_state(*roots: Path) -> dict[str, tuple]:

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 import visiontune
+from conftest import ARTIFACTS, browser_page, needs_chromium
+from deploy_run import photos_folder
 from visiontune import samples
 from visiontune.errors import ConfigError, DatasetError, ModelError
 from visiontune.evaluation import plots
@@ -23,13 +25,7 @@ CLASSES = ("daisy", "roses", "tulips")
 @pytest.fixture(scope="module")
 def flowers(tmp_path_factory) -> Path:
     """3 classes x 8 real photos from the embedded sample."""
-    root = tmp_path_factory.mktemp("data") / "flowers"
-    source = samples.path("flowers-mini")
-    for name in CLASSES:
-        (root / name).mkdir(parents=True)
-        for photo in sorted((source / name).glob("*.jpg"))[:8]:
-            shutil.copy(photo, root / name / photo.name)
-    return root
+    return photos_folder(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +132,7 @@ def test_broken_run_directories_say_which_file(run, tmp_path):
 
 def test_compare_marks_the_best_and_refuses_other_splits(run, flowers, tmp_path):
     second = visiontune.train(flowers, out=tmp_path / "second", head_lr=3e-3, evaluate=True, **FAST)
+    visiontune.bench(second.run_dir, runs=3, warmup=1, batch_sizes=(1,), throughput_seconds=0.05)
     result = visiontune.compare([run.run_dir, second.run_dir], out=tmp_path / "cmp")
     assert [f.name for f in result.files] == ["comparison.csv", "comparison.md", "comparison.html"]
     rows = _rows(tmp_path / "cmp" / "comparison.csv")
@@ -143,6 +140,7 @@ def test_compare_marks_the_best_and_refuses_other_splits(run, flowers, tmp_path)
     assert rows[1]["settings"] == "head_lr=0.003" and rows[0]["settings"] == "head_lr=0.001"
     top1 = [float(r["top1"]) for r in rows]
     assert result.best["top1"] == {i for i, v in enumerate(top1) if v == max(top1)}
+    assert rows[0]["latency_ms"] == "" and float(rows[1]["latency_ms"]) > 0  # from the bench.json bench saved
     markdown = (tmp_path / "cmp" / "comparison.md").read_text()
     assert markdown.count("**") >= 2 * len(result.best)
 
@@ -178,38 +176,22 @@ def test_many_classes_get_a_zoomed_confusion_view(tmp_path):
     assert list(plots.class_order(np.array([[5, 0], [3, 2]]))) == [1, 0]  # worst recall first
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-
-
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (make test installs it)")
+@needs_chromium
 def test_report_in_a_real_browser(run):
-    from playwright.sync_api import sync_playwright
-
     report = run.run_dir / "report.html"
     url = report.resolve().as_uri()
-    errors, requests = [], []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM))
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(url)
-            assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
-            assert page.locator("img").count() >= 8
-            top1 = f"{run.metrics['evaluation']['top1']:.2%}"
-            assert page.locator(".card .v").first.inner_text() == top1
-            # Sorting the per-class table by F1 puts the rows in F1 order.
-            page.locator("#per-class th", has_text="F1").click()
-            shown = page.eval_on_selector_all("#per-class tbody tr td:nth-child(4)", "cells => cells.map(c => c.dataset.v)")
-            assert [float(v) for v in shown] == sorted(float(v) for v in shown)
-            ARTIFACTS.mkdir(exist_ok=True)
-            shot = ARTIFACTS / "report.png"
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+    with browser_page({"width": 1280, "height": 900}) as (page, errors, requests):
+        page.goto(url)
+        assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+        assert page.locator("img").count() >= 8
+        top1 = f"{run.metrics['evaluation']['top1']:.2%}"
+        assert page.locator(".card .v").first.inner_text() == top1
+        # Sorting the per-class table by F1 puts the rows in F1 order.
+        page.locator("#per-class th", has_text="F1").click()
+        shown = page.eval_on_selector_all("#per-class tbody tr td:nth-child(4)", "cells => cells.map(c => c.dataset.v)")
+        assert [float(v) for v in shown] == sorted(float(v) for v in shown)
+        shot = ARTIFACTS / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
     assert not errors, errors
     assert [r for r in requests if r != url and not r.startswith("data:")] == []
     assert shot.stat().st_size > 50_000

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import visiontune
-from visiontune import samples
+from deploy_run import photos_folder
 from visiontune.errors import ConfigError, DatasetError, ModelError
 from visiontune.models.bundle import load_bundle
 
@@ -23,13 +23,7 @@ FAST = dict(views=1, head_epochs=3, finetune_epochs=1, seed=0)
 @pytest.fixture(scope="module")
 def tiny_flowers(tmp_path_factory) -> Path:
     """3 classes x 8 real photos from the embedded sample."""
-    root = tmp_path_factory.mktemp("tiny") / "flowers"
-    source = samples.path("flowers-mini")
-    for name in ("daisy", "roses", "tulips"):
-        (root / name).mkdir(parents=True)
-        for photo in sorted((source / name).glob("*.jpg"))[:8]:
-            shutil.copy(photo, root / name / photo.name)
-    return root
+    return photos_folder(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from typing import Union
 import dataclasses
 
 from visiontune.config import EvalConfig, ExplainConfig, ScanConfig, SplitConfig, TrainConfig
+from visiontune.config import DistillConfig, EnsembleConfig
 from visiontune.data.index import Dataset, load_dataset
 from visiontune.data.integrity import ScanReport, scan_dataset
 from visiontune.data.split import Split, split_dataset
@@ -106,7 +107,7 @@ def train(data: PathLike | Dataset | None = None, *, out: PathLike | None = None
     label = str(dataset.source) if isinstance(data, Dataset) else str(data)
     run_dir = Path(out) if out is not None else default_run_dir(label, cfg.model)
     result = train_dataset(dataset, cfg, run_dir, data_label=label, root=str(root) if root else None,
-                           quiet=quiet, overwrite=overwrite)
+                           quiet=quiet, overwrite=overwrite, teacher=_teacher(cfg))
     return _evaluate_after_training(result, cfg, quiet)
 
 
@@ -130,7 +131,8 @@ def _resume(run_dir: Path, quiet: bool):
         raise ConfigError(f"{run_dir}: nothing to resume ({'the run finished' if finished else 'no checkpoint was written yet'})")
     data, root, cfg = read_config(run_dir)
     dataset = load_dataset(data, root=root)
-    result = train_dataset(dataset, cfg, run_dir, data_label=data, root=root, quiet=quiet, resume=True)
+    result = train_dataset(dataset, cfg, run_dir, data_label=data, root=root, quiet=quiet, resume=True,
+                           teacher=_teacher(cfg))
     return _evaluate_after_training(result, cfg, quiet)
 
 
@@ -145,6 +147,8 @@ def evaluate(run: PathLike, *, data: PathLike | None = None, root: PathLike | No
     from visiontune.evaluation.evaluate import evaluate_run
 
     cfg = _replace(config or EvalConfig(), settings, "evaluation")
+    if _is_ensemble(run):  # Grad-CAM needs one network's gradients; an ensemble has several
+        cfg = dataclasses.replace(cfg, gradcam_images=0)
     return evaluate_run(Path(run), data=data, root=root, split=split, out=Path(out) if out else None,
                         allow_subset=allow_subset, config=cfg, quiet=quiet)
 
@@ -164,6 +168,7 @@ def explain(model: PathLike, images, *, method: str = ExplainConfig.method, targ
     with `faithfulness`, deletion/insertion scores. Returns an ExplainResult (explanations, files, failed)."""
     from visiontune.explain.runner import explain_sources, load_explainer
 
+    _refuse_ensemble(model, "an ensemble has no single network for Grad-CAM's gradients; explain one of its members")
     sources = images if isinstance(images, (list, tuple)) else [images]
     missing = []
     if all(isinstance(s, (str, Path)) for s in sources):
@@ -197,6 +202,8 @@ def export(run: PathLike, *, format: str = "onnx", precision: str = "fp32", int8
     """
     from visiontune.export.exporter import export_run
 
+    _refuse_ensemble(run, f"an ensemble is several networks, not exported as one file; distil it into one model "
+                          f"(`visiontune distill --teacher {run} {Path(run) / 'split.csv'}`) and export that")
     return export_run(Path(run), format, precision, config=config, int8_agreement=int8_agreement, quiet=quiet)
 
 
@@ -220,11 +227,100 @@ def predict(model, paths, *, top_k: int | None = None, tta: bool = False, backen
 
 def bench(model: PathLike, *, image: PathLike | None = None, threads: int | None = None, quiet: bool = True, **settings):
     """Batch-1 latency (from a tensor and from JPEG bytes) and throughput per batch size for every engine of
-    `model` (a run: PyTorch, ONNX fp32, ONNX INT8 when exported). Settings are BenchConfig's fields."""
+    `model` (a run: PyTorch, ONNX fp32, ONNX INT8 when exported; the report is also saved as RUN/bench.json).
+    Settings are BenchConfig's fields."""
     from visiontune.config import BenchConfig, InferenceConfig
     from visiontune.inference.bench import run_bench
 
     cfg = _replace(BenchConfig(), settings, "bench")
-    return run_bench(Path(model), image=image, config=cfg,
-                     threads=InferenceConfig.threads if threads is None else threads, quiet=quiet)
+    report = run_bench(Path(model), image=image, config=cfg,
+                       threads=InferenceConfig.threads if threads is None else threads, quiet=quiet)
+    if Path(model).is_dir():  # kept with the run, where `compare` finds its latency
+        import json
 
+        from visiontune.training.run_dir import BENCH_FILE, atomic_write_text
+
+        atomic_write_text(Path(model) / BENCH_FILE, json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+
+# --- serve --------------------------------------------------------------------------------------------------
+
+
+def serve(model: PathLike, *, config=None, **settings) -> None:
+    """Serve a run directory, a .onnx or a TorchScript file over HTTP until SIGTERM or Ctrl-C: the JSON API
+    under /v1, the web page at /, the OpenAPI docs at /docs. Settings are ServeConfig's fields (host=, port=,
+    workers=, api_key=, backend=, queue_size=, ...)."""
+    from visiontune.config import ServeConfig
+    from visiontune.serve.server import run
+
+    run(model, _replace(config or ServeConfig(), settings, "serve"))
+
+
+# --- ensembles and distillation -----------------------------------------------------------------------------
+
+
+def _is_ensemble(path) -> bool:
+    return isinstance(path, (str, Path)) and (Path(path) / "ensemble.json").is_file()
+
+
+def _refuse_ensemble(path, message: str) -> None:
+    if _is_ensemble(path):
+        raise ConfigError(f"{path}: {message}")
+
+
+def _teacher(cfg: TrainConfig):
+    """The distillation teacher a TrainConfig names (loaded with `inference`, which training never imports)."""
+    if not cfg.distill.teacher:
+        return None
+    from visiontune.ensemble.distill import load_teacher
+
+    return load_teacher(cfg.distill)
+
+
+def ensemble(runs: list[PathLike], *, out: PathLike, weights: str | list[float] = EnsembleConfig.weights,
+             backend: str = EnsembleConfig.backend, evaluate: bool = EnsembleConfig.evaluate,
+             overwrite: bool = False, config: EnsembleConfig | None = None, quiet: bool = True):
+    """Soft voting over runs trained on the same labels and the same split: writes the ensemble directory
+    `out` (ensemble.json, model.json, split.csv, metrics.json), usable wherever a run is (Classifier.load,
+    evaluate, predict, bench, compare, serve, and as a distillation teacher).
+
+    weights: "equal", "fit" (minimum validation log loss of the soft vote) or one number per run. With
+    `evaluate`, the ensemble is scored on its test split at the end, like a run. Returns an EnsembleResult
+    (out_dir, weights, weights_from, metrics, evaluation).
+    """
+    from visiontune.ensemble.build import build_ensemble
+
+    base = config or EnsembleConfig()
+    cfg = dataclasses.replace(base, backend=backend, evaluate=evaluate)
+    if cfg.backend not in ("onnx", "torch"):
+        raise ConfigError(f"backend must be onnx or torch, got {cfg.backend!r}")
+    result = build_ensemble([Path(r) for r in runs], Path(out), weights, config=cfg, overwrite=overwrite, quiet=quiet)
+    if cfg.evaluate and result.metrics.get("images", {}).get("test"):
+        result.evaluation = _evaluate_ensemble(result.out_dir, quiet, cfg.backend)
+        result.metrics["evaluation"] = result.evaluation.metrics
+    return result
+
+
+def _evaluate_ensemble(out: Path, quiet: bool, backend: str):
+    return evaluate(out, quiet=quiet, backend=backend)  # `ensemble`'s own `evaluate` flag shadows the function
+
+
+def distill(data: PathLike | Dataset | None = None, *, teacher: PathLike, student: str = TrainConfig.model,
+            alpha: float = DistillConfig.alpha, temperature: float = DistillConfig.temperature,
+            out: PathLike | None = None, root: PathLike | None = None, config: TrainConfig | None = None,
+            quiet: bool = True, overwrite: bool = False, **settings):
+    """Train `student` on `data` against a teacher (a run or an ensemble directory): the loss on every cached
+    view is alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * label loss, with the
+    teacher's logits computed once for exactly the views the student trains on. Otherwise the same recipe
+    and settings as `train`, and the result is an ordinary run (its config.yaml records the teacher), so
+    evaluate, export (INT8 too) and predict work unchanged. Returns a TrainResult.
+    """
+    base = config or TrainConfig()
+    distill_cfg = dataclasses.replace(base.distill, teacher=str(teacher), alpha=alpha, temperature=temperature)
+    base = dataclasses.replace(base, distill=distill_cfg)
+    if out is None and data is not None:
+        label = str(data.source) if isinstance(data, Dataset) else str(data)
+        out = default_run_dir(label, f"{student}-distilled")
+    return train(data, out=out, model=student, root=root, config=base, quiet=quiet, overwrite=overwrite, **settings)

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also measure deletion/insertion scores (about 40 extra forward passes per image)")
     explain.set_defaults(run=cmd_explain)
     _deploy_verbs(verbs)
+    _serve_verb(verbs)
+    _ensemble_verbs(verbs)
     return parser
 
 
@@ -150,10 +152,10 @@ _TRAIN_FLAGS = ("model", "weights", "from_scratch", "download", "full_finetune",
                 "workers", "cache_dir", "evaluate")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train_settings(args: argparse.Namespace) -> tuple[TrainConfig | None, dict]:
+    """(the --config base, the TrainConfig fields the flags set) for `train` and `distill`."""
     import dataclasses
 
-    from visiontune.api import train
     from visiontune.config import load_yaml
 
     base = None
@@ -165,23 +167,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
     augment = {k: getattr(args, k) for k in ("randaugment", "mixup", "cutmix") if getattr(args, k) is not None}
     if augment:
-        current = (base or TrainConfig()).augment
-        settings["augment"] = dataclasses.replace(current, **augment)
+        settings["augment"] = dataclasses.replace((base or TrainConfig()).augment, **augment)
     if "workers" in settings:
         settings["scan"] = dataclasses.replace((base or TrainConfig()).scan, workers=settings.pop("workers"))
-    if args.resume and (args.data or settings):
-        raise ConfigError("--resume continues a run with its own data and settings; give no others")
-    if not args.resume and not args.data:
-        raise ConfigError("train needs a dataset (or --resume RUN)")
-    model = settings.pop("model", (base or TrainConfig()).model)
-    result = train(args.data, out=args.out, model=model, root=args.root, config=base, quiet=args.quiet,
-                   overwrite=args.overwrite, resume=args.resume, **settings)
+    return base, settings
+
+
+def _report_training(result, extra: str = "") -> int:
     m = result.metrics
     if not m:  # a process other than rank 0 of a distributed run: rank 0 reports
         return 0
     val = m.get("val", {}).get("top1")
     test = (m.get("evaluation") or m.get("test") or {}).get("top1")
-    line = f"run: {result.run_dir}  ({m['train_seconds']:.0f} s)"
+    line = f"run: {result.run_dir}  ({m['train_seconds']:.0f} s{extra})"
     if val is not None:
         line += f"  val top-1 {val:.2%}"
     if test is not None:
@@ -190,6 +188,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.evaluation is not None:
         print(f"report: {result.evaluation.report}")
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from visiontune.api import train
+
+    base, settings = _train_settings(args)
+    if args.resume and (args.data or settings):
+        raise ConfigError("--resume continues a run with its own data and settings; give no others")
+    if not args.resume and not args.data:
+        raise ConfigError("train needs a dataset (or --resume RUN)")
+    model = settings.pop("model", (base or TrainConfig()).model)
+    result = train(args.data, out=args.out, model=model, root=args.root, config=base, quiet=args.quiet,
+                   overwrite=args.overwrite, resume=args.resume, **settings)
+    return _report_training(result)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -410,6 +422,124 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for note in report.notes:
         print(f"note: {note}")
     return 0
+
+# --- serve ---------------------------------------------------------------------------------------------------
+
+
+def _serve_verb(verbs) -> None:
+    import os
+
+    from visiontune.config import ServeConfig
+
+    d = ServeConfig()
+    serve = verbs.add_parser("serve", help="HTTP API and web page for a run directory or an exported model")
+    serve.add_argument("model", help="a run directory, a .onnx file or a TorchScript file")
+    serve.add_argument("--host", default=d.host, help="address to listen on (default %(default)s: this machine only)")
+    serve.add_argument("--port", type=int, default=d.port, help="default %(default)s")
+    serve.add_argument("--workers", type=int, default=d.workers, help="server processes (default %(default)s)")
+    serve.add_argument("--api-key", default=os.environ.get("VISIONTUNE_API_KEY", d.api_key),
+                       help="require this key on /v1/* (X-API-Key or Authorization: Bearer); "
+                            "default: $VISIONTUNE_API_KEY, else none")
+    serve.add_argument("--backend", choices=["onnx", "torch"], default=d.backend,
+                       help="engine for a run directory (default %(default)s; a model file runs on its own)")
+    serve.add_argument("--precision", choices=["auto", "int8", "fp32"], default=d.precision,
+                       help="ONNX file of a run directory: auto = export/model.int8.onnx if there, else "
+                            "export/model.onnx, else fp32 exported in memory (default %(default)s)")
+    serve.add_argument("--threads", type=int, default=d.threads, help="model threads per worker (default: cores / workers)")
+    serve.add_argument("--decode-threads", type=int, default=d.decode_threads,
+                       help="image decoding threads per worker (default: one per core)")
+    serve.add_argument("--max-batch", type=int, default=d.max_batch, help="images per model call (default %(default)s)")
+    serve.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                       help="longest a request waits for a batch to fill (default %(default)s)")
+    serve.add_argument("--queue-size", type=int, default=d.queue_size,
+                       help="images in flight at once; more get 503 (default %(default)s)")
+    serve.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="request body limit, MiB (default %(default)s)")
+    serve.add_argument("--body-timeout", type=float, default=d.body_timeout_s, dest="body_timeout_s",
+                       metavar="SECONDS",
+                       help="seconds a request body may take to arrive (default %(default)s)")
+    serve.add_argument("--graceful-timeout", type=int, default=d.graceful_timeout_s, dest="graceful_timeout_s",
+                       metavar="SECONDS",
+                       help="seconds in-flight requests get to finish on SIGTERM (default %(default)s)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level)
+    serve.set_defaults(run=cmd_serve)
+
+
+_SERVE_FLAGS = ("host", "port", "workers", "api_key", "backend", "precision", "threads", "decode_threads", "max_batch",
+                "max_wait_ms", "queue_size", "max_body_mb", "body_timeout_s", "graceful_timeout_s", "log_level")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from visiontune.api import serve
+
+    serve(args.model, **{k: getattr(args, k) for k in _SERVE_FLAGS})
+    return 0
+
+
+# --- ensemble, distill -------------------------------------------------------------------------------------
+
+
+def _ensemble_verbs(verbs) -> None:
+    from visiontune.config import DistillConfig, EnsembleConfig
+
+    ens = verbs.add_parser("ensemble", help="soft voting over runs trained on the same labels and split: an ensemble "
+                                            "directory usable wherever a run is")
+    ens.add_argument("runs", nargs="+", metavar="RUN", help="two or more run (or ensemble) directories")
+    ens.add_argument("--out", required=True, help="the ensemble directory to write")
+    ens.add_argument("--weights", default=EnsembleConfig.weights,
+                     help="equal, fit (minimum validation log loss), or one number per run: w1,w2,… (default %(default)s)")
+    ens.add_argument("--backend", choices=["onnx", "torch"], default=EnsembleConfig.backend,
+                     help="engine scoring the members while building and evaluating (default %(default)s)")
+    ens.add_argument("--no-evaluate", dest="evaluate", action="store_false",
+                     help="skip scoring the test split (report.html, metrics.json)")
+    ens.add_argument("--overwrite", action="store_true", help="replace an ensemble already in --out")
+    ens.add_argument("--quiet", action="store_true", help="no progress bars")
+    ens.set_defaults(run=cmd_ensemble)
+
+    dis = verbs.add_parser("distill", help="train a student against a teacher run or ensemble (knowledge distillation), "
+                                           "with the same fast recipe as train")
+    _data_argument(dis)
+    dis.add_argument("--teacher", required=True, help="a run or ensemble directory")
+    dis.add_argument("--student", help=f"the student's model, same names as train --model (default {TrainConfig.model})")
+    dis.add_argument("--alpha", type=float, default=DistillConfig.alpha,
+                     help="weight of the KL-to-teacher term; 1 - alpha weighs the label loss (default %(default)s)")
+    dis.add_argument("--temperature", type=float, default=DistillConfig.temperature,
+                     help="softens teacher and student distributions in the KL term (default %(default)s)")
+    _train_arguments(dis)
+    dis.set_defaults(run=cmd_distill)
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from visiontune.api import ensemble
+
+    result = ensemble(args.runs, out=args.out, weights=args.weights, backend=args.backend, evaluate=args.evaluate,
+                      overwrite=args.overwrite, quiet=args.quiet)
+    m = result.metrics
+    weights = ", ".join(f"{member['path']} {member['weight']:.3f}" for member in m["members"])
+    print(f"ensemble: {result.out_dir}  weights ({result.weights_from}): {weights}")
+    for member in m["members"]:
+        if "val" in member:
+            print(f"  val top-1 {member['val']['top1']:.2%}  log loss {member['val']['loss']:.4f}  {member['path']}")
+    if "val" in m:
+        print(f"  val top-1 {m['val']['top1']:.2%}  log loss {m['val']['loss']:.4f}  ensemble")
+    if result.evaluation is not None:
+        e = result.evaluation.metrics
+        print(f"test top-1 {e['top1']:.2%}  macro F1 {e['macro']['f1']:.2%}  ECE {e['ece']:.3f}")
+        print(f"report: {result.evaluation.report}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from visiontune.api import distill
+
+    if args.student and args.model and args.student != args.model:
+        raise ConfigError(f"--student {args.student} and --model {args.model}: give one of them")
+    base, settings = _train_settings(args)
+    student = args.student or settings.pop("model", None) or (base or TrainConfig()).model
+    settings.pop("model", None)
+    result = distill(args.data, teacher=args.teacher, student=student, alpha=args.alpha, temperature=args.temperature,
+                     out=args.out, root=args.root, config=base, quiet=args.quiet, overwrite=args.overwrite, **settings)
+    return _report_training(result, f", teacher {args.teacher}")
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

@@ -64,14 +64,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _latency(run: Path) -> float | None:
-    """Batch-1 p50 of the fastest measured engine, where `visiontune bench` left its results in the run."""
-    for name in ("bench.json", "export/bench.json"):
-        data = rd.read_json(run / name)
-        if data:
-            values = [r.get("p50_ms") for r in data.get("results", []) if r.get("batch", 1) == 1 and r.get("p50_ms")]
-            if values:
-                return float(min(values))
-    return None
+    """Batch-1 p50 from a tensor of the fastest engine, where `visiontune bench RUN` saved its report."""
+    data = rd.read_json(run / rd.BENCH_FILE)
+    values = [e["tensor_ms"]["p50"] for e in (data or {}).get("engines", []) if e.get("tensor_ms", {}).get("p50")]
+    return float(min(values)) if values else None
 
 
 def compare_runs(runs: list[Path], out: Path) -> Comparison:

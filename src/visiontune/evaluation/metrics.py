@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support,
+from sklearn.metrics import (confusion_matrix, log_loss, precision_recall_fscore_support,
                              roc_auc_score, roc_curve, top_k_accuracy_score)
 
 from visiontune.config import EvalConfig
-from visiontune.inference.classifier import softmax  # noqa: F401  (re-exported for callers scoring logits)
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str], *,

@@ -25,7 +25,8 @@ from visiontune.data.loader import load_for_model
 from visiontune.data.transforms import normalize
 from visiontune.errors import ConfigError, ExportError, ImageDecodeError, ModelError
 from visiontune.export import parity
-from visiontune.export.onnx import INPUT, embed_metadata, serialize, to_onnx
+from visiontune.export.metadata import embed_metadata
+from visiontune.export.onnx import INPUT, serialize, to_onnx
 from visiontune.models.bundle import ModelMeta, load_bundle
 
 FORMATS = ("onnx", "torchscript")

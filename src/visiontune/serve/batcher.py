@@ -1,0 +1,149 @@
+"""Micro-batching: concurrent requests share one model call, so throughput rises with load.
+
+Admission is counted in images: a request reserves its images before its body is read, and the reservation
+is held until its answer is ready. A reservation over `capacity` is refused (QueueFull), so the number of
+bodies, decoded crops and waiting futures in memory never exceeds it, however many clients connect.
+
+One worker task feeds the model: it takes the first waiting item, then keeps collecting until the batch
+is full, or until no other admitted request could still join (they are all in this batch), or until
+`max_wait_ms` has passed. The model runs on its own thread, so the event loop keeps accepting, reading and
+decoding the next requests meanwhile; those form the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+class QueueFull(Exception):
+    """More images are admitted than the server holds at once."""
+
+
+@dataclass
+class _Item:
+    crops: np.ndarray  # n x S x S x 3 uint8
+    future: asyncio.Future
+
+
+class Reservation:
+    """Places in the batcher, held from before the body is read until the answer is ready."""
+
+    def __init__(self, batcher: "MicroBatcher"):
+        self._batcher = batcher
+        self.count = 0
+
+    def grow(self, total: int) -> None:
+        """Hold `total` places (a batch request learns how many images it has only after reading its body)."""
+        extra = total - self.count
+        if extra > 0:
+            self._batcher._take(extra)
+            self.count = total
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._batcher._reserved -= self.count
+        self.count = 0
+
+
+class MicroBatcher:
+    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], *, max_batch: int, max_wait_ms: float,
+                 capacity: int):
+        self._infer = infer
+        self.max_batch = max(1, max_batch)
+        self.max_wait = max(0.0, max_wait_ms) / 1000.0
+        self.capacity = max(1, capacity)
+        self._reserved = 0
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.batches = 0  # model calls made, and the images they took (how well batching works)
+        self.images = 0
+
+    @property
+    def reserved(self) -> int:
+        return self._reserved
+
+    def reserve(self, count: int = 1) -> Reservation:
+        reservation = Reservation(self)
+        reservation.grow(count)
+        return reservation
+
+    def _take(self, count: int) -> None:
+        if self._reserved + count > self.capacity:
+            raise QueueFull(f"the server is busy: {self._reserved} image(s) in flight, room for {self.capacity}")
+        self._reserved += count
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()  # bounded by the reservations, not by maxsize: put never blocks
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, crops: np.ndarray) -> np.ndarray:
+        """n x S x S x 3 crops -> n rows of the model's output, computed together with other requests'."""
+        assert self._queue is not None, "MicroBatcher.start() was not called"
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Item(crops, future))
+        return await future
+
+    async def _collect(self) -> list[_Item]:
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        size = len(batch[0].crops)
+        deadline = loop.time() + self.max_wait
+        while size < self.max_batch:
+            if self._queue.empty():
+                # Everything admitted is already here: waiting would only add latency.
+                if self._reserved <= size:
+                    break
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            else:
+                item = self._queue.get_nowait()
+            batch.append(item)
+            size += len(item.crops)
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            crops = np.concatenate([item.crops for item in batch])
+            try:
+                out = await loop.run_in_executor(self._executor, self._infer, crops)
+            except Exception as exc:  # the requests report it; the worker keeps serving
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                await asyncio.sleep(0)
+                continue
+            self.batches += 1
+            self.images += len(crops)
+            start = 0
+            for item in batch:
+                end = start + len(item.crops)
+                if not item.future.done():  # a request cancelled meanwhile (graceful-shutdown timeout)
+                    item.future.set_result(out[start:end])
+                start = end
+            # Let the answered requests run and give back their places before the next batch is
+            # collected, or it would wait for them as if they were still coming.
+            await asyncio.sleep(0)

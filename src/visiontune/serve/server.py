@@ -1,0 +1,113 @@
+"""`visiontune serve`: uvicorn running the app, with a graceful shutdown.
+
+On SIGTERM (or Ctrl-C) the server stops accepting connections, /readyz turns 503, the requests in flight
+finish (for up to `graceful_timeout_s`), and the process exits 0. With several workers, uvicorn's
+supervisor forwards the signal to each worker process, and each does the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import uvicorn
+
+from visiontune.config import ServeConfig, from_dict, to_dict
+from visiontune.errors import ConfigError
+
+log = logging.getLogger("visiontune.serve")
+WORKER_ENV = "VISIONTUNE_SERVE_WORKER"  # how worker processes learn what to serve (they are spawned fresh)
+
+
+def check(cfg: ServeConfig) -> None:
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError(f"--port {cfg.port}: must be between 0 and 65535")
+    for name in ("workers", "max_batch", "queue_size", "max_batch_files"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} {getattr(cfg, name)}: must be at least 1")
+    for name in ("max_body_mb", "body_timeout_s"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} {getattr(cfg, name)}: must be positive")
+    if cfg.max_wait_ms < 0 or cfg.top_k < 1:
+        raise ConfigError("max_wait_ms must be >= 0 and top_k >= 1")
+    if cfg.api_key is not None and not cfg.api_key.strip():
+        raise ConfigError("--api-key is empty")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _uvicorn_config(app, cfg: ServeConfig, **extra):
+    return uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, log_level=cfg.log_level,
+                          access_log=False,  # AccessLog logs every request, with its latency
+                          lifespan="on", timeout_graceful_shutdown=cfg.graceful_timeout_s, server_header=False,
+                          **extra)
+
+
+def run(model: str | Path, cfg: ServeConfig) -> None:
+    """Load `model` and serve it until SIGTERM or Ctrl-C."""
+    from visiontune.serve.model import engine_name, load_model
+
+    check(cfg)
+    setup_logging(cfg.log_level)
+    # Loaded here even with several workers: a bad model is then one clear error, not N crashed workers.
+    clf = load_model(model, cfg)
+    log.info("serving %s (%s, %d classes)%s", model, engine_name(clf), len(clf.labels),
+             "; API key required" if cfg.api_key else "")
+    if cfg.workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        del clf
+        os.environ[WORKER_ENV] = json.dumps({"model": str(model), "config": to_dict(cfg)})
+        config = _uvicorn_config(f"{__name__}:worker_app", cfg, factory=True, workers=cfg.workers)
+        Multiprocess(config, sockets=[_bind(config)]).run()
+        return
+    from visiontune.serve.app import create_app
+
+    app = create_app(clf, cfg)
+    server = _Server(_uvicorn_config(app, cfg), app)
+    # uvicorn re-raises the signal it stopped on once it has shut down; after a graceful SIGTERM that
+    # would kill the process with status 143, so SIGTERM is a no-op by then and the exit status is 0.
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot start (its log says why, e.g. address in use)
+        raise ConfigError(f"could not serve on {cfg.host}:{cfg.port} (see the log above)") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not server.started:
+        raise ConfigError(f"could not serve on {cfg.host}:{cfg.port} (see the log above)")
+
+
+def _bind(config):
+    try:
+        return config.bind_socket()
+    except SystemExit:
+        raise ConfigError(f"could not serve on {config.host}:{config.port} (see the log above)") from None
+
+
+class _Server(uvicorn.Server):
+    """Turns /readyz to 503 the moment a stop signal arrives, before the connections drain."""
+
+    def __init__(self, config, app):
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig, frame):
+        self._app.state.serving["ready"] = False
+        super().handle_exit(sig, frame)
+
+
+def worker_app():
+    """The app factory each worker process calls (uvicorn `factory=True`)."""
+    from visiontune.serve.app import create_app
+    from visiontune.serve.model import load_model
+
+    spec = json.loads(os.environ[WORKER_ENV])
+    cfg = from_dict(ServeConfig, spec["config"], "serve")
+    setup_logging(cfg.log_level)
+    return create_app(load_model(spec["model"], cfg), cfg)
