@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from visiontune.evaluation.metrics import (choose_uncertainty_threshold, compute_metrics, fit_temperature,
-                                           normalized_rows, softmax)
+from visiontune.evaluation.metrics import choose_uncertainty_threshold, compute_metrics, fit_temperature, normalized_rows
+from visiontune.inference.classifier import softmax
 
 LABELS = ["a", "b", "c", "d"]
 # Six test images: a a a b b c (d has none). Predicted: a a b b b b, so c is never predicted.
