@@ -262,7 +262,9 @@ def serve(model: PathLike, *, config=None, **settings) -> None:
 
 
 def _is_ensemble(path) -> bool:
-    return isinstance(path, (str, Path)) and (Path(path) / "ensemble.json").is_file()
+    from visiontune.ensemble.engine import is_ensemble
+
+    return isinstance(path, (str, Path)) and is_ensemble(path)
 
 
 def _refuse_ensemble(path, message: str) -> None:

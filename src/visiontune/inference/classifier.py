@@ -138,11 +138,10 @@ class Classifier:
 
     @classmethod
     def _load_run(cls, run: Path, backend: str | None, threads: int, batch_size: int) -> "Classifier":
+        from visiontune.ensemble.engine import is_ensemble, load_ensemble
         from visiontune.models.bundle import load_bundle, read_meta
 
-        if (run / "ensemble.json").is_file():  # several runs voting (visiontune.ensemble), same interface
-            from visiontune.ensemble.engine import load_ensemble
-
+        if is_ensemble(run):  # several runs voting (visiontune.ensemble), same interface
             return load_ensemble(run, backend, threads=threads, batch_size=batch_size)
         metrics = _read_metrics(run)
         if backend == "onnx":

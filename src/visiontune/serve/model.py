@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from visiontune.config import ServeConfig
+from visiontune.ensemble.engine import is_ensemble
 from visiontune.errors import ConfigError
 from visiontune.inference.classifier import EXPORTED_ONNX, ONNX_SUFFIXES, Classifier, _read_metrics
 from visiontune.models.bundle import META_FILE, WEIGHTS_FILE
@@ -66,7 +67,7 @@ def load_model(model: str | Path, cfg: ServeConfig) -> Classifier:
     if path.is_file() and path.name in (META_FILE, WEIGHTS_FILE):
         path = path.parent  # pointing at a bundle's file means the bundle, as for `predict`
     # An ensemble folder (ensemble.json) is several runs: Classifier.load knows how to serve it.
-    single_run = path.is_dir() and (path / META_FILE).is_file() and not (path / "ensemble.json").is_file()
+    single_run = path.is_dir() and (path / META_FILE).is_file() and not is_ensemble(path)
     engine_file = export_file(path, cfg.precision) if single_run and cfg.backend == "onnx" else None
     if engine_file is not None:
         clf = _onnx_classifier(engine_file, path, cfg)
