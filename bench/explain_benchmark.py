@@ -39,16 +39,11 @@ def split_labels(split_file: Path) -> dict[str, str]:
 
 
 def timed(fn, runs: int, warmup: int = 3) -> dict:
-    for _ in range(warmup):
-        fn()
-    seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    ms = np.asarray(seconds) * 1000
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
-            "runs": runs}
+    """p50 / p95 of `fn`'s wall time, with `visiontune bench`'s own timing loop."""
+    from visiontune.inference.bench import _percentiles, _time_calls
+
+    ms = _percentiles(_time_calls(fn, runs, warmup))
+    return {"p50_ms": round(ms["p50"], 1), "p95_ms": round(ms["p95"], 1), "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> dict:
