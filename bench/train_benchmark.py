@@ -1,4 +1,5 @@
-"""Wall time and accuracy of whole `visiontune train` commands on the shared benchmark datasets.
+"""Wall time and accuracy of whole `visiontune train` commands on the shared benchmark datasets; each model is
+then also scored on the test split with test-time augmentation (`visiontune evaluate --tta`, timed apart).
 
 Each configuration runs as its own process (the time a user waits, start-up and decoding included),
 one after another, so they are measured side by side on the same machine state.
@@ -36,7 +37,20 @@ def run(data: Path, model: str, extra: str, out: Path) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     return {"model": model, "extra": extra, "wall_seconds": round(wall, 1),
             "val_top1": metrics.get("val", {}).get("top1"), "test_top1": metrics.get("test", {}).get("top1"),
-            "images": metrics["images"], "command": " ".join(shlex.quote(c) for c in cmd[1:])}
+            **tta_test_top1(exe, out), "images": metrics["images"], "command": " ".join(shlex.quote(c) for c in cmd[1:])}
+
+
+def tta_test_top1(exe: Path, run: Path) -> dict:
+    """The same model scored on the test split with test-time augmentation (`evaluate --tta`), timed apart
+    from training: what `predict --tta` users get."""
+    out = run / "evaluations" / "test-tta"
+    cmd = [str(exe), "evaluate", str(run), "--tta", "--no-calibrate", "--out", str(out), "--quiet"]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"tta_error": done.stderr.strip().splitlines()[-1:]}
+    evaluation = json.loads((out / "metrics.json").read_text())["evaluation"]
+    return {"test_top1_tta": evaluation["top1"], "tta_eval_seconds": round(time.perf_counter() - started, 1)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -57,12 +71,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     report = {**describe(), "data": args.data, "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
-    print("| model | flags | wall s | val top-1 | test top-1 |\n|---|---|---|---|---|")
+    print("| model | flags | wall s | val top-1 | test top-1 | test top-1, TTA |\n|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['model']} | `{r['extra']}` | error: {r['error']} | | |")
+            print(f"| {r['model']} | `{r['extra']}` | error: {r['error']} | | | |")
         else:
-            print(f"| {r['model']} | `{r['extra']}` | {r['wall_seconds']:.0f} | {r['val_top1']:.2%} | {r['test_top1']:.2%} |")
+            tta = f"{r['test_top1_tta']:.2%}" if "test_top1_tta" in r else f"error: {r.get('tta_error')}"
+            print(f"| {r['model']} | `{r['extra']}` | {r['wall_seconds']:.0f} | {r['val_top1']:.2%} | {r['test_top1']:.2%} | {tta} |")
     return results
 
 

@@ -82,6 +82,21 @@ def test_torch_and_onnx_backends_score_alike(run, tmp_path):
     assert torch_eval.metrics["backend"] == "torch"
 
 
+def test_tta_evaluation_scores_what_predict_tta_returns(run, cli, tmp_path):
+    done = cli("evaluate", run.run_dir, "--tta", "--no-calibrate", "--out", tmp_path / "tta", "--quiet")
+    assert done.returncode == 0, done.stderr
+    e = json.loads((tmp_path / "tta" / "metrics.json").read_text())["evaluation"]
+    assert e["tta"] is True and run.metrics["evaluation"]["tta"] is False
+    rows = _rows(tmp_path / "tta" / "predictions.csv")
+    predicted = visiontune.Classifier.load(run.run_dir, backend="onnx").predict([r["path"] for r in rows], tta=True)
+    assert [r["predicted"] for r in rows] == [p.label for p in predicted]
+    assert [float(r["probability"]) for r in rows] == pytest.approx([p.probability for p in predicted], abs=1e-5)
+    # Six views an image really differ from the single centre crop.
+    plain = {r["path"]: float(r["probability"]) for r in _rows(run.run_dir / "predictions.csv")}
+    assert any(abs(plain[r["path"]] - float(r["probability"])) > 1e-4 for r in rows)
+    assert "test-time augmentation" in (tmp_path / "tta" / "report.html").read_text()
+
+
 def test_calibration_is_stored_in_model_json(run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run.run_dir, copy)

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="do not fit a temperature on validation (model.json keeps what it has)")
     evaluate.add_argument("--backend", choices=["onnx", "torch"], default=EvalConfig.backend,
                           help="engine that scores the images (default %(default)s; same logits)")
+    evaluate.add_argument("--tta", action="store_true", help="score as `predict --tta` does: average the centre crop, "
+                          "its mirror and four corner crops (6x the work)")
     evaluate.add_argument("--top-losses", type=int, default=EvalConfig.top_losses, help="mistakes in the gallery")
     evaluate.add_argument("--workers", type=int, default=EvalConfig.workers, help="decoding processes (default: one per core)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -209,7 +211,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate(args.run_dir, data=args.data, root=args.root, split=args.split, out=args.out,
                       allow_subset=args.allow_subset, quiet=args.quiet, calibrate=args.calibrate,
-                      backend=args.backend, top_losses=args.top_losses, workers=args.workers)
+                      backend=args.backend, top_losses=args.top_losses, workers=args.workers, tta=args.tta)
     m = result.metrics
     line = f"{m['split']}: {m['images']} images  top-1 {m['top1']:.2%}"
     for k in (3, 5):

@@ -126,6 +126,9 @@ class EvalConfig:
     batch_images: int = 256  # decoded and scored at a time, so memory stays flat on large test sets
     backend: str = "onnx"  # ONNX Runtime scores a run 3-5x faster than PyTorch eager on a CPU, same logits
     workers: int = 0  # decoding processes (0: one per core)
+    # Score each image as `predict --tta` does (centre, mirror, four corners; 6x the work). Calibration is always
+    # fitted on single views: the temperature belongs to the model, whichever way it is later called.
+    tta: bool = False
 
 
 @dataclass

@@ -67,6 +67,18 @@ def center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
     return rgb[top:top + size, left:left + size]
 
 
+def tta_views(resized: np.ndarray, size: int) -> np.ndarray:
+    """Test-time augmentation views of an image already resized for the model: the centre crop, its mirror and
+    the four corner crops (K x S x S x 3 uint8; only the first two when a side is shorter than `size`)."""
+    centre = center_crop(resized, size)
+    h, w = resized.shape[:2]
+    views = [centre, centre[:, ::-1]]
+    if h >= size and w >= size:
+        views += [resized[:size, :size], resized[:size, w - size:], resized[h - size:, :size],
+                  resized[h - size:, w - size:]]
+    return np.ascontiguousarray(np.stack(views))
+
+
 def eval_crop(rgb: np.ndarray, spec: Preprocess) -> np.ndarray:
     """Resize the shorter side to `resize_size`, then centre-crop `input_size`: uint8 H x W x 3."""
     return center_crop(resize_shorter(rgb, spec.resize_size, spec.interpolation), spec.input_size)

@@ -66,7 +66,7 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
         selection = select(dataset, split, meta.labels, allow_subset=allow_subset, require_split=False)
         name = Path(str(data)).stem if Path(str(data)).suffix else Path(str(data)).name
         out_dir = Path(out) if out else run_dir / "evaluations" / f"{name}-{split}"
-    scored = score(classifier, selection, cfg, quiet)
+    scored = score(classifier, selection, cfg, quiet, tta=cfg.tta)
 
     temperature, threshold = classifier.temperature, classifier.threshold
     calibration_note = None
@@ -83,7 +83,7 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
     raw = reliability(scored.labels, softmax(scored.logits).astype(np.float64), cfg.ece_bins)
     confident = probs.max(axis=1) >= threshold
     metrics.update({
-        "split": split, "data": selection.source, "backend": classifier.backend,
+        "split": split, "data": selection.source, "backend": classifier.backend, "tta": cfg.tta,
         "temperature": temperature, "ece_uncalibrated": raw["ece"], "uncertainty_threshold": threshold,
         "uncertain_share": float(np.mean(~confident)),
         "top1_when_confident": float(np.mean(probs[confident].argmax(1) == scored.labels[confident])) if confident.any() else None,
@@ -107,7 +107,8 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
     report = ReportData(
         title=f"{run_dir.resolve().name}: {meta.backbone}",
         subtitle=f"{len(meta.labels)} classes · scored on the {split} split of "
-                 f"{_config_data(run_dir) if own else selection.source} · {classifier.backend} backend",
+                 f"{_config_data(run_dir) if own else selection.source} · {classifier.backend} backend"
+                 f"{' · test-time augmentation (6 views an image)' if cfg.tta else ''}",
         metrics=metrics, train=train_metrics, plots=drawn["plots"], mistakes=drawn["mistakes"], notes=notes,
         config_text=config_path.read_text() if config_path.is_file() else "", versions=meta.versions)
     report_path = out_dir / REPORT_FILE

@@ -16,7 +16,7 @@ from visiontune.config import EvalConfig
 from visiontune.data.index import SPLITS, Dataset, load_dataset
 from visiontune.data.loader import load_all
 from visiontune.data.parallel import progress
-from visiontune.data.transforms import center_crop
+from visiontune.data.transforms import center_crop, tta_views
 from visiontune.errors import DatasetError
 from visiontune.training.run_dir import SPLIT_FILE
 
@@ -86,9 +86,11 @@ def select(dataset: Dataset, split: str, model_labels: list[str], *, allow_subse
     return Selection([str(dataset.abspath(i)) for i in keep], labels, split, str(dataset.source), notes)
 
 
-def score(classifier, selection: Selection, cfg: EvalConfig, quiet: bool = True) -> Scored:
-    """Raw logits of every readable image of `selection`; unreadable ones are listed, not fatal."""
+def score(classifier, selection: Selection, cfg: EvalConfig, quiet: bool = True, *, tta: bool = False) -> Scored:
+    """Raw logits of every readable image of `selection` (with `tta`, averaged over the views `predict --tta`
+    uses); unreadable ones are listed, not fatal."""
     spec = classifier.preprocess
+    views_of = (lambda image: tta_views(image, spec.input_size)) if tta else (lambda image: center_crop(image, spec.input_size)[None])
     paths, labels, logits, skipped = [], [], [], []
     step = max(1, cfg.batch_images)
     with progress(len(selection.paths), f"score {selection.split}", quiet) as bar:
@@ -101,11 +103,10 @@ def score(classifier, selection: Selection, cfg: EvalConfig, quiet: bool = True)
                 if k in failed:
                     skipped.append((chunk[k], failed[k]))
                     continue
-                crops.append(center_crop(image, spec.input_size))
+                crops.append(views_of(image))
                 paths.append(chunk[k])
                 labels.append(selection.labels[start + k])
-            if crops:
-                logits.append(classifier.logits(np.stack(crops)))
+            logits.append(classifier.view_logits(crops))
             bar.update(len(chunk))
     if not paths:
         raise DatasetError(f"{selection.source}: none of the {len(selection.paths)} {selection.split} images could be read")

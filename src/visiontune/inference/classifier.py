@@ -19,7 +19,7 @@ from PIL import Image
 from visiontune.config import InferenceConfig
 from visiontune.data.decode import ImageSource
 from visiontune.data.loader import load_for_model, load_resized
-from visiontune.data.transforms import Preprocess, center_crop, normalize
+from visiontune.data.transforms import Preprocess, normalize, tta_views
 from visiontune.errors import ConfigError, ImageDecodeError, ModelError
 from visiontune.inference.backends import OnnxBackend, TorchBackend, default_threads, load_torchscript
 from visiontune.models.bundle import META_FILE, WEIGHTS_FILE, ModelMeta
@@ -177,6 +177,15 @@ class Classifier:
                for i in range(0, len(crops), self.batch_size)]
         return np.concatenate(out).astype(np.float32, copy=False)
 
+    def view_logits(self, views: Sequence[np.ndarray]) -> np.ndarray:
+        """One K x S x S x 3 stack of crops per image -> float32 N x C: each image's logits averaged over its
+        views (test-time augmentation, in logit space so the model's temperature applies unchanged)."""
+        if not views:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        counts = np.array([len(v) for v in views])
+        z = self.logits(np.concatenate(views))
+        return (np.add.reduceat(z, np.cumsum(counts) - counts, axis=0) / counts[:, None]).astype(np.float32)
+
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """softmax(logits / temperature), float32 N x C."""
         return softmax(self.logits(crops), self.temperature)
@@ -218,13 +227,7 @@ class Classifier:
     def _predict_chunk(self, items, pool, load, top_k) -> list[Prediction]:
         decode = lambda item: _try(load, item[1])  # noqa: E731
         decoded = list(pool.map(decode, items)) if pool is not None else [decode(item) for item in items]
-        views = [d for d in decoded if isinstance(d, np.ndarray)]
-        probs = iter([])
-        if views:
-            counts = [len(v) for v in views]
-            p = self.probabilities(np.concatenate(views))
-            # TTA: the views of one image are averaged in probability space.
-            probs = iter((np.add.reduceat(p, np.cumsum([0, *counts[:-1]])) / np.asarray(counts)[:, None]).astype(np.float32))
+        probs = iter(softmax(self.view_logits([d for d in decoded if isinstance(d, np.ndarray)]), self.temperature))
         results = []
         for (where, _), d in zip(items, decoded):
             if isinstance(d, str):
@@ -243,16 +246,7 @@ class Classifier:
         return load_for_model(source, self.preprocess)[None]
 
     def _tta_views(self, source: ImageSource) -> np.ndarray:
-        """Centre crop, its mirror, and the four corner crops of the resized image."""
-        resized = load_resized(source, self.preprocess)
-        size = self.preprocess.input_size
-        centre = center_crop(resized, size)
-        h, w = resized.shape[:2]
-        views = [centre, centre[:, ::-1]]
-        if h >= size and w >= size:
-            views += [resized[:size, :size], resized[:size, w - size:], resized[h - size:, :size],
-                      resized[h - size:, w - size:]]
-        return np.ascontiguousarray(np.stack(views))
+        return tta_views(load_resized(source, self.preprocess), self.preprocess.input_size)
 
 
     # ----------------------------------------------------------------- explanations
