@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 
 import visiontune
@@ -137,3 +138,26 @@ def test_histogram_calibration_takes_an_uneven_last_batch(run, exported, method)
     batches = [rng.standard_normal((n, 3, 224, 224)).astype(np.float32) for n in (3, 3, 2)]
     model = quantize_int8(exported["fp32"].path.read_bytes(), batches, input_name=INPUT, method=method)
     assert "QuantizeLinear" in {n.op_type for n in onnx.load_from_string(model).graph.node}
+
+
+def test_calibration_in_windows_bounds_memory_and_keeps_minmax_ranges(run, exported):
+    # ONNX Runtime holds every calibration image's activations at once: 512 Lite0 images were killed for
+    # memory on 24 GiB. Windows are merged by the calibrator; min/max ranges must come out exactly the same.
+    from visiontune.export.onnx import INPUT
+    from visiontune.export.quantize import _Batches, quantize_int8
+
+    assert [_Batches(INPUT, [np.zeros((n, 1))]).window(4) for n in (8, 6, 7, 3)] == [4, 3, 1, 3]
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((4, 3, 224, 224)).astype(np.float32) for _ in range(2)]
+    fp32 = exported["fp32"].path.read_bytes()
+
+    def scales(model: bytes) -> dict:
+        graph = onnx.load_from_string(model).graph
+        return {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith("_scale")}
+
+    whole, windowed = (scales(quantize_int8(fp32, batches, input_name=INPUT, method="minmax", window=w)) for w in (8, 3))
+    assert whole.keys() == windowed.keys() and len(whole) > 10
+    for name in whole:
+        np.testing.assert_allclose(windowed[name], whole[name], rtol=1e-6, err_msg=name)
+    percentile = quantize_int8(fp32, batches, input_name=INPUT, method="percentile", window=3)
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load_from_string(percentile).graph.node}

@@ -24,29 +24,51 @@ METHODS = ("minmax", "entropy", "percentile")
 
 
 class _Batches:
-    """ONNX Runtime's CalibrationDataReader protocol over normalised float32 batches."""
+    """ONNX Runtime's CalibrationDataReader protocol over normalised float32 batches, read one range at a time.
+
+    ONNX Runtime keeps every intermediate output of the images it is given in one `collect_data` call (tens of
+    MB an image for Lite0): 512 calibration images at once were killed for memory on a 24 GiB machine.
+    `quantize_static` calls `collect_data` once per `set_range` window when given `CalibStridedMinMax`, and
+    the histogram calibrators merge the windows, so memory is bounded by one window."""
 
     def __init__(self, input_name: str, batches: Iterable[np.ndarray]):
         self.input_name = input_name
         # One image per call: the histogram calibrators (percentile, entropy) stack every call's outputs and
         # fail on a last batch smaller than the others.
-        self._batches = (image[None] for batch in batches for image in batch)
+        self._images = [image[None] for batch in batches for image in batch]
+        self._next, self._end = 0, len(self._images)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._next, self._end = start_index, min(end_index, len(self._images))
 
     def get_next(self):
-        batch = next(self._batches, None)
-        return None if batch is None else {self.input_name: batch}
+        if self._next >= self._end:
+            return None
+        self._next += 1
+        return {self.input_name: self._images[self._next - 1]}
 
-    def rewind(self):  # required by the protocol; calibration reads the data once
+    def rewind(self):  # required by the protocol; calibration reads each window once
         pass
+
+    def window(self, most: int) -> int:
+        """The largest number of images at most `most` that divides them all into equal windows (ONNX Runtime
+        refuses a shorter last window)."""
+        n = len(self._images)
+        return max(k for k in range(1, max(1, min(most, n)) + 1) if n % k == 0)
 
 
 def quantize_int8(fp32_model: bytes, calibration: list[np.ndarray], *, input_name: str,
                   per_channel: bool = ExportConfig.per_channel, quant_format: str = ExportConfig.quant_format,
-                  method: str = ExportConfig.calibration_method, exclude: Iterable[str] = ()) -> bytes:
+                  method: str = ExportConfig.calibration_method, exclude: Iterable[str] = (),
+                  window: int = ExportConfig.calibration_window) -> bytes:
     """The INT8 model (weights int8 per output channel, activations uint8) as serialised ONNX bytes.
 
     `calibration`: normalised N x 3 x S x S batches of representative images (training images, eval crop).
     `exclude`: node names left in float (e.g. the first convolution, or the classifier).
+    `window`: at most this many images' activations are held in memory at once.
     """
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -63,16 +85,19 @@ def quantize_int8(fp32_model: bytes, calibration: list[np.ndarray], *, input_nam
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=False)
         # Histogram calibrators print their progress to stdout, which belongs to the CLI's own output.
         with contextlib.redirect_stdout(io.StringIO()):
-            _quantize_static(str(prepared), str(out), calibration, input_name, per_channel, quant_format, method, exclude)
+            _quantize_static(str(prepared), str(out), calibration, input_name, per_channel, quant_format, method, exclude,
+                             window)
         # Load and re-serialise: the calibration scratch files in `tmp` must not be referenced afterwards.
         return onnx.load(str(out)).SerializeToString()
 
 
-def _quantize_static(prepared: str, out: str, calibration, input_name, per_channel, quant_format, method, exclude):
+def _quantize_static(prepared: str, out: str, calibration, input_name, per_channel, quant_format, method, exclude,
+                     window):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    reader = _Batches(input_name, calibration)
     quantize_static(
-        prepared, out, _Batches(input_name, calibration),
+        prepared, out, reader,
         quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
         per_channel=per_channel,
         # uint8 activations x int8 weights is the combination x86 VNNI/AMX integer kernels run natively.
@@ -80,6 +105,7 @@ def _quantize_static(prepared: str, out: str, calibration, input_name, per_chann
         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                           "percentile": CalibrationMethod.Percentile}[method],
         nodes_to_exclude=list(exclude) or None,
+        extra_options={"CalibStridedMinMax": reader.window(window)},
     )
 
 
