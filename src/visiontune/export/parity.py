@@ -56,5 +56,7 @@ def raise_if_failed(name: str, result: dict, where: str) -> None:
     failed = [f"{key} {result[key]:.6g} (needs {'<=' if key == 'max_abs_diff' else '>='} {bound:g})"
               for key, bound in result["thresholds"].items()
               if (result[key] > bound if key == "max_abs_diff" else result[key] < bound)]
+    hint = ("; more --calibration-images may help (accuracies of both are in parity.json)"
+            if "top1_agreement" in result["thresholds"] else "")
     raise ExportError(f"{where}: {name} failed its parity check against the reference on {result['images']} images: "
-                      f"{'; '.join(failed)}; nothing was written (details in parity.json)")
+                      f"{'; '.join(failed)}; nothing was written (details in parity.json){hint}")
