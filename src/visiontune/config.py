@@ -145,7 +145,7 @@ class InferenceConfig:
 class ExportConfig:
     opset: int = 17
     calibration_images: int = 128  # training images INT8 calibration sees (a seeded sample of the run's train split)
-    # Images whose activations ONNX Runtime holds in memory at once while calibrating (~45 MB each for Lite0).
+    # Images whose activations ONNX Runtime holds in memory at once while calibrating (tens of MB each for Lite0).
     calibration_window: int = 128
     # Test-split images the parity check runs on (0: all). 256 was too few: on flower_photos the same INT8 model
     # agreed with fp32 on 98.8 % of a 256-image sample and 99.5 % of all 367 test images.

@@ -23,7 +23,7 @@ from visiontune.config import InferenceConfig
 from visiontune.data.transforms import Preprocess, resample
 from visiontune.ensemble.voting import ensemble_logits, normalise
 from visiontune.errors import ConfigError, ModelError
-from visiontune.models.bundle import read_meta
+from visiontune.models.bundle import check_format, read_meta
 
 ENSEMBLE_FILE = "ensemble.json"
 FORMAT = "visiontune-ensemble"
@@ -57,11 +57,7 @@ def read_manifest(folder: Path) -> tuple[dict, list[MemberEntry]]:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ModelError(f"{path}: not a visiontune ensemble description (no \"format\": \"{FORMAT}\")")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ModelError(f"{path}: ensemble format version {data.get('format_version')} is not supported "
-                         f"(this visiontune reads version {FORMAT_VERSION})")
+    check_format(data, str(path), FORMAT, FORMAT_VERSION, "ensemble")
     try:
         members = [MemberEntry(_resolve(folder, m["path"]), str(m["path"]), float(m["weight"])) for m in data["members"]]
     except (KeyError, TypeError, ValueError) as exc:

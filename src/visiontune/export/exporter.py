@@ -123,7 +123,8 @@ def export_run(run: str | Path, format: str = "onnx", precision: str = "fp32", *
             n_cal = sum(len(b) for b in calibration)
             say(f"calibrating INT8 on {n_cal} training images")
             data = quantize_int8(fp32, calibration, input_name=INPUT, per_channel=cfg.per_channel,
-                                 quant_format=cfg.quant_format, method=cfg.calibration_method)
+                                 quant_format=cfg.quant_format, method=cfg.calibration_method,
+                                 window=cfg.calibration_window)
             result = parity.check_agreement("ONNX INT8", parity.compare(fp32_logits, _onnx_logits(data, images),
                                                                         images.parity_labels), agreement=agreement)
             result["vs_pytorch"] = parity.compare(reference, _onnx_logits(data, images), images.parity_labels)

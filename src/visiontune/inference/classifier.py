@@ -248,7 +248,6 @@ class Classifier:
     def _tta_views(self, source: ImageSource) -> np.ndarray:
         return tta_views(load_resized(source, self.preprocess), self.preprocess.input_size)
 
-
     # ----------------------------------------------------------------- explanations
     def explain(self, image: ImageSource, method: str = "gradcam", target: str | int | None = None, *,
                 top_k: int = InferenceConfig.top_k, layer: str | None = None):

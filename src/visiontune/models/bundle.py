@@ -55,11 +55,7 @@ class ModelMeta:
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> "ModelMeta":
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ModelError(f"{where}: not a visiontune model description (no \"format\": \"{FORMAT}\")")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ModelError(f"{where}: model format version {data.get('format_version')} is not supported "
-                             f"by this visiontune (reads version {FORMAT_VERSION})")
+        check_format(data, where, FORMAT, FORMAT_VERSION, "model")
         try:
             arch = data["architecture"]
             id2label = data["id2label"]
@@ -70,6 +66,15 @@ class ModelMeta:
                        {k: v for k, v in data.items() if k not in known})
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: malformed model description (missing or bad {exc})") from None
+
+
+def check_format(data, where: str, fmt: str, version: int, kind: str) -> None:
+    """Refuse a JSON description (`data`, read from `where`) that is not `fmt` at `version`."""
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise ModelError(f"{where}: not a visiontune {kind} description (no \"format\": \"{fmt}\")")
+    if data.get("format_version") != version:
+        raise ModelError(f"{where}: {kind} format version {data.get('format_version')} is not supported "
+                         f"by this visiontune (reads version {version})")
 
 
 def current_versions() -> dict:
