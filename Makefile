@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test bench clean
+.PHONY: install browser demo test lint clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ browser:
 		elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get install -y -q chromium >/dev/null; \
 		else echo "chromium not installed and no root: browser tests will be skipped"; fi; \
 	fi
+
+lint: install
+	$(BIN)/ruff check src tests bench
 
 test: install browser
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     chosen = paths[: args.limit] if args.limit else paths
     started = time.perf_counter()
-    result = visiontune.explain(args.run, chosen, faithfulness=True)
+    result = visiontune.api.explain(args.run, chosen, faithfulness=True)
     faith = dict(result.faithfulness)
     faith["seconds"] = round(time.perf_counter() - started, 1)
     labels = split_labels(DATASETS / args.data)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps({"faithfulness": faith}), flush=True)
     if args.example:
         picks = paths[:: max(1, len(paths) // 8)][:8]
-        visiontune.explain(args.run, picks, out=Path(args.example).parent / ".explain_example", grid=True)
+        visiontune.api.explain(args.run, picks, out=Path(args.example).parent / ".explain_example", grid=True)
         grid = Path(args.example).parent / ".explain_example" / "grid.gradcam.png"
         grid.replace(args.example)
         grid.parent.rmdir()

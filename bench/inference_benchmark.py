@@ -1,6 +1,7 @@
 """Inference speed and INT8 accuracy of a trained run, every engine measured side by side in one process.
 
-    .venv/bin/python bench/inference_benchmark.py --run bench/out/train/flower_photos-efficientnet_lite0-0 --json bench/out/inference.json
+    .venv/bin/python bench/inference_benchmark.py --run bench/out/train/flower_photos-efficientnet_lite0-0 \
+        --json bench/out/inference.json
 
 What it does, in order:
 1. exports RUN/export/model.onnx and model.int8.onnx with `visiontune export` defaults (if missing);
@@ -172,15 +173,15 @@ def main(argv: list[str] | None = None) -> dict:
     from visiontune.data.decode import decode_full
     from visiontune.data.transforms import normalize
     from visiontune.inference import Classifier
-    from visiontune.inference.backends import session_options
     from visiontune.models.bundle import load_bundle
+    from visiontune.models.onnx_graph import session_options
 
     run = Path(args.run)
     for precision in ("fp32", "int8"):
         target = run / "export" / ("model.onnx" if precision == "fp32" else "model.int8.onnx")
         if not target.is_file():
             print(f"exporting {precision}", file=sys.stderr, flush=True)
-            print(visiontune.export(run, precision=precision).summary(), file=sys.stderr)
+            print(visiontune.api.export(run, precision=precision).summary(), file=sys.stderr)
     parity = json.loads((run / "export" / "parity.json").read_text())
     variants, variant_failures = build_variants(run, ROOT / "bench" / "out" / "inference" / run.name, args.quick)
 

@@ -35,7 +35,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
-
 from visiontune.serve import loadtest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
             import visiontune
 
             print(f"exporting {model}/export/model.int8.onnx ...", file=sys.stderr)
-            print(visiontune.export(model, precision="int8").summary(), file=sys.stderr)
+            print(visiontune.api.export(model, precision="int8").summary(), file=sys.stderr)
     bodies = jpegs(Path(args.data), args.images)
     if not bodies:
         sys.exit(f"{args.data}/split.csv has no test images")

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"| {r['model']} | `{r['extra']}` | error: {r['error']} | | | |")
         else:
             tta = f"{r['test_top1_tta']:.2%}" if "test_top1_tta" in r else f"error: {r.get('tta_error')}"
-            print(f"| {r['model']} | `{r['extra']}` | {r['wall_seconds']:.0f} | {r['val_top1']:.2%} | {r['test_top1']:.2%} | {tta} |")
+            print(f"| {r['model']} | `{r['extra']}` | {r['wall_seconds']:.0f} | {r['val_top1']:.2%} "
+                  f"| {r['test_top1']:.2%} | {tta} |")
     return results
 
 

@@ -17,7 +17,7 @@ from deploy_run import copy_run
 def model(tmp_path_factory):
     """A lone fp32 .onnx file (the fastest engine to start in a fresh process) plus its run."""
     run = copy_run(tmp_path_factory, "predict")
-    visiontune.export(run)
+    visiontune.api.export(run)
     return run / "export" / "model.onnx"
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import visiontune
 from visiontune.data.index import SPLITS, load_dataset
-from visiontune.errors import DatasetError, SplitError
+from visiontune.errors import ConfigError, DatasetError, SplitError
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -98,11 +98,13 @@ def test_a_single_image_class_with_min_per_split_zero_stays_in_train(tmp_path, u
     assert result.counts()["one"] == {"train": 1, "val": 0, "test": 0}
 
 
-@pytest.mark.parametrize("val, test, needle", [(1.0, 0.1, "--val"), (-0.1, 0.1, "--val"), (0.1, 1.5, "--test"),
-                                               (0.6, 0.4, "leaves nothing to train on")])
+@pytest.mark.parametrize("val, test, needle", [(1.0, 0.1, "split.val: val 1.0 + test 0.1 leave nothing to train on"),
+                                               (-0.1, 0.1, "split.val: -0.1 is below 0"),
+                                               (0.1, 1.5, "split.test: 1.5 is above 1"),
+                                               (0.6, 0.4, "leave nothing to train on")])
 def test_impossible_fractions_are_clear_errors(tmp_path, make_classes, val, test, needle):
     root = make_classes(tmp_path / "data", {"a": 5, "b": 5})
-    with pytest.raises(SplitError) as exc:
+    with pytest.raises(ConfigError) as exc:
         visiontune.split(root, val=val, test=test, check=False)
     assert needle in one_line(exc)
 

@@ -17,20 +17,20 @@ import yaml
 
 import visiontune
 from deploy_run import FAST, copy_run
-from visiontune.config import DistillConfig, TrainConfig
+from visiontune.config import DistillConfig, EnsembleConfig, TrainConfig
 from visiontune.data.index import load_dataset
 from visiontune.data.loader import load_all, load_for_model
 from visiontune.data.split import Split
-from visiontune.ensemble.distill import RunTeacher
-from visiontune.ensemble.engine import fit_crops
-from visiontune.ensemble.voting import ensemble_logits, fit_weights, log_loss, normalise, parse_weights, soft_vote
 from visiontune.errors import ConfigError, ModelError
 from visiontune.inference import Classifier
+from visiontune.inference.ensemble import fit_crops
+from visiontune.inference.voting import ensemble_logits, fit_weights, log_loss, normalise, parse_weights, soft_vote
+from visiontune.jobs.teacher import RunTeacher
 from visiontune.models.registry import get_spec
+from visiontune.models.run_dir import RunDir
 from visiontune.training.distill import kl_to_teacher
 from visiontune.training.feature_cache import view_crop
-from visiontune.training.run_dir import read_config
-from visiontune.training.trainer import augment_from
+from visiontune.training.phases import augment_from
 
 TINY_AGREEMENT = 0.5  # as in test_export: six test images of a barely-trained model can flip under INT8
 
@@ -109,7 +109,8 @@ def members(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def ens(members) -> Path:
     out = members[0].parent / "ens"
-    visiontune.api.ensemble(members, out=out, weights="0.6,0.4", backend="torch", evaluate=False)
+    # backend and evaluate come from the config: no default of the verb's may override them
+    visiontune.api.ensemble(members, out=out, weights="0.6,0.4", config=EnsembleConfig(backend="torch", evaluate=False))
     return out
 
 
@@ -117,6 +118,7 @@ def test_ensemble_directory_is_a_model_like_a_run(ens, members, photos):
     manifest = json.loads((ens / "ensemble.json").read_text())
     assert [m["path"] for m in manifest["members"]] == ["../run", "../run_b"]  # relative: they move together
     assert [m["weight"] for m in manifest["members"]] == [0.6, 0.4] and manifest["weights_from"] == "given"
+    assert manifest["backend"] == "torch" and "evaluation" not in json.loads((ens / "metrics.json").read_text())
     assert manifest["val"]["top1"] is not None and manifest["preprocess_from"] == "../run"
     meta = json.loads((ens / "model.json").read_text())
     assert meta["id2label"] == {"0": "daisy", "1": "roses", "2": "tulips"} and meta["preprocess"]["input_size"] == 224
@@ -137,7 +139,7 @@ def test_ensemble_directory_is_a_model_like_a_run(ens, members, photos):
     with pytest.raises(ModelError, match="ensemble"):
         clf.explain(photos["daisy"][0])
     with pytest.raises(ConfigError, match="distil it into one model"):
-        visiontune.export(ens)
+        visiontune.api.export(ens)
 
 
 def test_cli_evaluates_an_ensemble_and_compare_takes_it(ens, members, cli, tmp_path):
@@ -181,7 +183,7 @@ def test_members_trained_on_different_splits_are_refused(members, tmp_path):
 
 def _train_view_kl(run: Path, teacher_dir: Path) -> float:
     """KL(teacher || student) at T = 1 on exactly the cached views the student trained on."""
-    _, _, cfg = read_config(run)
+    _, _, cfg = RunDir(run).read_config()
     dataset = load_dataset(teacher_dir / "split.csv")
     train = np.flatnonzero(dataset.splits == 0)  # decoded first, in this order, so image k is index k
     student = Classifier.load(run)
@@ -196,11 +198,13 @@ def _train_view_kl(run: Path, teacher_dir: Path) -> float:
 @pytest.fixture(scope="module")
 def distilled(ens, members) -> dict[str, Path]:
     cache = members[0].parent / "cache"  # both students share the frozen pass and the teacher's logits
-    base = TrainConfig(distill=DistillConfig(teacher_backend="torch"))
-    runs = {}
-    for name, alpha in (("distilled", DistillConfig.alpha), ("plain", 0.0)):
-        runs[name] = visiontune.api.distill(ens / "split.csv", teacher=ens, alpha=alpha, config=base,
-                                            out=members[0].parent / name, cache_dir=str(cache), **FAST).run_dir
+    runs = {"distilled": visiontune.api.distill(ens / "split.csv", teacher=ens, alpha=DistillConfig.alpha,
+                                                config=TrainConfig(distill=DistillConfig(teacher_backend="torch")),
+                                                out=members[0].parent / "distilled", cache_dir=str(cache), **FAST).run_dir}
+    # The plain student's alpha and temperature come from its config alone: no default of `distill`'s may replace them.
+    plain = TrainConfig(distill=DistillConfig(teacher_backend="torch", alpha=0.0, temperature=3.0))
+    runs["plain"] = visiontune.api.distill(ens / "split.csv", teacher=ens, config=plain, out=members[0].parent / "plain",
+                                           cache_dir=str(cache), **FAST).run_dir
     return runs
 
 
@@ -212,12 +216,14 @@ def test_distillation_brings_the_student_closer_to_the_teacher(distilled, ens):
     notes = json.loads((distilled["distilled"] / "metrics.json").read_text())["notes"]
     assert any("distilled from the ensemble" in n for n in notes)
     assert any("teacher logits for 2 view(s) of 12 training images" in n for n in notes)
+    plain = yaml.safe_load((distilled["plain"] / "config.yaml").read_text())["distill"]
+    assert (plain["alpha"], plain["temperature"], plain["teacher"]) == (0.0, 3.0, str(ens))
     plain_notes = json.loads((distilled["plain"] / "metrics.json").read_text())["notes"]
     assert any("reused from the cache" in n for n in plain_notes)  # computed once, by the first student
 
 
 def test_distilled_run_exports_to_int8(distilled):
-    result = visiontune.export(distilled["distilled"], precision="int8", int8_agreement=TINY_AGREEMENT)
+    result = visiontune.api.export(distilled["distilled"], precision="int8", int8_agreement=TINY_AGREEMENT)
     assert result.path.name == "model.int8.onnx" and result.path.is_file()
     assert Classifier.load(result.path).labels == ["daisy", "roses", "tulips"]
 

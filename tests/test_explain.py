@@ -101,7 +101,7 @@ def test_hooks_are_released_and_memory_stays_flat(crops):
 
 def test_trained_model_maps_are_faithful(run, photos):
     images = [photos[name][-1] for name in CLASSES] + [photos[name][-2] for name in CLASSES]
-    result = visiontune.explain(run, images, faithfulness=True)
+    result = visiontune.api.explain(run, images, faithfulness=True)
     f = result.faithfulness
     assert f["images"] == 6
     # Removing the pixels the map marks hurts more than removing random ones; restoring them helps more.
@@ -142,6 +142,6 @@ def test_classifier_explain(run, photos, tmp_path):
     forced = clf.explain(photos["roses"][0], method="gradcam++", target="daisy")
     assert forced.target == "daisy" and forced.method == "gradcam++"
     # The exported model has no gradients: the error says what to load instead.
-    onnx = Classifier.load(visiontune.export(run).path)
+    onnx = Classifier.load(visiontune.api.export(run).path)
     with pytest.raises(ModelError, match="Grad-CAM needs"):
         onnx.explain(photos["roses"][0])

@@ -69,7 +69,7 @@ def test_onnx_backend_in_memory_and_exported_agree_with_torch(run, clf, crops):
     in_memory = Classifier.load(run, backend="onnx")
     assert in_memory.backend == "onnx" and not (run / "export" / "model.onnx").exists()
     assert np.allclose(in_memory.logits(crops), reference, atol=1e-4)
-    visiontune.export(run)
+    visiontune.api.export(run)
     from_file = Classifier.load(run, backend="onnx")
     assert from_file.engine.where.endswith("export/model.onnx")
     assert np.allclose(from_file.logits(crops), reference, atol=1e-4)
@@ -101,7 +101,8 @@ def test_predict_accepts_paths_bytes_pil_and_arrays_alike(clf, unseen):
     single = clf.predict(path)
     assert len(single) == 1 and single[0].label == by_path.label
     p = single[0]
-    assert p.entropy == pytest.approx(-sum(q * np.log(q) for q in clf.probabilities(load_for_model(path, clf.preprocess)[None])[0]), abs=1e-4)
+    q = clf.probabilities(load_for_model(path, clf.preprocess)[None])[0]
+    assert p.entropy == pytest.approx(-sum(x * np.log(x) for x in q), abs=1e-4)
     assert p.uncertain == (p.probability < 0.5)
     assert set(p.to_dict()) == {"source", "label", "probability", "top_k", "entropy", "uncertain", "error"}
 
@@ -135,7 +136,7 @@ def test_streaming_many_images_matches_one_batch(fast, unseen):
 
 
 def test_torchscript_file_classifies_alone(run, clf, crops):
-    result = visiontune.export(run, format="torchscript")
+    result = visiontune.api.export(run, format="torchscript")
     ts = Classifier.load(result.path)
     assert ts.backend == "torch" and ts.labels == clf.labels
     assert np.allclose(ts.logits(crops), clf.logits(crops), atol=1e-4)
@@ -149,7 +150,7 @@ def test_files_that_are_not_visiontune_models_are_refused(run, tmp_path):
     with pytest.raises(ModelError, match=r"model\.onnx: not a readable ONNX model"):
         Classifier.load(not_model)
     if not (run / "export" / "model.onnx").exists():
-        visiontune.export(run)
+        visiontune.api.export(run)
     truncated = tmp_path / "cut.onnx"
     truncated.write_bytes((run / "export" / "model.onnx").read_bytes()[:100_000])
     with pytest.raises(ModelError, match=r"cut\.onnx: not a readable ONNX model"):

@@ -23,8 +23,9 @@ from sklearn.datasets import load_sample_image
 from visiontune.data.transforms import Augment, Preprocess, augment_crop, eval_crop, normalize, preprocess
 from visiontune.errors import ModelError, VisiontuneError
 from visiontune.models import ModelMeta, build_classifier, get_spec, load_bundle, save_bundle
-from visiontune.models.bundle import META_FILE, WEIGHTS_FILE, current_versions
+from visiontune.models.bundle import current_versions
 from visiontune.models.registry import REGISTRY
+from visiontune.models.run_dir import RunDir
 from visiontune.models.stages import frozen_trainable, stages
 from visiontune.models.weights import create_pretrained, package_weights_path
 
@@ -340,7 +341,7 @@ def test_bundle_round_trip_gives_identical_logits_and_metadata(bundle):
 
 def test_model_json_describes_the_model(bundle):
     folder, _, meta, _ = bundle
-    data = json.loads((folder / META_FILE).read_text())
+    data = json.loads((folder / RunDir.META).read_text())
     assert data["format"] == "visiontune-model" and data["format_version"] == 1
     assert data["id2label"] == {"0": "daisy", "1": "dandelion", "2": "roses"}
     assert Preprocess.from_dict(data["preprocess"]) == meta.preprocess
@@ -353,8 +354,8 @@ def test_model_json_describes_the_model(bundle):
 
 def test_bundle_is_safetensors_and_json_only(bundle, monkeypatch):
     folder, _, _, x = bundle
-    assert sorted(p.name for p in folder.iterdir()) == sorted([META_FILE, WEIGHTS_FILE])  # no temp files left
-    raw = (folder / WEIGHTS_FILE).read_bytes()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([RunDir.META, RunDir.WEIGHTS])  # no temp files left
+    raw = (folder / RunDir.WEIGHTS).read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + header_len])  # the safetensors layout: u64 header length + JSON header
     assert "conv_stem.weight" in header
@@ -369,7 +370,7 @@ def test_bundle_is_safetensors_and_json_only(bundle, monkeypatch):
         assert model(x).shape == (2, 3)
 
 
-@pytest.mark.parametrize("missing", [META_FILE, WEIGHTS_FILE])
+@pytest.mark.parametrize("missing", [RunDir.META, RunDir.WEIGHTS])
 def test_bundle_with_a_file_missing_names_it(bundle, missing):
     folder = bundle[0]
     (folder / missing).unlink()
@@ -382,7 +383,7 @@ def test_bundle_with_a_file_missing_names_it(bundle, missing):
 @pytest.mark.parametrize("keep", [0.5, 0.01])
 def test_bundle_with_truncated_weights(bundle, keep):
     folder = bundle[0]
-    path = folder / WEIGHTS_FILE
+    path = folder / RunDir.WEIGHTS
     raw = path.read_bytes()
     path.write_bytes(raw[:int(len(raw) * keep)])
     with pytest.raises(ModelError) as exc:
@@ -398,7 +399,7 @@ def test_bundle_with_truncated_weights(bundle, keep):
 ])
 def test_bundle_of_another_format_or_version(bundle, change, needle):
     folder = bundle[0]
-    path = folder / META_FILE
+    path = folder / RunDir.META
     data = json.loads(path.read_text())
     data.update(change)
     path.write_text(json.dumps(data))
@@ -411,35 +412,35 @@ def test_bundle_of_another_format_or_version(bundle, change, needle):
 @pytest.mark.parametrize("text", ["{ not json", ""])
 def test_bundle_with_unparseable_model_json(bundle, text):
     folder = bundle[0]
-    (folder / META_FILE).write_text(text)
+    (folder / RunDir.META).write_text(text)
     with pytest.raises(ModelError) as exc:
         load_bundle(folder)
-    assert str(folder / META_FILE) in one_line(exc)
+    assert str(folder / RunDir.META) in one_line(exc)
 
 
 @pytest.mark.parametrize("text", ["[]", "null"])
 def test_bundle_with_model_json_not_an_object(bundle, text):
     folder = bundle[0]
-    (folder / META_FILE).write_text(text)
+    (folder / RunDir.META).write_text(text)
     with pytest.raises(ModelError):
         load_bundle(folder)
 
 
 def test_bundle_whose_labels_do_not_match_its_weights(bundle):
     folder = bundle[0]
-    path = folder / META_FILE
+    path = folder / RunDir.META
     data = json.loads(path.read_text())
     data["id2label"]["3"] = "tulips"
     data["architecture"]["num_classes"] = 4
     path.write_text(json.dumps(data))
     with pytest.raises(ModelError) as exc:
         load_bundle(folder)
-    assert str(folder / WEIGHTS_FILE) in one_line(exc)
+    assert str(folder / RunDir.WEIGHTS) in one_line(exc)
 
 
 def test_bundle_with_a_malformed_description(bundle):
     folder = bundle[0]
-    path = folder / META_FILE
+    path = folder / RunDir.META
     data = json.loads(path.read_text())
     del data["preprocess"]["mean"]
     path.write_text(json.dumps(data))
@@ -450,7 +451,7 @@ def test_bundle_with_a_malformed_description(bundle):
 
 def test_bundle_naming_an_unknown_architecture(bundle):
     folder = bundle[0]
-    path = folder / META_FILE
+    path = folder / RunDir.META
     data = json.loads(path.read_text())
     data["architecture"]["timm_name"] = "nosuchnet_42"
     path.write_text(json.dumps(data))

@@ -81,7 +81,7 @@ class Server:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run = copy_run(tmp_path_factory, "serve")
-    visiontune.export(run)  # export/model.onnx: the engine `full` serves, and the file `bare` serves
+    visiontune.api.export(run)  # export/model.onnx: the engine `full` serves, and the file `bare` serves
     return run
 
 
@@ -356,20 +356,21 @@ def test_page_in_a_real_browser(full, clf, photos, tmp_path):
 def test_engine_choice_prefers_the_int8_export(run, tmp_path):
     from visiontune.config import ServeConfig
     from visiontune.errors import ConfigError
-    from visiontune.export.exporter import EXPORT_DIR, FILES
-    from visiontune.serve.model import EXPORTED, engine_name, export_file, load_model
+    from visiontune.inference.resolve import exported_onnx
+    from visiontune.models.run_dir import RunDir
+    from visiontune.serve.model import load_model
 
-    assert EXPORTED == {"int8": Path(EXPORT_DIR) / FILES["onnx", "int8"], "fp32": Path(EXPORT_DIR) / FILES["onnx", "fp32"]}
     other = tmp_path / "run"
     shutil.copytree(run, other, ignore=shutil.ignore_patterns("tensorboard"))
-    assert export_file(other, "auto") == other / EXPORTED["fp32"]
+    fp32, int8 = RunDir(other).export_file("onnx", "fp32"), RunDir(other).export_file("onnx", "int8")
+    assert exported_onnx(other, "auto") == fp32
     with pytest.raises(ConfigError, match="--precision int8"):
-        export_file(other, "int8")
+        exported_onnx(other, "int8")
     # any valid ONNX model at the INT8 name is what "auto" serves (the real INT8 export is test_export's)
-    shutil.copy(other / EXPORTED["fp32"], other / EXPORTED["int8"])
-    assert export_file(other, "auto") == other / EXPORTED["int8"]
-    assert engine_name(load_model(other, ServeConfig(max_batch=2))) == "onnx int8"
-    assert engine_name(load_model(other, ServeConfig(precision="fp32", max_batch=2))) == "onnx fp32"
+    shutil.copy(fp32, int8)
+    assert exported_onnx(other, "auto") == int8
+    assert load_model(other, ServeConfig(max_batch=2)).engine_name == "onnx int8"
+    assert load_model(other, ServeConfig(precision="fp32", max_batch=2)).engine_name == "onnx fp32"
 
 
 def test_cli_serve_errors_are_one_line(cli, tmp_path):
@@ -377,7 +378,7 @@ def test_cli_serve_errors_are_one_line(cli, tmp_path):
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert result.stderr.startswith("visiontune: error:") and "missing" in result.stderr
     result = cli("serve", tmp_path, "--port", "70000")
-    assert result.returncode == 2 and "--port 70000" in result.stderr
+    assert result.returncode == 2 and "--port: 70000 is above 65535" in result.stderr
 
 
 def test_sigterm_lets_the_request_in_flight_finish(bare, jpegs):

@@ -26,6 +26,15 @@ Image.MAX_IMAGE_PIXELS = None
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
+
+
+def describe_source(source: ImageSource, index: int) -> str:
+    """How a message names an image: its path, or its type and position for an in-memory one."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return f"<{type(source).__name__} #{index}>"
+
+
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 # Bytes that identify common non-image files, so "not an image" can say what the file is instead.

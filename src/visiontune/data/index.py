@@ -22,10 +22,10 @@ from typing import Iterator, Union
 import numpy as np
 
 from visiontune import samples
+from visiontune.config import SPLITS
 from visiontune.data.findings import Finding
 from visiontune.errors import DatasetError
 
-SPLITS = ("train", "val", "test")
 NO_SPLIT = -1
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -96,7 +96,8 @@ def load_dataset(source: Union[str, Path], root: Union[str, Path, None] = None) 
     path = resolve_source(source)
     if path.is_file():
         if path.suffix.lower() not in MANIFEST_SUFFIXES:
-            raise DatasetError(f"{path}: a dataset is a folder or a CSV manifest (path,label[,split]), not a {path.suffix or 'plain'} file")
+            raise DatasetError(f"{path}: a dataset is a folder or a CSV manifest (path,label[,split]), "
+                               f"not a {path.suffix or 'plain'} file")
         return _load_manifest(path, Path(root) if root else path.parent)
     if not os.access(path, os.R_OK | os.X_OK):
         raise DatasetError(f"{path}: folder is not readable (permission denied)")
@@ -186,7 +187,8 @@ def _class_folders(root: Path, findings: list[Finding]) -> list[str]:
     if loose:
         manifests = [n for n in loose if n.lower().endswith(MANIFEST_SUFFIXES)]
         hint = f"; to use a manifest's labels and splits, pass it instead: {', '.join(manifests)}" if manifests else ""
-        findings.append(Finding("info", str(root), f"{len(loose)} file(s) at the top level are in no class folder and were ignored{hint}"))
+        findings.append(Finding("info", str(root),
+                                f"{len(loose)} file(s) at the top level are in no class folder and were ignored{hint}"))
     return [e.name for e in entries if not is_hidden(e.name) and e.is_dir()]
 
 
@@ -227,7 +229,8 @@ def _split_folders(root: Path) -> dict[str, str]:
 
 def _load_split_folders(root: Path, split_dirs: dict[str, str]) -> Dataset:
     builder = _Builder()
-    others = sorted(e.name for e in os.scandir(root) if e.is_dir() and not is_hidden(e.name) and e.name not in split_dirs.values())
+    others = sorted(e.name for e in os.scandir(root)
+                    if e.is_dir() and not is_hidden(e.name) and e.name not in split_dirs.values())
     if others:
         builder.findings.append(Finding("info", str(root), f"folder(s) that are not a split were ignored: {', '.join(others)}"))
     for split, folder in sorted(split_dirs.items(), key=lambda kv: SPLITS.index(kv[0])):
@@ -247,7 +250,8 @@ def _load_manifest(csv_path: Path, root: Path) -> Dataset:
         reader = csv.reader(fh)
         header = [h.strip().lower() for h in next(reader, [])]
         if "path" not in header or "label" not in header:
-            raise DatasetError(f"{csv_path}: a manifest needs a header with 'path' and 'label' columns (and optionally 'split'); found {header}")
+            raise DatasetError(f"{csv_path}: a manifest needs a header with 'path' and 'label' columns (and optionally "
+                               f"'split'); found {header}")
         col_path, col_label = header.index("path"), header.index("label")
         col_split = header.index("split") if "split" in header else None
         for line_no, row in enumerate(reader, start=2):
@@ -265,11 +269,13 @@ def _load_manifest(csv_path: Path, root: Path) -> Dataset:
                     raise DatasetError(f"{csv_path}:{line_no}: unknown split {row[col_split]!r}; use train, val or test")
                 split = SPLITS.index(split_name)
             if rel in seen_paths:
-                builder.findings.append(Finding("warning", rel, f"listed twice in {csv_path.name}: later row (line {line_no}) ignored"))
+                builder.findings.append(Finding("warning", rel,
+                                                f"listed twice in {csv_path.name}: later row (line {line_no}) ignored"))
                 continue
             seen_paths.add(rel)
             if not (root / rel).is_file():
-                builder.findings.append(Finding("warning", str(root / rel), f"listed in {csv_path.name} (line {line_no}) but missing"))
+                builder.findings.append(Finding("warning", str(root / rel),
+                                                f"listed in {csv_path.name} (line {line_no}) but missing"))
                 continue
             builder.add(rel, builder.class_id(label), split)
     return builder.build(root, "manifest", csv_path)

@@ -22,7 +22,8 @@ def progress(total: int, desc: str, quiet: bool, unit: str = "img") -> tqdm:
     return tqdm(total=total, desc=desc, unit=unit, disable=quiet, file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, workers: int = 0, desc: str = "", quiet: bool = False) -> Iterator[R]:
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, workers: int = 0, desc: str = "",
+                 quiet: bool = False) -> Iterator[R]:
     """fn over items, results in input order. `fn` must be a module-level function (it is sent to workers)."""
     workers = default_workers(workers)
     with progress(len(items), desc, quiet) as bar:

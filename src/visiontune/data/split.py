@@ -17,6 +17,7 @@ import numpy as np
 from visiontune.config import SplitConfig
 from visiontune.data.index import NO_SPLIT, SPLITS, Dataset
 from visiontune.errors import SplitError
+from visiontune.files import atomic_write_text
 
 TRAIN, VAL, TEST = range(3)
 
@@ -48,9 +49,7 @@ class Split:
             out.parent.mkdir(parents=True, exist_ok=True)
             buffer = io.StringIO()
             self._write_rows(buffer, out.resolve().parent)
-            tmp = out.with_name(f".{out.name}.tmp")
-            tmp.write_text(buffer.getvalue(), encoding="utf-8")
-            os.replace(tmp, out)
+            atomic_write_text(out, buffer.getvalue())
         else:
             self._write_rows(out, relative_to)
 
@@ -75,11 +74,6 @@ def _relative(path: Path, start: Path) -> str:
 
 def split_dataset(dataset: Dataset, usable: np.ndarray | None = None, cfg: SplitConfig = SplitConfig()) -> Split:
     """Assign every usable file to train, val or test, stratified by class, driven by `cfg.seed`."""
-    for name, value in (("val", cfg.val), ("test", cfg.test)):
-        if not 0.0 <= value < 1.0:
-            raise SplitError(f"--{name} must be a fraction in [0, 1), got {value}")
-    if cfg.val + cfg.test >= 1.0:
-        raise SplitError(f"--val {cfg.val} + --test {cfg.test} leaves nothing to train on")
     usable = np.ones(len(dataset), dtype=bool) if usable is None else usable
     rng = np.random.default_rng(cfg.seed)
     notes: list[str] = []

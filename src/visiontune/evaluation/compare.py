@@ -19,8 +19,9 @@ import yaml
 from visiontune.errors import ConfigError
 from visiontune.evaluation.report import template
 from visiontune.evaluation.scoring import run_split
+from visiontune.files import atomic_write_text, read_json
 from visiontune.models.bundle import read_meta
-from visiontune.training import run_dir as rd
+from visiontune.models.run_dir import RunDir
 
 # (column, title, better): better is "max", "min" or None (not ranked)
 COLUMNS = [
@@ -37,6 +38,7 @@ COLUMNS = [
     ("latency_ms", "batch-1 ms", "min"),
 ]
 CSV_FILE, MD_FILE, HTML_FILE = "comparison.csv", "comparison.md", "comparison.html"
+DEFAULT_FOLDER = Path("comparison")
 
 
 @dataclass
@@ -65,25 +67,25 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _latency(run: Path) -> float | None:
     """Batch-1 p50 from a tensor of the fastest engine, where `visiontune bench RUN` saved its report."""
-    data = rd.read_json(run / rd.BENCH_FILE)
+    data = read_json(RunDir(run).bench)
     values = [e["tensor_ms"]["p50"] for e in (data or {}).get("engines", []) if e.get("tensor_ms", {}).get("p50")]
     return float(min(values)) if values else None
 
 
-def compare_runs(runs: list[Path], out: Path) -> Comparison:
+def compare_runs(runs: list[Path], out: Path | None = None) -> Comparison:
     runs = [Path(r) for r in runs]
     if len(runs) < 2:
         raise ConfigError("compare needs two or more runs")
     identities, configs, rows = {}, [], []
     for run in runs:
         meta = read_meta(run)
-        metrics = rd.read_json(run / rd.METRICS_FILE)
+        metrics = RunDir(run).read_metrics()
         evaluation = metrics.get("evaluation")
         if not evaluation:
-            raise ConfigError(f"{run}: not evaluated yet (no \"evaluation\" in {rd.METRICS_FILE}); "
+            raise ConfigError(f"{run}: not evaluated yet (no \"evaluation\" in {RunDir.METRICS}); "
                               f"run `visiontune evaluate {run}` first")
         identities[run] = (split_identity(run), evaluation["split"])
-        config_path = run / rd.CONFIG_FILE
+        config_path = RunDir(run).config
         configs.append(_flatten(yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {})
         rows.append({"run": str(run), "backbone": meta.backbone, "train_seconds": metrics.get("train_seconds"),
                      "parameters": metrics.get("parameters"), "top1": evaluation["top1"],
@@ -106,12 +108,12 @@ def compare_runs(runs: list[Path], out: Path) -> Comparison:
         if better and len(values) > 1:
             target = (max if better == "max" else min)(v for _, v in values)
             best[column] = {i for i, v in values if v == target}
-    out = Path(out)
+    out = Path(out) if out is not None else DEFAULT_FOLDER
     out.mkdir(parents=True, exist_ok=True)
     files = [out / CSV_FILE, out / MD_FILE, out / HTML_FILE]
-    rd.atomic_write_text(files[0], _csv(rows))
-    rd.atomic_write_text(files[1], _markdown(rows, best))
-    rd.atomic_write_text(files[2], _html(rows, best))
+    atomic_write_text(files[0], _csv(rows))
+    atomic_write_text(files[1], _markdown(rows, best))
+    atomic_write_text(files[2], _html(rows, best))
     return Comparison(rows, best, files)
 
 

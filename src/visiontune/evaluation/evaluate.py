@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,20 +22,15 @@ from visiontune.data.index import load_dataset
 from visiontune.data.loader import load_for_model
 from visiontune.errors import DatasetError, ImageDecodeError
 from visiontune.evaluation import plots
-from visiontune.evaluation.metrics import (choose_uncertainty_threshold, compute_metrics, fit_temperature, reliability,
-                                           roc_curves)
+from visiontune.evaluation.metrics import choose_uncertainty_threshold, compute_metrics, fit_temperature, reliability, roc_curves
 from visiontune.evaluation.model_card import model_card
 from visiontune.evaluation.report import ReportData, build_html
 from visiontune.evaluation.scoring import Scored, run_split, score, select
+from visiontune.files import atomic_write_text
 from visiontune.inference.classifier import Classifier, softmax
-from visiontune.models.bundle import META_FILE, read_meta, update_meta
-from visiontune.training import run_dir as rd
+from visiontune.models.bundle import read_meta, update_meta
+from visiontune.models.run_dir import RunDir
 
-REPORT_FILE = "report.html"
-CARD_FILE = "MODEL_CARD.md"
-CLASS_REPORT_FILE = "classification_report.csv"
-PREDICTIONS_FILE = "predictions.csv"
-PLOTS_DIR = "plots"
 THUMBNAIL = 160
 
 
@@ -52,6 +46,7 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
                  config: EvalConfig | None = None, quiet: bool = True) -> Evaluation:
     cfg = config or EvalConfig()
     run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     split = split or cfg.split
     meta = read_meta(run_dir)
     classifier = Classifier.load(run_dir, backend=cfg.backend)
@@ -65,7 +60,7 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
         dataset = load_dataset(data, root=root)
         selection = select(dataset, split, meta.labels, allow_subset=allow_subset, require_split=False)
         name = Path(str(data)).stem if Path(str(data)).suffix else Path(str(data)).name
-        out_dir = Path(out) if out else run_dir / "evaluations" / f"{name}-{split}"
+        out_dir = Path(out) if out else run.evaluation(f"{name}-{split}")
     scored = score(classifier, selection, cfg, quiet, tta=cfg.tta)
 
     temperature, threshold = classifier.temperature, classifier.threshold
@@ -86,38 +81,38 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
         "split": split, "data": selection.source, "backend": classifier.backend, "tta": cfg.tta,
         "temperature": temperature, "ece_uncalibrated": raw["ece"], "uncertainty_threshold": threshold,
         "uncertain_share": float(np.mean(~confident)),
-        "top1_when_confident": float(np.mean(probs[confident].argmax(1) == scored.labels[confident])) if confident.any() else None,
+        "top1_when_confident": (float(np.mean(probs[confident].argmax(1) == scored.labels[confident]))
+                                if confident.any() else None),
         "skipped": [{"path": p, "reason": r} for p, r in scored.skipped],
         "notes": selection.notes + ([calibration_note] if calibration_note else []),
     })
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_metrics = rd.read_json(run_dir / rd.METRICS_FILE)
+    target = RunDir(out_dir)
+    train_metrics = run.read_metrics()
     if own:
-        rd.write_metrics(out_dir, {**train_metrics, "evaluation": metrics})
+        target.write_metrics({**train_metrics, "evaluation": metrics})
     else:
-        rd.write_metrics(out_dir, {"model": str(run_dir), "evaluation": metrics})
-    rd.atomic_write_text(out_dir / CLASS_REPORT_FILE, classification_report_csv(metrics))
-    rd.atomic_write_text(out_dir / PREDICTIONS_FILE, predictions_csv(scored, probs, meta.labels))
-    drawn = _draw(out_dir / PLOTS_DIR, run_dir, metrics, scored, probs, raw, meta.labels, dataset if own else None,
+        target.write_metrics({"model": str(run_dir), "evaluation": metrics})
+    atomic_write_text(target.class_report, classification_report_csv(metrics))
+    atomic_write_text(target.predictions, predictions_csv(scored, probs, meta.labels))
+    drawn = _draw(target.plots, run, metrics, scored, probs, raw, meta.labels, dataset if own else None,
                   selection, cfg, classifier)
     notes = [n for n in train_metrics.get("notes", [])] + [f"{f.level}: {f.path}: {f.reason}" for f in dataset.findings]
     notes += metrics["notes"] + [f"not scored: {s['path']}: {s['reason']}" for s in metrics["skipped"]]
-    config_path = run_dir / rd.CONFIG_FILE
     report = ReportData(
         title=f"{run_dir.resolve().name}: {meta.backbone}",
         subtitle=f"{len(meta.labels)} classes · scored on the {split} split of "
                  f"{_config_data(run_dir) if own else selection.source} · {classifier.backend} backend"
                  f"{' · test-time augmentation (6 views an image)' if cfg.tta else ''}",
         metrics=metrics, train=train_metrics, plots=drawn["plots"], mistakes=drawn["mistakes"], notes=notes,
-        config_text=config_path.read_text() if config_path.is_file() else "", versions=meta.versions)
-    report_path = out_dir / REPORT_FILE
-    rd.atomic_write_text(report_path, build_html(report))
+        config_text=run.read_config_text(), versions=meta.versions)
+    atomic_write_text(target.report, build_html(report))
     if own:
-        meta_json = json.loads((run_dir / META_FILE).read_text())
-        card = model_card(run_dir.resolve().name, meta_json, train_metrics, metrics, _config_data(run_dir))
-        rd.atomic_write_text(out_dir / CARD_FILE, card)
-    return Evaluation(out_dir, metrics, report_path)
+        card = model_card(run_dir.resolve().name, read_meta(run_dir).to_dict(), train_metrics, metrics,
+                          _config_data(run_dir))
+        atomic_write_text(target.card, card)
+    return Evaluation(out_dir, metrics, target.report)
 
 
 def _calibrate(classifier: Classifier, run_data, labels: list[str], cfg: EvalConfig, quiet: bool, notes: list[str]):
@@ -139,7 +134,7 @@ def _calibrate(classifier: Classifier, run_data, labels: list[str], cfg: EvalCon
 
 def _config_data(run_dir: Path) -> str:
     try:
-        data, _, _ = rd.read_config(run_dir)
+        data, _, _ = RunDir(run_dir).read_config()
         return str(data)
     except Exception:  # an older or hand-made run without a readable config: the card says "unknown"
         return "unknown"
@@ -178,10 +173,10 @@ def worst_mistakes(scored: Scored, probs: np.ndarray, limit: int) -> list[int]:
     return [int(i) for i in wrong[np.argsort(-loss, kind="stable")][:limit]]
 
 
-def _draw(folder: Path, run_dir: Path, m: dict, scored: Scored, probs: np.ndarray, raw: dict, labels: list[str],
+def _draw(folder: Path, run: RunDir, m: dict, scored: Scored, probs: np.ndarray, raw: dict, labels: list[str],
           run_dataset, selection, cfg: EvalConfig, classifier: Classifier) -> dict:
     drawn = {
-        "training_curves": plots.training_curves(rd.read_history(run_dir), folder / "training_curves.png"),
+        "training_curves": plots.training_curves(run.read_history(), folder / "training_curves.png"),
         "confusion_matrix": plots.confusion_matrix(np.array(m["confusion_matrix"]), labels, folder / "confusion_matrix.png"),
         "confused_block": plots.confused_block(np.array(m["confusion_matrix"]), labels, folder / "confused_classes.png"),
         "f1_bars": plots.f1_bars(m["per_class"], folder / "per_class_f1.png"),
@@ -190,8 +185,8 @@ def _draw(folder: Path, run_dir: Path, m: dict, scored: Scored, probs: np.ndarra
         "roc": plots.roc(roc_curves(scored.labels, probs, labels), m["roc_auc"], folder / "roc.png"),
     }
     if m["temperature"] != 1.0:
-        drawn["reliability_uncalibrated"] = plots.reliability_diagram(raw["bins"], raw["ece"],
-                                                                      folder / "reliability_uncalibrated.png", "before calibration")
+        drawn["reliability_uncalibrated"] = plots.reliability_diagram(
+            raw["bins"], raw["ece"], folder / "reliability_uncalibrated.png", "before calibration")
     if run_dataset is not None:
         table = {name: {"train": 0, "val": 0, "test": 0} for name in labels}
         for label, split in zip(run_dataset.labels, run_dataset.splits):
@@ -215,7 +210,7 @@ def _draw(folder: Path, run_dir: Path, m: dict, scored: Scored, probs: np.ndarra
     for item in mistakes:
         del item["image"]
     if cfg.gradcam_images > 0:
-        drawn.update(_gradcam(folder, run_dir, scored, probs, labels, cfg.gradcam_images))
+        drawn.update(_gradcam(folder, run.path, scored, probs, labels, cfg.gradcam_images))
     return {"plots": {k: v for k, v in drawn.items() if v is not None}, "mistakes": mistakes}
 
 

@@ -11,8 +11,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import (confusion_matrix, log_loss, precision_recall_fscore_support,
-                             roc_auc_score, roc_curve, top_k_accuracy_score)
+from sklearn.metrics import (
+    confusion_matrix,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+    top_k_accuracy_score,
+)
 
 from visiontune.config import EvalConfig
 

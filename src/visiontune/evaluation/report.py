@@ -11,6 +11,8 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
+from visiontune.version import __version__
+
 TEMPLATES = "visiontune.evaluation.templates"
 
 # (section id, title, plot names shown in it)
@@ -148,8 +150,6 @@ def _data_section(d: ReportData) -> str:
 
 
 def build_html(d: ReportData) -> str:
-    from visiontune import __version__
-
     m = d.metrics
     sections = [("summary", "Summary", _cards(d))]
     for sid, title, names in PLOT_SECTIONS:

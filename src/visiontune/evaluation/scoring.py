@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.config import EvalConfig
-from visiontune.data.index import SPLITS, Dataset, load_dataset
+from visiontune.config import SPLITS, EvalConfig
+from visiontune.data.index import Dataset, load_dataset
 from visiontune.data.loader import load_all
 from visiontune.data.parallel import progress
 from visiontune.data.transforms import center_crop, tta_views
 from visiontune.errors import DatasetError
-from visiontune.training.run_dir import SPLIT_FILE
+from visiontune.models.run_dir import RunDir
 
 
 @dataclass
@@ -41,9 +41,9 @@ class Scored:
 
 
 def run_split(run_dir: Path) -> Dataset:
-    path = Path(run_dir) / SPLIT_FILE
+    path = RunDir(run_dir).split
     if not path.is_file():
-        raise DatasetError(f"{run_dir}: {SPLIT_FILE} is missing; pass --data to say which images to score")
+        raise DatasetError(f"{run_dir}: {RunDir.SPLIT} is missing; pass --data to say which images to score")
     return load_dataset(path)
 
 
@@ -90,7 +90,8 @@ def score(classifier, selection: Selection, cfg: EvalConfig, quiet: bool = True,
     """Raw logits of every readable image of `selection` (with `tta`, averaged over the views `predict --tta`
     uses); unreadable ones are listed, not fatal."""
     spec = classifier.preprocess
-    views_of = (lambda image: tta_views(image, spec.input_size)) if tta else (lambda image: center_crop(image, spec.input_size)[None])
+    def views_of(image):
+        return tta_views(image, spec.input_size) if tta else center_crop(image, spec.input_size)[None]
     paths, labels, logits, skipped = [], [], [], []
     step = max(1, cfg.batch_images)
     with progress(len(selection.paths), f"score {selection.split}", quiet) as bar:

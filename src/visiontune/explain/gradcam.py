@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.config import EXPLAIN_METHODS as METHODS
 from visiontune.data.transforms import Preprocess, normalize
 from visiontune.errors import ConfigError, ModelError
-
-METHODS = ("gradcam", "gradcam++", "hirescam", "eigencam", "scorecam")
 
 
 def _cam_class(method: str):

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from visiontune.config import ExplainConfig
-from visiontune.data.decode import ImageSource
+from visiontune.data.decode import ImageSource, describe_source
 from visiontune.data.loader import load_for_model
-from visiontune.errors import ImageDecodeError, ModelError
+from visiontune.errors import ImageDecodeError
 from visiontune.explain.faithfulness import score_image, summarize
 from visiontune.explain.gradcam import Explainer, Explanation
 from visiontune.explain.render import explanation_png, grid_png
-from visiontune.models.bundle import META_FILE, load_bundle
+from visiontune.models.bundle import load_bundle
+from visiontune.models.locate import require_run
 
 
 @dataclass
@@ -27,18 +28,11 @@ class ExplainResult:
 
 
 def load_explainer(model: str | Path, method: str = ExplainConfig.method, layer: str | None = None) -> Explainer:
-    """An Explainer for a run directory. Exported files have no gradients to offer, and say so."""
-    path = Path(model)
-    if path.is_file() and path.name != META_FILE:
-        raise ModelError(f"{path}: Grad-CAM needs the gradients of the PyTorch model; pass the run directory "
-                         f"(the folder with model.safetensors and model.json), not an exported file")
-    network, meta = load_bundle(path.parent if path.is_file() else path)
+    """An Explainer for a run directory. Exported files and ensembles have no one network's gradients to offer,
+    and say so."""
+    network, meta = load_bundle(require_run(model, "Grad-CAM"))
     temperature = float((meta.extra.get("calibration") or {}).get("temperature", 1.0))
     return Explainer(network, meta.labels, meta.preprocess, method=method, layer=layer, temperature=temperature)
-
-
-def _describe(source: ImageSource, index: int) -> str:
-    return str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__} #{index}>"
 
 
 def explain_sources(explainer: Explainer, sources: list[ImageSource], *, target: str | int | None = None,
@@ -53,9 +47,9 @@ def explain_sources(explainer: Explainer, sources: list[ImageSource], *, target:
         for k, source in enumerate(sources[start:start + batch_size], start):
             try:
                 crops.append(load_for_model(source, explainer.preprocess))
-                where.append(_describe(source, k))
+                where.append(describe_source(source, k))
             except ImageDecodeError as exc:
-                result.failed.append((_describe(source, k), exc.reason))
+                result.failed.append((describe_source(source, k), exc.reason))
         if not crops:
             continue
         batch = np.stack(crops)

@@ -8,7 +8,6 @@ RUN/export/parity.json, pass or fail, and a failed export writes no model file.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -19,22 +18,21 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.config import ExportConfig
-from visiontune.data.index import SPLITS, load_dataset
+from visiontune.config import SPLITS, ExportConfig
+from visiontune.data.index import load_dataset
 from visiontune.data.loader import load_for_model
 from visiontune.data.transforms import normalize
-from visiontune.errors import ConfigError, ExportError, ImageDecodeError, ModelError
+from visiontune.errors import ExportError, ImageDecodeError
 from visiontune.export import parity
 from visiontune.export.metadata import embed_metadata
 from visiontune.export.onnx import INPUT, serialize, to_onnx
+from visiontune.files import atomic_write_bytes, read_json, write_json
 from visiontune.models.bundle import ModelMeta, load_bundle
+from visiontune.models.locate import require_run
+from visiontune.models.onnx_graph import open_session
+from visiontune.models.run_dir import RunDir
+from visiontune.version import __version__
 
-FORMATS = ("onnx", "torchscript")
-PRECISIONS = ("fp32", "fp16", "int8")
-EXPORT_DIR = "export"
-PARITY_FILE = "parity.json"
-FILES = {("onnx", "fp32"): "model.onnx", ("onnx", "fp16"): "model.fp16.onnx", ("onnx", "int8"): "model.int8.onnx",
-         ("torchscript", "fp32"): "model.torchscript.pt"}
 _BATCH = 16
 
 
@@ -61,31 +59,20 @@ class ExportResult:
         return line
 
 
-def export_run(run: str | Path, format: str = "onnx", precision: str = "fp32", *, config: ExportConfig | None = None,
-               int8_agreement: float | None = None, quiet: bool = True) -> ExportResult:
-    """Export a run directory; returns where the file went and its parity numbers. Raises ExportError
-    (nothing written but parity.json) when the export does not match the trained model."""
+def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bool = True) -> ExportResult:
+    """Export a run directory as `config.format` / `config.precision`; returns where the file went and its parity
+    numbers. Raises ExportError (nothing written but parity.json) when the export does not match the trained model."""
     cfg = config or ExportConfig()
-    if format not in FORMATS:
-        raise ConfigError(f"format {format!r}: choose one of {', '.join(FORMATS)}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if format == "torchscript" and precision != "fp32":
-        raise ConfigError(f"TorchScript export is fp32 only (asked for {precision}); use --format onnx for {precision}")
-    agreement = cfg.int8_agreement if int8_agreement is None else float(int8_agreement)
-    if not 0.0 <= agreement <= 1.0:
-        raise ConfigError(f"INT8 agreement threshold must be between 0 and 1, got {agreement}")
-    run = Path(run)
-    if not run.is_dir():
-        raise ModelError(f"{run}: no such run folder")
+    format, precision, agreement = cfg.format, cfg.precision, cfg.int8_agreement
+    run = require_run(run, "export")
     start = time.perf_counter()
     say = (lambda msg: None) if quiet else (lambda msg: print(f"export: {msg}", file=sys.stderr, flush=True))
     model, meta = load_bundle(run)
-    metrics = _read_json(run / "metrics.json")
+    metrics = RunDir(run).read_metrics()
     images = _RunImages(run, meta, cfg)
     say(f"{len(images.parity_crops)} {images.parity_split} images for the parity check")
     reference = _torch_logits(model, images.parity_batches())
-    target = run / EXPORT_DIR / FILES[format, precision]
+    target = RunDir(run).export_file(format, precision)
     info = {"format": format, "precision": precision, "file": target.name, "source_run": str(run.resolve()),
             "versions": _versions()}
     notes: list[str] = []
@@ -98,7 +85,7 @@ def export_run(run: str | Path, format: str = "onnx", precision: str = "fp32", *
                                                                     images.parity_labels),
                                     atol=cfg.fp32_atol, cosine=cfg.fp32_cosine)
         _finish(run, target, result)
-        _atomic_write(target, data)
+        atomic_write_bytes(target, data)
         return ExportResult(target, format, precision, result, time.perf_counter() - start, notes)
 
     say("tracing to ONNX (fp32)")
@@ -136,7 +123,7 @@ def export_run(run: str | Path, format: str = "onnx", precision: str = "fp32", *
     _finish(run, target, result)
     info["parity"] = {k: v for k, v in result.items() if k != "vs_pytorch"}
     proto = embed_metadata(_load_proto(data), meta, metrics, info)
-    _atomic_write(target, serialize(proto))
+    atomic_write_bytes(target, serialize(proto))
     return ExportResult(target, format, precision, result, time.perf_counter() - start, notes)
 
 
@@ -144,9 +131,9 @@ class _RunImages:
     """The run's own images, eval-cropped: a test sample for parity, a training sample for calibration."""
 
     def __init__(self, run: Path, meta: ModelMeta, cfg: ExportConfig):
-        split_file = run / "split.csv"
+        split_file = RunDir(run).split
         if not split_file.is_file():
-            raise ExportError(f"{run}: split.csv is missing; the parity check needs the run's own images")
+            raise ExportError(f"{run}: {RunDir.SPLIT} is missing; the parity check needs the run's own images")
         self.meta, self.cfg = meta, cfg
         self.dataset = load_dataset(split_file)
         names = list(self.dataset.classes)
@@ -205,11 +192,7 @@ def _torch_logits(model, batches: list[np.ndarray]) -> np.ndarray:
 
 
 def _onnx_logits(data: bytes, images: _RunImages) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    session = open_session(data, "the exported graph")
     return np.concatenate([session.run(None, {INPUT: b})[0] for b in images.parity_batches()]).astype(np.float32)
 
 
@@ -234,35 +217,17 @@ def _load_proto(data: bytes):
 
 def _finish(run: Path, target: Path, result: dict) -> None:
     """Record the result in parity.json (kept per file), then refuse to go on if it failed."""
-    folder = run / EXPORT_DIR
-    folder.mkdir(exist_ok=True)
-    record = _read_json(folder / PARITY_FILE)
+    path = RunDir(run).parity
+    record = read_json(path)
     record[target.name] = result
-    _atomic_write(folder / PARITY_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    write_json(path, record)
     parity.raise_if_failed(target.name, result, str(target))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def _versions() -> dict:
     import onnx
     import onnxruntime
     import torch
-
-    from visiontune import __version__
 
     return {"visiontune": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}

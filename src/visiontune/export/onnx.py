@@ -7,9 +7,6 @@ model's metadata_props as JSON, so a lone .onnx file can be loaded by `inference
 
 from __future__ import annotations
 
-import io
-import warnings
-
 import onnx
 import torch
 from torch import nn
@@ -17,6 +14,7 @@ from torch import nn
 from visiontune.config import ExportConfig
 from visiontune.errors import ModelError
 from visiontune.export.metadata import INPUT, OUTPUT
+from visiontune.models.onnx_graph import constant_fold, first_line, trace
 
 
 class _Half(nn.Module):
@@ -37,43 +35,11 @@ def to_onnx(model: nn.Module, input_size: int, *, half: bool = False, opset: int
     net = with_static_padding(model, input_size)  # a copy: the caller's model is left as it was
     net = _Half(net) if half else net
     net.eval()
-    buffer = io.BytesIO()
-    dummy = torch.zeros(1, 3, input_size, input_size)
     try:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            # The tracer warns about Python-level shape arithmetic in timm's "same" padding; the traced
-            # constants are right for the fixed input size that model.json records.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(net, dummy, buffer, input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=opset,
-                              do_constant_folding=True, dynamo=False)
+        data = trace(net, input_size, [INPUT], [OUTPUT], opset=opset)
     except Exception as exc:  # an operator ONNX cannot express: name it, the user cannot fix it here
-        raise ModelError(f"this architecture cannot be exported to ONNX ({str(exc).splitlines()[0][:200]})") from None
-    return fold_pads_into_convs(constant_fold(onnx.load_from_string(buffer.getvalue())))
-
-
-def constant_fold(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX Runtime's basic, hardware-independent optimisation pass (constant folding, redundant-node
-    removal, Conv+BatchNorm fusion), saved back as a plain ONNX model.
-
-    The tracer leaves constant subgraphs behind (e.g. the chain that reorders F.pad's pads); folded, they
-    are the constants later passes and the quantizer can see through.
-    """
-    import os
-    import tempfile
-
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory(prefix="visiontune-onnx-") as tmp:
-        out = os.path.join(tmp, "folded.onnx")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = out
-        options.log_severity_level = 3
-        ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        folded = onnx.load(out)
-    # The saved model keeps the original's opset and graph I/O; metadata is added afterwards.
-    return folded
+        raise ModelError(f"this architecture cannot be exported to ONNX ({first_line(exc)})") from None
+    return fold_pads_into_convs(onnx.load_from_string(constant_fold(data)))
 
 
 def fold_pads_into_convs(proto: onnx.ModelProto) -> onnx.ModelProto:

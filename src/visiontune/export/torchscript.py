@@ -12,6 +12,7 @@ from torch import nn
 from visiontune.errors import ExportError
 from visiontune.export.static_pad import with_static_padding
 from visiontune.models.bundle import ModelMeta
+from visiontune.models.run_dir import RunDir
 
 
 def to_torchscript(model: nn.Module, meta: ModelMeta) -> bytes:
@@ -27,5 +28,5 @@ def to_torchscript(model: nn.Module, meta: ModelMeta) -> bytes:
         buffer = io.BytesIO()
         # torch.jit is deprecated in favour of torch.export, whose archives need torch >= 2.x at the same
         # version to load; TorchScript still loads in C++ (libtorch) and older PyTorch, which is why it is offered.
-        torch.jit.save(traced, buffer, _extra_files={"model.json": json.dumps(meta.to_dict())})
+        torch.jit.save(traced, buffer, _extra_files={RunDir.META: json.dumps(meta.to_dict())})
     return buffer.getvalue()

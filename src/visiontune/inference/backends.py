@@ -1,22 +1,50 @@
-"""Engines that turn a normalised N x 3 x S x S float32 batch into N x C float32 logits.
+"""Engines that turn a normalised N x 3 x S x S float32 batch into N x C float32 logits, and `LoadedModel`:
+an engine together with the description (labels, preprocessing, calibration) of the model it runs.
 
-Each one is opened from what a user points at (a run folder, a .onnx file, a TorchScript file) and knows
-nothing of labels or preprocessing: `Classifier` adds those.
+An engine knows nothing of labels or preprocessing; `LoadedModel.crop_logits` adds the preprocessing, and
+`Classifier` the rest.
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from visiontune.config import InferenceConfig
+from visiontune.config import InferenceConfig, default_workers
+from visiontune.data.transforms import normalize
 from visiontune.errors import ModelError
+from visiontune.models.bundle import ModelMeta
+from visiontune.models.onnx_graph import first_line, open_session
+from visiontune.models.run_dir import RunDir
 
 
-def default_threads(threads: int = InferenceConfig.threads) -> int:
-    return threads if threads > 0 else max(1, os.cpu_count() or 1)
+@dataclass
+class LoadedModel:
+    """What `inference.resolve.open_model` hands over: an engine and the model it runs."""
+
+    engine: object  # a backend below (normalised batch -> logits) or an ensemble vote (uint8 crops -> logits)
+    meta: ModelMeta
+    path: Path | None
+    backend: str  # "torch" or "onnx" (an ensemble: its members')
+    name: str  # what runs, for people: "onnx int8", "pytorch fp32", "ensemble of 3 (onnx fp32)", ...
+    metrics: dict = field(default_factory=dict)  # the run's metrics.json, or the export's copy of it
+
+    @property
+    def takes_crops(self) -> bool:
+        """An ensemble vote prepares each member's input itself, from the uint8 crops."""
+        return hasattr(self.engine, "members")
+
+    @property
+    def temperature(self) -> float:
+        return float((self.meta.extra.get("calibration") or {}).get("temperature", 1.0))
+
+    def crop_logits(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 N x S x S x 3 crops made with this model's preprocessing -> float32 N x C raw logits."""
+        if self.takes_crops:
+            return self.engine.logits(crops)
+        return self.engine(normalize(crops, self.meta.preprocess))
 
 
 class TorchBackend:
@@ -34,50 +62,27 @@ class TorchBackend:
         return out.float().numpy()
 
 
-def session_options(threads: int = InferenceConfig.threads, spinning: bool = True):
-    """`spinning=False`: idle intra-op threads sleep instead of busy-waiting for the next call. A server
-    wants that: the cores they would burn decode the next requests' images (measured: ~40 % less CPU per
-    image for Lite0 INT8 at batch 8 on 2 cores)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = default_threads(threads)
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3  # ORT's own warnings (unused initialisers, ...) are not the user's business
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
-
-
 class OnnxBackend:
     name = "onnx"
 
     def __init__(self, model: str | Path | bytes, where: str, threads: int = InferenceConfig.threads, *,
                  spinning: bool = True):
-        import onnxruntime as ort
-
         self.where = where
-        source = model if isinstance(model, bytes) else str(model)
-        try:
-            self.session = ort.InferenceSession(source, session_options(threads, spinning), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types for a damaged or foreign file
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{where}: not a readable ONNX model (truncated or damaged? {first})") from None
+        self.session = open_session(model, where, threads, spinning=spinning)
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise ModelError(f"{where}: expected one N x 3 x H x W image input, found "
                              f"{[(i.name, i.shape) for i in inputs]}")
         self.input_name = inputs[0].name
-        self.threads = default_threads(threads)
+        self.threads = default_workers(threads)
 
     @property
     def metadata(self) -> dict[str, str]:
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0].astype(np.float32, copy=False)
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return out.astype(np.float32, copy=False)
 
 
 def load_torchscript(path: Path) -> tuple[object, str]:
@@ -86,7 +91,7 @@ def load_torchscript(path: Path) -> tuple[object, str]:
 
     import torch
 
-    extra = {"model.json": ""}
+    extra = {RunDir.META: ""}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
@@ -94,7 +99,6 @@ def load_torchscript(path: Path) -> tuple[object, str]:
             # compiled graph (no arbitrary Python objects), unlike torch.load's pickle path.
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: not a readable TorchScript model ({first})") from None
-    text = extra["model.json"]
+        raise ModelError(f"{path}: not a readable TorchScript model ({first_line(exc)})") from None
+    text = extra[RunDir.META]
     return module.eval(), text.decode() if isinstance(text, bytes) else text

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.config import BenchConfig, InferenceConfig
+from visiontune.config import BenchConfig
 from visiontune.data.loader import load_for_model
 from visiontune.data.transforms import normalize
-from visiontune.errors import ModelError
-from visiontune.inference.classifier import EXPORTED_ONNX, Classifier
+from visiontune.inference.classifier import Classifier
+from visiontune.models.locate import locate_model
+from visiontune.models.run_dir import RunDir
 
 
 @dataclass
@@ -77,25 +78,15 @@ class BenchReport:
         return "\n".join(lines)
 
 
-def engines_for(model: str | Path, *, threads: int) -> list[tuple[str, Classifier]]:
-    """PyTorch, ONNX fp32 and ONNX INT8 for a run folder (whichever exist); the file's own engine otherwise."""
-    path = Path(model)
-    if not path.is_dir():
-        clf = Classifier.load(path, threads=threads)
-        return [(_engine_name(clf), clf)]
-    found = [("pytorch fp32", Classifier.load(path, "torch", threads=threads))]
-    found.append(("onnx fp32", Classifier.load(path, "onnx", threads=threads)))
-    int8 = path / EXPORTED_ONNX.parent / "model.int8.onnx"
-    if int8.is_file():
-        found.append(("onnx int8", Classifier.load(int8, threads=threads)))
-    return found
-
-
-def _engine_name(clf: Classifier) -> str:
-    if clf.backend == "onnx" and clf.path is not None:
-        suffixes = Path(clf.path).suffixes
-        return "onnx " + ("int8" if ".int8" in suffixes else "fp16" if ".fp16" in suffixes else "fp32")
-    return "torchscript fp32" if Path(clf.path).is_file() else "pytorch fp32"
+def engines_for(model: str | Path, *, threads: int) -> list[Classifier]:
+    """PyTorch and ONNX fp32 for a run or ensemble folder, and ONNX INT8 where a run has it; a file's own engine."""
+    found = locate_model(model)
+    if not found.is_folder:
+        return [Classifier.load(found.path, threads=threads)]
+    engines = [Classifier.load(found.path, "torch", threads=threads), Classifier.load(found.path, "onnx", threads=threads)]
+    if found.kind == "run" and RunDir(found.path).export_file("onnx", "int8").is_file():
+        engines.append(Classifier.load(found.path, "onnx", precision="int8", threads=threads))
+    return engines
 
 
 def _percentiles(times: list[float]) -> dict:
@@ -128,9 +119,10 @@ def _throughput(engine, x: np.ndarray, batch: int, seconds: float) -> float:
             return done / elapsed
 
 
-def measure(name: str, clf: Classifier, jpeg: bytes, cfg: BenchConfig) -> EngineResult:
-    x = normalize(load_for_model(jpeg, clf.preprocess), clf.preprocess)
-    engine = clf.engine
+def measure(clf: Classifier, jpeg: bytes, cfg: BenchConfig) -> EngineResult:
+    crop = load_for_model(jpeg, clf.preprocess)[None]
+    # An ensemble votes on crops (each member prepares its own input); a single network is timed from its tensor.
+    engine, x = (clf.logits, crop) if clf.is_ensemble else (clf.engine, normalize(crop, clf.preprocess))
     tensor = _time_calls(lambda: engine(x), cfg.runs, cfg.warmup)
     e2e = _time_calls(lambda: clf.predict(jpeg, top_k=1, workers=1), cfg.runs, cfg.warmup)
     throughput = {b: _throughput(engine, x, b, cfg.throughput_seconds) for b in cfg.batch_sizes}
@@ -140,12 +132,12 @@ def measure(name: str, clf: Classifier, jpeg: bytes, cfg: BenchConfig) -> Engine
         import torch
 
         threads = torch.get_num_threads()
-    return EngineResult(name, str(clf.path), int(threads), _percentiles(tensor), _percentiles(e2e), throughput,
+    return EngineResult(clf.engine_name, str(clf.path), int(threads), _percentiles(tensor), _percentiles(e2e), throughput,
                         best, throughput[best])
 
 
 def run_bench(model: str | Path, *, image: str | Path | None = None, config: BenchConfig | None = None,
-              threads: int = InferenceConfig.threads, quiet: bool = True) -> BenchReport:
+              quiet: bool = True) -> BenchReport:
     """Benchmark every engine `model` offers (see `engines_for`) on one JPEG (default: a sample photo)."""
     from visiontune import samples
     from visiontune.data.decode import decode_full, read_bytes
@@ -154,16 +146,15 @@ def run_bench(model: str | Path, *, image: str | Path | None = None, config: Ben
     source = Path(image) if image else sorted((samples.path("flowers-mini") / "daisy").glob("*.jpg"))[0]
     jpeg = read_bytes(source)
     size = decode_full(jpeg).size
-    found = engines_for(model, threads=threads)
-    if not found:
-        raise ModelError(f"{model}: nothing to benchmark")
-    report = BenchReport(str(model), str(source), size, found[0][1].preprocess.input_size, machine())
-    if Path(model).is_dir() and not any(n == "onnx int8" for n, _ in found):
-        report.notes.append("no export/model.int8.onnx: run `visiontune export RUN --precision int8` to bench INT8")
-    for name, clf in found:
+    found = engines_for(model, threads=cfg.threads)
+    report = BenchReport(str(model), str(source), size, found[0].preprocess.input_size, machine())
+    if locate_model(model).kind == "run" and not any(clf.engine_name == "onnx int8" for clf in found):
+        int8 = RunDir(model).export_file("onnx", "int8").relative_to(model)
+        report.notes.append(f"no {int8}: run `visiontune export RUN --precision int8` to bench INT8")
+    for clf in found:
         if not quiet:
-            print(f"bench: {name} ...", file=sys.stderr, flush=True)
-        report.engines.append(measure(name, clf, jpeg, cfg))
+            print(f"bench: {clf.engine_name} ...", file=sys.stderr, flush=True)
+        report.engines.append(measure(clf, jpeg, cfg))
     return report
 
 

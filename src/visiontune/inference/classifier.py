@@ -7,7 +7,6 @@ the temperature and the "uncertain" threshold that evaluation stores in model.js
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,18 +15,14 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from visiontune.config import InferenceConfig
-from visiontune.data.decode import ImageSource
+from visiontune.config import ExplainConfig, InferenceConfig, default_workers
+from visiontune.data.decode import ImageSource, describe_source
 from visiontune.data.loader import load_for_model, load_resized
-from visiontune.data.transforms import Preprocess, normalize, tta_views
-from visiontune.errors import ConfigError, ImageDecodeError, ModelError
-from visiontune.inference.backends import OnnxBackend, TorchBackend, default_threads, load_torchscript
-from visiontune.models.bundle import META_FILE, WEIGHTS_FILE, ModelMeta
-
-BACKENDS = ("torch", "onnx")
-ONNX_SUFFIXES = (".onnx",)
-TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".jit")
-EXPORTED_ONNX = Path("export") / "model.onnx"
+from visiontune.data.transforms import Preprocess, tta_views
+from visiontune.errors import ConfigError, ImageDecodeError
+from visiontune.inference.backends import LoadedModel
+from visiontune.inference.resolve import open_model
+from visiontune.inference.voting import entropy_of, softmax
 
 
 @dataclass
@@ -58,109 +53,45 @@ class Prediction:
                 "entropy": self.entropy, "uncertain": self.uncertain, "error": self.error}
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits.astype(np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def describe_source(source: ImageSource, index: int) -> str:
-    if isinstance(source, (str, Path)):
-        return str(source)
-    return f"<{type(source).__name__} #{index}>"
-
-
 class Classifier:
     """Load with `Classifier.load(path)`; call `predict`, `probabilities` or `logits`."""
 
-    def __init__(self, engine, meta: ModelMeta, *, path: Path | None, backend: str,
-                 metrics: dict | None = None, batch_size: int = InferenceConfig.batch_size):
-        self.engine = engine
-        self.meta = meta
-        self.labels: list[str] = list(meta.labels)
-        self.preprocess: Preprocess = meta.preprocess
-        self.path = path
-        self.backend = backend
-        self.metrics = metrics or {}
+    def __init__(self, model: LoadedModel, *, batch_size: int = InferenceConfig.batch_size):
+        self.model = model
+        self.engine = model.engine
+        self.meta = model.meta
+        self.labels: list[str] = list(model.meta.labels)
+        self.preprocess: Preprocess = model.meta.preprocess
+        self.path = model.path
+        self.backend = model.backend
+        self.engine_name = model.name
+        self.metrics = model.metrics
         self.batch_size = max(1, int(batch_size))
-        calibration = meta.extra.get("calibration") or {}
-        uncertainty = meta.extra.get("uncertainty") or {}
-        self.temperature: float = float(calibration.get("temperature", 1.0))
+        uncertainty = model.meta.extra.get("uncertainty") or {}
+        self.temperature: float = model.temperature
         self.threshold: float = float(uncertainty.get("threshold", InferenceConfig.threshold))
         self._explainer = None  # built on the first `explain`, kept for the next with the same method and layer
         self._explainer_key: tuple | None = None
 
     def __repr__(self) -> str:
-        return f"Classifier({str(self.path)!r}, backend={self.backend!r}, classes={len(self.labels)})"
+        return f"Classifier({str(self.path)!r}, engine={self.engine_name!r}, classes={len(self.labels)})"
 
-    # ----------------------------------------------------------------- loading
+    @property
+    def is_ensemble(self) -> bool:
+        return self.model.takes_crops
+
     @classmethod
-    def load(cls, path: str | Path, backend: str | None = None, *, threads: int = InferenceConfig.threads,
-             batch_size: int = InferenceConfig.batch_size) -> "Classifier":
-        """A run directory, a .onnx file or a TorchScript file.
+    def load(cls, path: str | Path, backend: str | None = None, *, precision: str = "fp32",
+             threads: int = InferenceConfig.threads, batch_size: int = InferenceConfig.batch_size,
+             spinning: bool = True) -> "Classifier":
+        """A run directory, an ensemble directory, a .onnx file or a TorchScript file (see `resolve.open_model`).
 
         backend: "torch" or "onnx". Defaults: "onnx" for a .onnx file, "torch" for a run directory (where
-        "onnx" uses export/model.onnx if present, else exports fp32 in memory).
+        "onnx" uses its export at `precision` if present, else exports fp32 in memory).
         """
-        if backend is not None and backend not in BACKENDS:
-            raise ConfigError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        path = Path(path)
-        if path.is_file() and path.name in (META_FILE, WEIGHTS_FILE):
-            path = path.parent  # pointing at a bundle's file means the bundle
-        if path.is_dir():
-            return cls._load_run(path, backend, threads, batch_size)
-        if not path.exists():
-            raise ModelError(f"{path}: no such model file or run folder")
-        if not path.is_file():
-            raise ModelError(f"{path}: not a regular file")
-        kind = _file_kind(path)
-        if kind == "onnx":
-            if backend == "torch":
-                raise ConfigError(f"{path}: an ONNX file runs with backend 'onnx' only")
-            engine = OnnxBackend(path, str(path), threads)
-            from visiontune.export.metadata import read_metadata
-
-            meta, metrics, _ = read_metadata(engine.metadata, str(path))
-            return cls(engine, meta, path=path, backend="onnx", metrics=metrics, batch_size=batch_size)
-        if backend == "onnx":
-            raise ConfigError(f"{path}: a TorchScript file runs with backend 'torch' only")
-        module, text = load_torchscript(path)
-        if not text:
-            raise ModelError(f"{path}: a TorchScript model, but not a visiontune one (no model.json inside); "
-                             f"export it with `visiontune export RUN --format torchscript`")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"{path}: damaged model.json inside the TorchScript file ({exc})") from None
-        meta = ModelMeta.from_dict(data, f"{path}:model.json")
-        return cls(TorchBackend(module, str(path)), meta, path=path, backend="torch", batch_size=batch_size)
-
-    @classmethod
-    def _load_run(cls, run: Path, backend: str | None, threads: int, batch_size: int) -> "Classifier":
-        from visiontune.ensemble.engine import is_ensemble, load_ensemble
-        from visiontune.models.bundle import load_bundle, read_meta
-
-        if is_ensemble(run):  # several runs voting (visiontune.ensemble), same interface
-            return load_ensemble(run, backend, threads=threads, batch_size=batch_size)
-        metrics = _read_metrics(run)
-        if backend == "onnx":
-            meta = read_meta(run)  # the run's model.json is newer than any export (calibration is added later)
-            exported = run / EXPORTED_ONNX
-            if exported.is_file():
-                engine = OnnxBackend(exported, str(exported), threads)
-            else:
-                from visiontune.export.onnx import serialize, to_onnx
-
-                model, meta = load_bundle(run)
-                engine = OnnxBackend(serialize(to_onnx(model, meta.preprocess.input_size)), f"{run} (in memory)", threads)
-            return cls(engine, meta, path=run, backend="onnx", metrics=metrics, batch_size=batch_size)
-        model, meta = load_bundle(run)
-        if threads > 0:
-            import torch
-
-            torch.set_num_threads(default_threads(threads))
-        return cls(TorchBackend(model, str(run)), meta, path=run, backend="torch", metrics=metrics, batch_size=batch_size)
+        model = open_model(path, backend, precision=precision, threads=threads, batch_size=batch_size,
+                           spinning=spinning)
+        return cls(model, batch_size=batch_size)
 
     # ----------------------------------------------------------------- numbers
     def logits(self, crops: np.ndarray) -> np.ndarray:
@@ -173,8 +104,7 @@ class Classifier:
             raise ConfigError(f"expected N x {size} x {size} x 3 crops for this model, got shape {tuple(crops.shape)}")
         if len(crops) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        out = [self.engine(normalize(crops[i:i + self.batch_size], self.preprocess))
-               for i in range(0, len(crops), self.batch_size)]
+        out = [self.model.crop_logits(crops[i:i + self.batch_size]) for i in range(0, len(crops), self.batch_size)]
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def view_logits(self, views: Sequence[np.ndarray]) -> np.ndarray:
@@ -213,12 +143,12 @@ class Classifier:
             for index, source in enumerate(images):
                 pending.append((describe_source(source, index), source))
                 if len(pending) == chunk:
-                    pool = pool or ThreadPoolExecutor(max_workers=default_threads(workers))
+                    pool = pool or ThreadPoolExecutor(max_workers=default_workers(workers))
                     yield from self._predict_chunk(pending, pool, load, top_k)
                     pending = []
             if pending:
-                if len(pending) > 1 and default_threads(workers) > 1:
-                    pool = pool or ThreadPoolExecutor(max_workers=default_threads(workers))
+                if len(pending) > 1 and default_workers(workers) > 1:
+                    pool = pool or ThreadPoolExecutor(max_workers=default_workers(workers))
                 yield from self._predict_chunk(pending, pool, load, top_k)
         finally:
             if pool is not None:
@@ -249,7 +179,7 @@ class Classifier:
         return tta_views(load_resized(source, self.preprocess), self.preprocess.input_size)
 
     # ----------------------------------------------------------------- explanations
-    def explain(self, image: ImageSource, method: str = "gradcam", target: str | int | None = None, *,
+    def explain(self, image: ImageSource, method: str = ExplainConfig.method, target: str | int | None = None, *,
                 top_k: int = InferenceConfig.top_k, layer: str | None = None):
         """Grad-CAM (or `method`) for one image -> `visiontune.explain.gradcam.Explanation` (heat map,
         overlay, the model's top-k). `target`: the class to explain (default: the predicted one).
@@ -260,13 +190,7 @@ class Classifier:
         from visiontune.explain.runner import load_explainer
 
         key = (method, layer)
-        if getattr(self.engine, "members", None) is not None:
-            raise ModelError(f"{self.path}: an ensemble has no single network to take gradients from; "
-                             f"explain one of its members")
         if self._explainer_key != key:
-            if self.path is None or not Path(self.path).is_dir():
-                raise ModelError(f"{self.path}: Grad-CAM needs the gradients of the PyTorch model; load the run "
-                                 f"directory (the folder with model.safetensors and model.json), not an exported file")
             self._explainer, self._explainer_key = load_explainer(self.path, method, layer), key
         explainer = self._explainer
         explainer.temperature = self.temperature
@@ -290,26 +214,3 @@ def _as_list(images) -> list:
     if isinstance(images, np.ndarray):
         return [images] if images.ndim in (2, 3) else list(images)
     return list(images)
-
-
-def _file_kind(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in ONNX_SUFFIXES:
-        return "onnx"
-    if suffix in TORCHSCRIPT_SUFFIXES:
-        return "torchscript"
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    return "torchscript" if head == b"PK\x03\x04" else "onnx"
-
-
-def _read_metrics(run: Path) -> dict:
-    try:
-        return json.loads((run / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def entropy_of(p: np.ndarray) -> np.ndarray:
-    """Entropy (nats) of each row of a probability matrix."""
-    return -np.sum(p * np.log(np.clip(p, 1e-12, 1.0)), axis=1)

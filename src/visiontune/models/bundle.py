@@ -7,7 +7,6 @@ needs nothing from training. No pickle anywhere: a bundle can be loaded from an 
 from __future__ import annotations
 
 import json
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,14 +14,15 @@ from typing import TYPE_CHECKING
 
 from visiontune.data.transforms import Preprocess
 from visiontune.errors import ModelError
+from visiontune.files import atomic_write_bytes, atomic_write_text
+from visiontune.models.run_dir import RunDir
+from visiontune.version import __version__
 
 if TYPE_CHECKING:  # torch is imported where weights are touched: reading model.json (an ONNX-only
     from torch import nn  # prediction or server) should not cost torch's start-up time and memory
 
 FORMAT = "visiontune-model"
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
 
 
 @dataclass
@@ -81,36 +81,31 @@ def current_versions() -> dict:
     import timm
     import torch
 
-    from visiontune import __version__
-
     return {"visiontune": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version()}
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def save_bundle(folder: Path, model: nn.Module, meta: ModelMeta) -> None:
     """Write weights and description, each atomically, so a killed process leaves the previous good pair."""
     from safetensors.torch import save
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    run = RunDir(folder)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(folder / WEIGHTS_FILE, save(state))
-    _atomic_write_bytes(folder / META_FILE, (json.dumps(meta.to_dict(), indent=2) + "\n").encode())
+    atomic_write_bytes(run.weights, save(state))
+    write_meta(run.path, meta)
+
+
+def write_meta(folder: Path, meta: ModelMeta) -> None:
+    atomic_write_text(RunDir(folder).meta, json.dumps(meta.to_dict(), indent=2) + "\n")
 
 
 def read_meta(folder: Path) -> ModelMeta:
-    path = Path(folder) / META_FILE
+    path = RunDir(folder).meta
     if not path.is_file():
-        raise ModelError(f"{folder}: not a visiontune run or model folder ({META_FILE} is missing)")
+        raise ModelError(f"{folder}: not a visiontune run or model folder ({RunDir.META} is missing)")
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path}: unreadable ({exc})") from None
     return ModelMeta.from_dict(data, str(path))
 
@@ -122,15 +117,15 @@ def load_bundle(folder: Path) -> tuple[nn.Module, ModelMeta]:
 
     folder = Path(folder)
     meta = read_meta(folder)
-    weights = folder / WEIGHTS_FILE
+    weights = RunDir(folder).weights
     if not weights.is_file():
-        raise ModelError(f"{folder}: {WEIGHTS_FILE} is missing")
+        raise ModelError(f"{folder}: {RunDir.WEIGHTS} is missing")
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise ModelError(f"{weights}: damaged or not a safetensors file ({str(exc)[:200]})") from None
     if not timm.is_model(meta.timm_name):
-        raise ModelError(f"{folder / META_FILE}: architecture {meta.timm_name!r} is unknown to this timm "
+        raise ModelError(f"{RunDir(folder).meta}: architecture {meta.timm_name!r} is unknown to this timm "
                          f"({timm.__version__}); the model was made with timm {meta.versions.get('timm', '?')}")
     model = timm.create_model(meta.timm_name, pretrained=False, num_classes=meta.num_classes, drop_rate=meta.dropout)
     try:
@@ -146,5 +141,5 @@ def update_meta(folder: Path, **extra) -> ModelMeta:
     The weights are untouched, so every later consumer sees the new keys without retraining."""
     meta = read_meta(folder)
     meta.extra.update(extra)
-    _atomic_write_bytes(Path(folder) / META_FILE, (json.dumps(meta.to_dict(), indent=2) + "\n").encode())
+    write_meta(folder, meta)
     return meta

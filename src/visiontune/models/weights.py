@@ -17,7 +17,6 @@ from visiontune.errors import ModelError
 from visiontune.models.registry import BackboneSpec, PackageWeights, offline_names
 
 
-
 def classifier_keys(model: nn.Module) -> set[str]:
     """State-dict keys of the final classifier (the part trained for the dataset's classes)."""
     classifier = model.get_classifier()
@@ -47,11 +46,13 @@ def load_package_weights(model: nn.Module, weights: PackageWeights) -> None:
     target = model.state_dict()
     dst = [k for k in target if k not in head]
     if len(src) != len(dst):
-        raise ModelError(f"{path}: {len(src)} backbone tensors, but the model has {len(dst)}; wrong package for this architecture")
+        raise ModelError(f"{path}: {len(src)} backbone tensors, but the model has {len(dst)}; "
+                         f"wrong package for this architecture")
     mapped = {}
     for (src_key, tensor), dst_key in zip(src, dst):
         if tuple(tensor.shape) != tuple(target[dst_key].shape):
-            raise ModelError(f"{path}: tensor {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(target[dst_key].shape)}")
+            raise ModelError(f"{path}: tensor {src_key} {tuple(tensor.shape)} does not fit "
+                             f"{dst_key} {tuple(target[dst_key].shape)}")
         mapped[dst_key] = tensor
     missing, _ = model.load_state_dict(mapped, strict=False)
     left = [k for k in missing if k not in head]
@@ -102,7 +103,8 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
         for label, keys in (("missing", missing), ("wrong shape", wrong), ("unknown", extra)):
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
-        raise ModelError(f"{path}: does not fit {type(model).__name__} {getattr(model, 'default_cfg', {}).get('architecture', '')}: "
+        architecture = getattr(model, 'default_cfg', {}).get('architecture', '')
+        raise ModelError(f"{path}: does not fit {type(model).__name__} {architecture}: "
                          f"{'; '.join(parts)} of {len(backbone)} backbone tensors")
     model.load_state_dict({k: state[k] for k in backbone if k in state}, strict=False)
 

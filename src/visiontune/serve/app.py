@@ -23,15 +23,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
-from visiontune import __version__
-from visiontune.config import ServeConfig
+from visiontune.config import ServeConfig, default_workers
 from visiontune.errors import ImageDecodeError, ModelError
 from visiontune.inference import Classifier
-from visiontune.inference.backends import default_threads
 from visiontune.serve import docs, errors, uploads
 from visiontune.serve.batcher import MicroBatcher
 from visiontune.serve.errors import ApiError
 from visiontune.serve.model import can_explain, describe
+from visiontune.version import __version__
 
 log = logging.getLogger("visiontune.serve")
 STATIC = Path(__file__).parent / "static"
@@ -101,7 +100,7 @@ def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
     batcher = MicroBatcher(clf.probabilities, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
                            capacity=cfg.queue_size)
-    decoder = ThreadPoolExecutor(default_threads(cfg.decode_threads), thread_name_prefix="decode")
+    decoder = ThreadPoolExecutor(default_workers(cfg.decode_threads), thread_name_prefix="decode")
     explainer = ThreadPoolExecutor(1, thread_name_prefix="explain")  # Grad-CAM is heavy: one at a time
     info = {**describe(clf), "limits": {"max_body_bytes": cfg.max_body_bytes, "max_batch_files": cfg.max_batch_files,
                                         "max_pixels": cfg.max_pixels, "top_k": cfg.top_k},

@@ -9,17 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from visiontune.config import ServeConfig
-from visiontune.ensemble.engine import is_ensemble
-from visiontune.errors import ConfigError
-from visiontune.inference.classifier import EXPORTED_ONNX, ONNX_SUFFIXES, Classifier, _read_metrics
-from visiontune.models.bundle import META_FILE, WEIGHTS_FILE
+from visiontune.inference.classifier import Classifier
+from visiontune.models.locate import locate_model
+from visiontune.version import __version__
 
-# The names `visiontune export` writes (export/exporter.py FILES); not imported from there because that
-# module pulls in PyTorch, which an ONNX server does not need.
-EXPORTED = {"int8": EXPORTED_ONNX.with_name("model.int8.onnx"), "fp32": EXPORTED_ONNX}
-PRECISIONS = ("auto", "int8", "fp32")
 log = logging.getLogger("visiontune.serve")
-BACKENDS = ("onnx", "torch")
 
 
 def model_threads(cfg: ServeConfig) -> int:
@@ -29,57 +23,18 @@ def model_threads(cfg: ServeConfig) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
 
 
-def export_file(run: Path, precision: str) -> Path | None:
-    """The exported ONNX file to serve a run directory from (None: export fp32 in memory)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    order = ["int8", "fp32"] if precision == "auto" else [precision]
-    for name in order:
-        if (run / EXPORTED[name]).is_file():
-            return run / EXPORTED[name]
-    if precision == "int8":
-        raise ConfigError(f"{run}: no {EXPORTED['int8']}; make it with `visiontune export {run} --precision int8`")
-    return None
-
-
-def _onnx_classifier(file: Path, run: Path | None, cfg: ServeConfig) -> Classifier:
-    """An ONNX Runtime classifier whose idle threads sleep rather than spin, leaving the cores to decoding."""
-    from visiontune.inference.backends import OnnxBackend
-
-    engine = OnnxBackend(file, str(file), model_threads(cfg), spinning=False)
-    if run is None:  # a bare .onnx file: labels and preprocessing are embedded in it
-        from visiontune.export.metadata import read_metadata
-
-        meta, metrics, _ = read_metadata(engine.metadata, str(file))
-    else:  # the run's own model.json, not the export's copy: evaluation adds the calibration later
-        from visiontune.models.bundle import read_meta
-
-        meta, metrics = read_meta(run), _read_metrics(run)
-    return Classifier(engine, meta, path=run or file, backend="onnx", metrics=metrics, batch_size=cfg.max_batch)
-
-
 def load_model(model: str | Path, cfg: ServeConfig) -> Classifier:
-    """A run directory, a .onnx or a TorchScript file, loaded and warmed up (ONNX Runtime plans its memory
-    on the first call of each batch size, which should not land on the first user)."""
-    if cfg.backend not in BACKENDS:
-        raise ConfigError(f"backend {cfg.backend!r}: choose one of {', '.join(BACKENDS)}")
-    path = Path(model)
-    if path.is_file() and path.name in (META_FILE, WEIGHTS_FILE):
-        path = path.parent  # pointing at a bundle's file means the bundle, as for `predict`
-    # An ensemble folder (ensemble.json) is several runs: Classifier.load knows how to serve it.
-    single_run = path.is_dir() and (path / META_FILE).is_file() and not is_ensemble(path)
-    engine_file = export_file(path, cfg.precision) if single_run and cfg.backend == "onnx" else None
-    if engine_file is not None:
-        clf = _onnx_classifier(engine_file, path, cfg)
-    elif path.is_file() and path.suffix.lower() in ONNX_SUFFIXES:
-        clf = _onnx_classifier(path, None, cfg)
-    else:
-        if single_run and cfg.backend == "onnx":
-            log.warning("%s has no ONNX export: serving fp32 exported in memory; `visiontune export %s "
-                        "--precision int8` makes a faster model", path, path)
-        # A model file runs on its own engine; only a run directory has a choice.
-        clf = Classifier.load(path, cfg.backend if path.is_dir() else None, threads=model_threads(cfg),
-                              batch_size=cfg.max_batch)
+    """A run directory, an ensemble, a .onnx or a TorchScript file, loaded and warmed up (ONNX Runtime plans its
+    memory on the first call of each batch size, which should not land on the first user). ONNX Runtime's idle
+    threads sleep rather than spin, leaving the cores to decoding."""
+    found = locate_model(model)
+    # A model file runs on its own engine; only a folder has a choice.
+    backend = cfg.backend if found.is_folder else None
+    clf = Classifier.load(found.path, backend, precision=cfg.precision if found.kind == "run" else "fp32",
+                          threads=model_threads(cfg), batch_size=cfg.max_batch, spinning=False)
+    if str(getattr(clf.engine, "where", "")).endswith("(in memory)"):
+        log.warning("%s has no ONNX export: serving fp32 exported in memory; `visiontune export %s "
+                    "--precision int8` makes a faster model", found.path, found.path)
     size = clf.preprocess.input_size
     for n in sorted({1, cfg.max_batch}):
         clf.probabilities(np.zeros((n, size, size, 3), np.uint8))
@@ -89,17 +44,7 @@ def load_model(model: str | Path, cfg: ServeConfig) -> Classifier:
 def can_explain(clf: Classifier) -> bool:
     """Grad-CAM needs the PyTorch weights of one network: a run directory has them, an exported file or an
     ensemble (several networks) does not."""
-    single = getattr(clf.engine, "members", None) is None
-    return single and clf.path is not None and Path(clf.path).is_dir()
-
-
-def engine_name(clf: Classifier) -> str:
-    where = str(getattr(clf.engine, "where", ""))
-    if clf.backend == "onnx":
-        if where.endswith(str(EXPORTED["int8"])):
-            return "onnx int8"
-        return "onnx fp32"
-    return clf.backend
+    return clf.path is not None and locate_model(clf.path).kind == "run"
 
 
 def headline_metrics(metrics: dict) -> dict:
@@ -127,13 +72,11 @@ def headline_metrics(metrics: dict) -> dict:
 def describe(clf: Classifier) -> dict:
     import onnxruntime
 
-    from visiontune import __version__
-
     meta = clf.meta
     return {
         "labels": clf.labels,
         "backbone": meta.backbone,
-        "engine": engine_name(clf),
+        "engine": clf.engine_name,
         "preprocess": {**clf.preprocess.to_dict(), "resize_size": clf.preprocess.resize_size},
         "temperature": clf.temperature,
         "uncertain_below": clf.threshold,

@@ -15,26 +15,21 @@ from pathlib import Path
 
 import uvicorn
 
-from visiontune.config import ServeConfig, from_dict, to_dict
+from visiontune.config import API_KEY_ENV, ServeConfig, from_dict, override, to_dict
 from visiontune.errors import ConfigError
 
 log = logging.getLogger("visiontune.serve")
 WORKER_ENV = "VISIONTUNE_SERVE_WORKER"  # how worker processes learn what to serve (they are spawned fresh)
 
 
-def check(cfg: ServeConfig) -> None:
-    if not 0 <= cfg.port <= 65535:
-        raise ConfigError(f"--port {cfg.port}: must be between 0 and 65535")
-    for name in ("workers", "max_batch", "queue_size", "max_batch_files"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} {getattr(cfg, name)}: must be at least 1")
-    for name in ("max_body_mb", "body_timeout_s"):
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"{name} {getattr(cfg, name)}: must be positive")
-    if cfg.max_wait_ms < 0 or cfg.top_k < 1:
-        raise ConfigError("max_wait_ms must be >= 0 and top_k >= 1")
-    if cfg.api_key is not None and not cfg.api_key.strip():
-        raise ConfigError("--api-key is empty")
+def serve(model: str | Path, *, config: ServeConfig | None = None, **overrides) -> None:
+    """Serve a run directory, an ensemble, a .onnx or a TorchScript file over HTTP until SIGTERM or Ctrl-C: the JSON
+    API under /v1, the web page at /, the OpenAPI docs at /docs. Settings are ServeConfig's (host=, port=,
+    workers=, api_key=, backend=, queue_size=, ...); the API key defaults to $VISIONTUNE_API_KEY."""
+    cfg = override(config or ServeConfig(), **overrides)
+    if cfg.api_key is None and os.environ.get(API_KEY_ENV):
+        cfg = override(cfg, api_key=os.environ[API_KEY_ENV])
+    run(model, cfg)
 
 
 def setup_logging(level: str) -> None:
@@ -50,13 +45,12 @@ def _uvicorn_config(app, cfg: ServeConfig, **extra):
 
 def run(model: str | Path, cfg: ServeConfig) -> None:
     """Load `model` and serve it until SIGTERM or Ctrl-C."""
-    from visiontune.serve.model import engine_name, load_model
+    from visiontune.serve.model import load_model
 
-    check(cfg)
     setup_logging(cfg.log_level)
     # Loaded here even with several workers: a bad model is then one clear error, not N crashed workers.
     clf = load_model(model, cfg)
-    log.info("serving %s (%s, %d classes)%s", model, engine_name(clf), len(clf.labels),
+    log.info("serving %s (%s, %d classes)%s", model, clf.engine_name, len(clf.labels),
              "; API key required" if cfg.api_key else "")
     if cfg.workers > 1:
         from uvicorn.supervisors import Multiprocess

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-FOLDER = "checkpoint"
+from visiontune.models.run_dir import RunDir
+from visiontune.training.phases import Score
+
 TENSORS = "state.safetensors"
 STATE = "state.json"
 
@@ -48,7 +50,7 @@ class Checkpoint:
     """Reads and writes one run's resume state."""
 
     def __init__(self, run_dir: Path):
-        self.folder = Path(run_dir) / FOLDER
+        self.folder = RunDir(run_dir).checkpoint
 
     def exists(self) -> bool:
         return (self.folder / STATE).is_file()
@@ -94,8 +96,6 @@ class Checkpoint:
 def restore(state: dict, tensors: dict[str, torch.Tensor], *, model: nn.Module, optimizer, scheduler, plateau,
             rng: np.random.Generator, best) -> None:
     """Put model, optimizer, schedules, RNGs and best-so-far back as they were after the saved epoch."""
-    from visiontune.training.loops import Score
-
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
     if scheduler is not None and state["scheduler"] is not None:

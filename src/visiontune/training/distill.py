@@ -7,7 +7,7 @@ features, keyed the same way plus the teacher's identity: on a CPU the teacher's
 expensive part, and every epoch of both phases reuses them.
 
 `training` never imports `inference`: the teacher arrives as an object built by the API layer
-(`visiontune.ensemble.distill.RunTeacher`) that follows the `Teacher` protocol below.
+(`visiontune.jobs.teacher.RunTeacher`) that follows the `Teacher` protocol below.
 """
 
 from __future__ import annotations
@@ -46,13 +46,6 @@ def check_settings(cfg: TrainConfig, teacher: Teacher | None) -> None:
     if teacher is None:
         raise ConfigError(f"the settings name a teacher ({d.teacher}) but none was loaded; "
                           f"train through visiontune.train / visiontune.distill, which load it")
-    if not 0.0 <= d.alpha <= 1.0:
-        raise ConfigError(f"--alpha must be between 0 and 1 (the weight of the teacher's term), got {d.alpha}")
-    if d.temperature <= 0:
-        raise ConfigError(f"--temperature must be above 0, got {d.temperature}")
-    if cfg.full_finetune:
-        raise ConfigError("distillation uses the cached recipe (the teacher's logits are computed once per cached "
-                          "view); --full-finetune draws fresh augmentations every epoch, so it cannot take a teacher")
 
 
 def teacher_view_logits(teacher: Teacher, images: list, digests: list[str], indices: np.ndarray, views: int,

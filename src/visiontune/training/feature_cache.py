@@ -10,11 +10,9 @@ PyTorch eager there; on a GPU, PyTorch runs them.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch import nn
 
 from visiontune.data.parallel import progress
 from visiontune.data.transforms import Augment, Preprocess, augment_crop, center_crop, normalize
+from visiontune.models.onnx_graph import first_line, open_session, trace
 
 # Batch of the frozen pass: ONNX Runtime on 2 cores was fastest per image at small batches.
 _FROZEN_BATCH = 8
@@ -56,23 +55,13 @@ class FrozenRunner:
             self.session = self._onnx_session(spec, notes)
 
     def _onnx_session(self, spec: Preprocess, notes: list[str]):
-        import onnxruntime as ort
-
-        buffer = io.BytesIO()
-        dummy = torch.zeros(1, 3, spec.input_size, spec.input_size)
         outputs = ["boundary", "pooled"] if self.split else ["pooled"]
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(self.net, dummy, buffer, input_names=["x"], output_names=outputs,
-                                  dynamic_axes={name: {0: "n"} for name in ["x", *outputs]}, opset_version=17,
-                                  dynamo=False)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+            graph = trace(self.net, spec.input_size, ["x"], outputs)
         except Exception as exc:  # an architecture ONNX cannot express still trains, only slower
-            notes.append(f"frozen pass runs in PyTorch (ONNX export failed: {str(exc).splitlines()[0][:120]})")
+            notes.append(f"frozen pass runs in PyTorch (ONNX export failed: {first_line(exc)[:120]})")
             return None
+        return open_session(graph, "the frozen layers", torch.get_num_threads())
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         if self.session is not None:

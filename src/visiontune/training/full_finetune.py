@@ -12,7 +12,8 @@ from torch import nn
 
 from visiontune.config import TrainConfig
 from visiontune.data.transforms import Augment, Preprocess, augment_crop, center_crop, normalize
-from visiontune.training.loops import BestState, Score, batch_rng, make_loss, optimizer_step, run_epochs
+from visiontune.training.loops import batch_rng, make_loss, optimizer_step, run_epochs
+from visiontune.training.phases import BestState, Score
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:

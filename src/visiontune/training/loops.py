@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 import zlib
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -15,10 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from visiontune.config import TrainConfig
-from visiontune.errors import ConfigError
-
-SCHEDULES = ("cosine", "onecycle", "plateau")
-BALANCE = ("none", "weights", "sampler")
+from visiontune.training.checkpoint import restore
+from visiontune.training.phases import BestState, Resume
 
 
 def batch_rng(seed: int, epoch: int, batch: np.ndarray) -> np.random.Generator:
@@ -78,8 +74,6 @@ def make_loss(cfg: TrainConfig, train_labels: np.ndarray, num_classes: int) -> C
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     """Per-step schedule (cosine or one-cycle, both with warm-up), or None for plateau (stepped per epoch)."""
-    if cfg.schedule not in SCHEDULES:
-        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     if cfg.schedule == "plateau":
         return None
     total_steps = max(1, total_steps)
@@ -104,53 +98,6 @@ def plateau_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.3, patience=1)
 
 
-@dataclass
-class Score:
-    loss: float
-    accuracy: float
-
-    def better_than(self, other: "Score | None") -> bool:
-        if other is None:
-            return True
-        return (self.accuracy, -self.loss) > (other.accuracy, -other.loss)
-
-
-@torch.no_grad()
-def evaluate_logits(forward: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray, labels: np.ndarray,
-                    device: torch.device, batch_size: int = 256) -> tuple[Score, np.ndarray]:
-    """Loss and accuracy of `forward` over cached inputs, and the logits (for metrics downstream)."""
-    chunks = []
-    for start in range(0, len(inputs), batch_size):
-        x = torch.from_numpy(np.asarray(inputs[start:start + batch_size], dtype=np.float32)).to(device)
-        chunks.append(forward(x).float().cpu())
-    logits = torch.cat(chunks) if chunks else torch.zeros(0, 1)
-    target = torch.from_numpy(labels.astype(np.int64))
-    loss = F.cross_entropy(logits, target).item() if len(labels) else float("nan")
-    acc = (logits.argmax(1) == target).float().mean().item() if len(labels) else float("nan")
-    return Score(loss, acc), logits.numpy()
-
-
-@dataclass
-class BestState:
-    """The weights of the best epoch so far, by validation score (kept in memory, restored at the end)."""
-
-    module: nn.Module
-    score: Score | None = None
-    epoch: int = -1
-    state: dict = field(default_factory=dict)
-
-    def offer(self, score: Score, epoch: int) -> bool:
-        if score.better_than(self.score):
-            self.score, self.epoch = score, epoch
-            self.state = copy.deepcopy(self.module.state_dict())
-            return True
-        return False
-
-    def restore(self) -> None:
-        if self.state:
-            self.module.load_state_dict(self.state)
-
-
 class EpochTimer:
     def __init__(self):
         self.start = time.perf_counter()
@@ -159,25 +106,11 @@ class EpochTimer:
         return time.perf_counter() - self.start
 
 
-@dataclass
-class Resume:
-    """A loaded checkpoint, and the order of the run's phases (to tell a finished phase from a pending one)."""
-
-    state: dict
-    tensors: dict
-    phases: list[str]
-
-    def is_past(self, name: str) -> bool:
-        return self.phases.index(self.state["phase"]) > self.phases.index(name)
-
-
 def run_epochs(name: str, epochs: int, params: list[dict], n_train: int, cfg: TrainConfig, step_fn, validate,
                best: BestState, history, batch_size: int, labels: np.ndarray, *, model: nn.Module,
                checkpoint=None, resume: Resume | None = None, every_epoch: bool = True) -> None:
     """The epoch loop every phase shares: AdamW, schedule, validation, best state, early stopping, and a
     checkpoint after each epoch (`every_epoch`) or at the end of the phase, from which `resume` continues."""
-    from visiontune.training.checkpoint import restore
-
     if resume is not None and resume.is_past(name):
         return  # finished before the interruption; its weights come back with the later phase's checkpoint
     optimizer = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)

@@ -1,4 +1,4 @@
-"""Soft-voting arithmetic: numpy only, no model in sight.
+"""Probabilities and soft-voting arithmetic: numpy only, no model in sight.
 
 An ensemble's probability is the weighted mean of its members' temperature-calibrated probabilities
 (p = sum_m w_m softmax(z_m / T_m), weights on the simplex); its "logits" are log p, so softmax gives p back
@@ -15,10 +15,16 @@ TINY = 1e-30  # floor of a probability before its log
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(logits / temperature) of each row, float32."""
     z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=-1, keepdims=True)
+    z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def entropy_of(p: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of each row of a probability matrix."""
+    return -np.sum(p * np.log(np.clip(p, 1e-12, 1.0)), axis=1)
 
 
 def normalise(weights, members: int) -> np.ndarray:

@@ -14,30 +14,31 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.config import DistillConfig
-from visiontune.data.index import SPLITS, load_dataset
+from visiontune.config import SPLITS, DistillConfig
+from visiontune.data.index import load_dataset
 from visiontune.data.split import Split
 from visiontune.data.transforms import Preprocess
-from visiontune.ensemble.engine import ENSEMBLE_FILE, EnsembleEngine, describe_label_difference, fit_crops, read_manifest
 from visiontune.errors import ConfigError, ModelError
-from visiontune.models.bundle import META_FILE, WEIGHTS_FILE, read_meta
-from visiontune.training.run_dir import SPLIT_FILE
+from visiontune.inference.classifier import Classifier
+from visiontune.inference.ensemble import describe_label_difference, fit_crops
+from visiontune.models.bundle import read_meta
+from visiontune.models.manifest import read_manifest
+from visiontune.models.run_dir import RunDir
 
 
 def model_identity(folder: Path) -> str:
     """Digest of what a run's or an ensemble's outputs depend on: its model.json and weights, or for an
     ensemble its ensemble.json and model.json and every member's identity."""
-    folder = Path(folder)
+    run = RunDir(folder)
     h = hashlib.blake2b(digest_size=16)
-    for name in (ENSEMBLE_FILE, META_FILE, WEIGHTS_FILE):
-        path = folder / name
+    for path in (run.ensemble, run.meta, run.weights):
         if path.is_file():
-            h.update(name.encode())
+            h.update(path.name.encode())
             with open(path, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
-    if (folder / ENSEMBLE_FILE).is_file():
-        for member in read_manifest(folder)[1]:
+    if run.is_ensemble:
+        for member in read_manifest(run.path)[1]:
             h.update(model_identity(member.path).encode())
     return h.hexdigest()
 
@@ -60,8 +61,6 @@ class RunTeacher:
     def classifier(self):
         """Loaded on the first logits: a run whose teacher logits are all cached never loads the teacher."""
         if self._classifier is None:
-            from visiontune.inference.classifier import Classifier
-
             self._classifier = Classifier.load(self.path, self.backend, threads=self.threads)
         return self._classifier
 
@@ -72,16 +71,16 @@ class RunTeacher:
                              f"({describe_label_difference(labels, list(classes), 'the teacher', 'the data')}); "
                              f"distil on data with the teacher's classes")
         self.columns = np.array([labels.index(name) for name in classes])
-        kind = "ensemble" if (self.path / ENSEMBLE_FILE).is_file() else "run"
+        kind = "ensemble" if RunDir(self.path).is_ensemble else "run"
         return [f"distilled from the {kind} {self.path}"] + self._check_leakage(split)
 
     def _check_leakage(self, split: Split) -> list[str]:
         """The teacher must not have trained (or been tuned) on the student's test images: the student would
         learn their labels through it, and its test score would leak. The student's validation images only
         pick its best epoch, so an overlap there is a note."""
-        path = self.path / SPLIT_FILE
+        path = RunDir(self.path).split
         if not path.is_file():
-            return [f"the teacher {self.path} has no {SPLIT_FILE}: nothing shows it did not train on this run's "
+            return [f"the teacher {self.path} has no {RunDir.SPLIT}: nothing shows it did not train on this run's "
                     f"test images"]
         teacher = load_dataset(path)
         roles = {str(teacher.abspath(i).resolve()): int(teacher.splits[i]) for i in range(len(teacher))}
@@ -105,9 +104,8 @@ class RunTeacher:
     def logits(self, crops: np.ndarray, spec: Preprocess) -> np.ndarray:
         if self.columns is None:
             raise RuntimeError("RunTeacher.logits before prepare")  # a bug, not a user error
-        engine = self.classifier.engine
-        if isinstance(engine, EnsembleEngine):  # every member gets the crop fitted to it directly
-            z = engine.log_probabilities(crops, spec)
+        if self.classifier.is_ensemble:  # every member gets the crop fitted to it directly
+            z = self.classifier.engine.logits(crops, spec)
         else:
             z = self.classifier.logits(fit_crops(crops, spec, self.classifier.preprocess))
         return np.asarray(z, dtype=np.float32)[:, self.columns]
@@ -117,6 +115,4 @@ def load_teacher(cfg: DistillConfig) -> RunTeacher | None:
     """The teacher `cfg` names (None when it names none)."""
     if not cfg.teacher:
         return None
-    if cfg.teacher_backend not in ("onnx", "torch"):
-        raise ConfigError(f"teacher_backend must be onnx or torch, got {cfg.teacher_backend!r}")
     return RunTeacher(cfg.teacher, cfg.teacher_backend)

@@ -9,7 +9,6 @@ and the ensemble's test score would leak. Weights are equal, given, or fitted on
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +16,20 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from visiontune.config import EnsembleConfig
-from visiontune.data.index import SPLITS, Dataset, load_dataset
+from visiontune.config import SPLITS, EnsembleConfig, InferenceConfig
+from visiontune.data.index import Dataset, load_dataset
 from visiontune.data.loader import load_all
 from visiontune.data.parallel import progress
 from visiontune.data.split import Split
 from visiontune.data.transforms import center_crop
-from visiontune.ensemble.engine import (ENSEMBLE_FILE, FORMAT, FORMAT_VERSION, EnsembleEngine, MemberEntry,
-                                        describe_label_difference, load_members, stored_path)
-from visiontune.ensemble.voting import accuracy, fit_weights, log_loss, normalise, parse_weights, soft_vote
 from visiontune.errors import ConfigError, DatasetError, ModelError
-from visiontune.models.bundle import META_FILE, WEIGHTS_FILE, ModelMeta, current_versions, read_meta
-from visiontune.training import run_dir as rd
+from visiontune.files import atomic_write_text, write_json
+from visiontune.inference.ensemble import EnsembleVote, describe_label_difference
+from visiontune.inference.resolve import open_model
+from visiontune.inference.voting import accuracy, fit_weights, log_loss, normalise, parse_weights, soft_vote
+from visiontune.models.bundle import ModelMeta, current_versions, read_meta, write_meta
+from visiontune.models.manifest import FORMAT, FORMAT_VERSION, stored_path
+from visiontune.models.run_dir import RunDir
 
 
 @dataclass
@@ -41,13 +42,13 @@ class EnsembleResult:
     evaluation: object = None  # filled in by the API when the ensemble is evaluated at the end
 
 
-def build_ensemble(runs: list[Path], out: Path, weights="equal", *, config: EnsembleConfig | None = None,
-                   overwrite: bool = False, quiet: bool = True) -> EnsembleResult:
+def build_ensemble(runs: list[Path], out: Path, *, config: EnsembleConfig | None = None, overwrite: bool = False,
+                   quiet: bool = True) -> EnsembleResult:
     cfg = config or EnsembleConfig()
     started = time.perf_counter()
     runs = [Path(r) for r in runs]
     out = Path(out)
-    mode = parse_weights(weights) if isinstance(weights, str) else [float(w) for w in weights]
+    mode = parse_weights(cfg.weights)
     _check_members_and_out(runs, out, overwrite)
     metas = [read_meta(r) for r in runs]
     labels = list(metas[0].labels)
@@ -65,9 +66,9 @@ def build_ensemble(runs: list[Path], out: Path, weights="equal", *, config: Ense
 
     val_labels, member_probs = None, None
     if dataset is not None and (dataset.splits == SPLITS.index("val")).any():
-        engine = EnsembleEngine(load_members([MemberEntry(r, str(r), 1.0) for r in runs], cfg.backend, 0,
-                                             _batch(), str(out)), [1.0] * len(runs), labels, spec, str(out))
-        val_labels, member_probs = _score_val(engine, dataset, labels, cfg, quiet, notes)
+        members = [open_model(r, cfg.backend, batch_size=InferenceConfig.batch_size) for r in runs]
+        vote = EnsembleVote(members, [1.0] * len(runs), labels, spec, str(out), InferenceConfig.batch_size)
+        val_labels, member_probs = _score_val(vote, dataset, labels, cfg, quiet, notes)
     elif mode == "fit":
         raise ConfigError(f"--weights fit needs validation images, and the members' split has none"
                           f"{'' if dataset is not None else ' (they have no split.csv)'}; give --weights w1,w2,… or equal")
@@ -85,7 +86,7 @@ def build_ensemble(runs: list[Path], out: Path, weights="equal", *, config: Ense
 
     members, member_metrics = [], []
     for k, (run, meta) in enumerate(zip(runs, metas)):
-        train = rd.read_json(run / rd.METRICS_FILE)
+        train = RunDir(run).read_metrics()
         entry = {"path": stored_path(run, out), "weight": w[k], "backbone": meta.backbone,
                  "input_size": meta.preprocess.input_size}
         if member_probs is not None:
@@ -101,17 +102,18 @@ def build_ensemble(runs: list[Path], out: Path, weights="equal", *, config: Ense
         notes.append(f"validation top-1: ensemble {combined['top1']:.2%}, best member {best['val']['top1']:.2%} "
                      f"({best['path']})")
 
+    target = RunDir(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (META_FILE, ENSEMBLE_FILE):  # model.json last of all below: the mark of a finished ensemble
-        (out / stale).unlink(missing_ok=True)
+    for stale in (target.meta, target.ensemble):  # model.json last of all below: the mark of a finished ensemble
+        stale.unlink(missing_ok=True)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "members": members, "weights_from": weights_from,
                 "labels": labels, "preprocess_from": members[largest]["path"], "val": combined,
                 "backend": cfg.backend, "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    rd.atomic_write_text(out / ENSEMBLE_FILE, json.dumps(manifest, indent=2) + "\n")
+    write_json(target.ensemble, manifest)
     if dataset is not None:
-        Split(dataset, dataset.splits.copy()).write_csv(out / rd.SPLIT_FILE)
+        Split(dataset, dataset.splits.copy()).write_csv(target.split)
     else:
-        (out / rd.SPLIT_FILE).unlink(missing_ok=True)
+        target.split.unlink(missing_ok=True)
     images = ({name: int((dataset.splits == k).sum()) for k, name in enumerate(SPLITS)} if dataset is not None else {})
     seconds = [m["train_seconds"] for m in member_metrics]
     build_seconds = round(time.perf_counter() - started, 1)
@@ -128,20 +130,14 @@ def build_ensemble(runs: list[Path], out: Path, weights="equal", *, config: Ense
         **({"val": {"loss": combined["loss"], "top1": combined["top1"]}} if combined else {}),
         "notes": notes,
     }
-    rd.write_metrics(out, metrics)
+    target.write_metrics(metrics)
     _write_config(out, runs, members, weights_from)
     backbones = ", ".join(m.backbone for m in metas)
     meta = ModelMeta(f"ensemble of {len(runs)}: {backbones}", "+".join(m.timm_name for m in metas), labels, spec, 0.0,
-                     current_versions(), {"ensemble": {"file": ENSEMBLE_FILE, "members": [m["path"] for m in members],
+                     current_versions(), {"ensemble": {"file": RunDir.ENSEMBLE, "members": [m["path"] for m in members],
                                                        "weights": w}})
-    rd.atomic_write_text(out / META_FILE, json.dumps(meta.to_dict(), indent=2) + "\n")
+    write_meta(out, meta)
     return EnsembleResult(out, w, weights_from, metrics, notes)
-
-
-def _batch() -> int:
-    from visiontune.config import InferenceConfig
-
-    return InferenceConfig.batch_size
 
 
 def _check_members_and_out(runs: list[Path], out: Path, overwrite: bool) -> None:
@@ -156,15 +152,16 @@ def _check_members_and_out(runs: list[Path], out: Path, overwrite: bool) -> None
     target = out.resolve()
     if target in resolved:
         raise ConfigError(f"--out {out}: that is one of the members; write the ensemble somewhere else")
-    if (out / WEIGHTS_FILE).exists():
+    target = RunDir(out)
+    if target.weights.exists():
         raise ConfigError(f"--out {out}: a trained run is there; write the ensemble somewhere else")
-    if ((out / META_FILE).exists() or (out / ENSEMBLE_FILE).exists()) and not overwrite:
+    if (target.meta.exists() or target.ensemble.exists()) and not overwrite:
         raise ConfigError(f"{out}: an ensemble is already there; pass --overwrite, or another --out")
 
 
 def _split_rows(run: Path) -> dict[str, tuple[str, int]] | None:
     """{resolved path: (label, split)} of a member's split.csv; None when it has none."""
-    path = run / rd.SPLIT_FILE
+    path = RunDir(run).split
     if not path.is_file():
         return None
     dataset = load_dataset(path)
@@ -180,7 +177,7 @@ def _common_split(runs: list[Path], notes: list[str]) -> Dataset | None:
         notes.append("no member has a split.csv: the ensemble has no test split of its own (evaluate it with --data)")
         return None
     if missing:
-        raise ConfigError(f"{', '.join(missing)}: no {rd.SPLIT_FILE}, so nothing shows it did not train on the other "
+        raise ConfigError(f"{', '.join(missing)}: no {RunDir.SPLIT}, so nothing shows it did not train on the other "
                           f"members' test images; an ensemble needs members trained on one split")
     first = rows[0]
     for run, other in zip(runs[1:], rows[1:]):
@@ -192,8 +189,8 @@ def _common_split(runs: list[Path], notes: list[str]) -> Dataset | None:
                if leaked else "their split.csv files list other images, labels or roles")
         raise ConfigError(f"{runs[0]} and {run} were trained on different splits ({why}), so the ensemble would "
                           f"have no clean test split; train every member on one split file, e.g. "
-                          f"`visiontune train {runs[0] / rd.SPLIT_FILE} --model … --seed 1`")
-    return load_dataset(runs[0] / rd.SPLIT_FILE)
+                          f"`visiontune train {RunDir(runs[0]).split} --model … --seed 1`")
+    return load_dataset(RunDir(runs[0]).split)
 
 
 def _leaks(rows: list[dict]) -> list[str]:
@@ -207,14 +204,14 @@ def _leaks(rows: list[dict]) -> list[str]:
     return sorted(leaked)
 
 
-def _score_val(engine: EnsembleEngine, dataset: Dataset, labels: list[str], cfg: EnsembleConfig, quiet: bool,
+def _score_val(vote: EnsembleVote, dataset: Dataset, labels: list[str], cfg: EnsembleConfig, quiet: bool,
                notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Every member's calibrated probabilities on the validation images: labels (N) and M x N x C."""
     index = {name: i for i, name in enumerate(labels)}
     keep = np.flatnonzero(dataset.splits == SPLITS.index("val"))
     paths = [str(dataset.abspath(i)) for i in keep]
     targets = np.array([index[dataset.classes[dataset.labels[i]]] for i in keep], dtype=np.int64)
-    spec, step = engine.preprocess, max(1, cfg.batch_images)
+    spec, step = vote.preprocess, max(1, cfg.batch_images)
     probs, kept = [], []
     with progress(len(paths), "score members on val", quiet) as bar:
         for start in range(0, len(paths), step):
@@ -228,7 +225,7 @@ def _score_val(engine: EnsembleEngine, dataset: Dataset, labels: list[str], cfg:
                 crops.append(center_crop(image, spec.input_size))
                 kept.append(start + k)
             if crops:
-                probs.append(engine.member_probabilities(np.stack(crops)))
+                probs.append(vote.member_probabilities(np.stack(crops)))
             bar.update(len(decoded.images))
     if not kept:
         raise DatasetError(f"none of the {len(paths)} validation images could be read")
@@ -240,7 +237,7 @@ def _write_config(out: Path, runs: list[Path], members: list[dict], weights_from
     `compare` lists only what really differs between the ensemble and its members)."""
     configs = []
     for run in runs:
-        path = run / rd.CONFIG_FILE
+        path = RunDir(run).config
         try:
             configs.append(yaml.safe_load(path.read_text()) or {} if path.is_file() else {})
         except (OSError, yaml.YAMLError):
@@ -251,7 +248,7 @@ def _write_config(out: Path, runs: list[Path], members: list[dict], weights_from
                             "weights_from": weights_from},
                **shared}
     text = "# an ensemble of runs (see ensemble.json); the training settings below are the ones all members share\n"
-    rd.atomic_write_text(out / rd.CONFIG_FILE, text + yaml.safe_dump(payload, sort_keys=False))
+    atomic_write_text(RunDir(out).config, text + yaml.safe_dump(payload, sort_keys=False))
 
 
 def _common(first: dict, others: list[dict]) -> dict:

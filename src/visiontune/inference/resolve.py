@@ -1,0 +1,126 @@
+"""The one model resolver: what a path is (`models.locate`), opened on the right engine.
+
+`Classifier.load` is this module's front door; serve, bench, explain, evaluation and ensembles all come through
+it, so a run directory, an ensemble, a .onnx file and a TorchScript file load the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from visiontune.config import BACKENDS, SERVE_PRECISIONS, InferenceConfig
+from visiontune.errors import ConfigError, ModelError
+from visiontune.inference.backends import LoadedModel, OnnxBackend, TorchBackend, load_torchscript
+from visiontune.inference.ensemble import EnsembleVote
+from visiontune.models.bundle import ModelMeta, read_meta
+from visiontune.models.locate import locate_model
+from visiontune.models.manifest import read_manifest
+from visiontune.models.run_dir import RunDir
+
+
+def open_model(path: str | Path, backend: str | None = None, *, precision: str = "fp32",
+               threads: int = InferenceConfig.threads, batch_size: int = InferenceConfig.batch_size,
+               spinning: bool = True) -> LoadedModel:
+    """Open a run directory, an ensemble directory, a .onnx or a TorchScript file.
+
+    backend: "torch" or "onnx"; default: the file's own engine, "torch" for a run directory. A run directory on
+    "onnx" runs its export (precision "fp32", "int8", or "auto": INT8 when exported, else fp32), or an fp32
+    export made in memory when it has none. `spinning=False`: idle ONNX Runtime threads sleep (a server)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if precision not in SERVE_PRECISIONS:
+        raise ConfigError(f"precision {precision!r}: choose one of {', '.join(SERVE_PRECISIONS)}")
+    found = locate_model(path)
+    if found.kind == "onnx":
+        if backend == "torch":
+            raise ConfigError(f"{found.path}: an ONNX file runs with backend 'onnx' only")
+        return _onnx_file(found.path, threads, spinning)
+    if found.kind == "torchscript":
+        if backend == "onnx":
+            raise ConfigError(f"{found.path}: a TorchScript file runs with backend 'torch' only")
+        return _torchscript(found.path)
+    if found.kind == "ensemble":
+        return _ensemble(found.path, backend, threads, batch_size, spinning)
+    if backend == "onnx":
+        return _run_on_onnx(found.path, precision, threads, spinning)
+    return _run_on_torch(found.path, threads)
+
+
+def _onnx_file(path: Path, threads: int, spinning: bool) -> LoadedModel:
+    from visiontune.export.metadata import read_metadata
+
+    engine = OnnxBackend(path, str(path), threads, spinning=spinning)
+    meta, metrics, _ = read_metadata(engine.metadata, str(path))
+    suffixes = path.suffixes
+    precision = "int8" if ".int8" in suffixes else "fp16" if ".fp16" in suffixes else "fp32"
+    return LoadedModel(engine, meta, path, "onnx", f"onnx {precision}", metrics)
+
+
+def _torchscript(path: Path) -> LoadedModel:
+    module, text = load_torchscript(path)
+    if not text:
+        raise ModelError(f"{path}: a TorchScript model, but not a visiontune one (no {RunDir.META} inside); "
+                         f"export it with `visiontune export RUN --format torchscript`")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: damaged {RunDir.META} inside the TorchScript file ({exc})") from None
+    meta = ModelMeta.from_dict(data, f"{path}:{RunDir.META}")
+    return LoadedModel(TorchBackend(module, str(path)), meta, path, "torch", "torchscript fp32")
+
+
+def exported_onnx(run: Path, precision: str) -> Path | None:
+    """The exported ONNX file a run directory runs from at `precision` (None: there is none to use)."""
+    order = ["int8", "fp32"] if precision == "auto" else [precision]
+    for name in order:
+        file = RunDir(run).export_file("onnx", name)
+        if file.is_file():
+            return file
+    if precision == "int8":
+        raise ConfigError(f"{run}: no {file.relative_to(run)}; make it with `visiontune export {run} --precision int8`")
+    return None
+
+
+def _run_on_onnx(run: Path, precision: str, threads: int, spinning: bool) -> LoadedModel:
+    meta = read_meta(run)  # the run's model.json is newer than any export's copy (calibration is added later)
+    file = exported_onnx(run, precision)
+    if file is not None:
+        engine = OnnxBackend(file, str(file), threads, spinning=spinning)
+        name = "onnx int8" if file == RunDir(run).export_file("onnx", "int8") else "onnx fp32"
+    else:
+        from visiontune.export.onnx import serialize, to_onnx
+        from visiontune.models.bundle import load_bundle
+
+        model, meta = load_bundle(run)
+        engine = OnnxBackend(serialize(to_onnx(model, meta.preprocess.input_size)), f"{run} (in memory)", threads,
+                             spinning=spinning)
+        name = "onnx fp32"
+    return LoadedModel(engine, meta, run, "onnx", name, RunDir(run).read_metrics())
+
+
+def _run_on_torch(run: Path, threads: int) -> LoadedModel:
+    from visiontune.models.bundle import load_bundle
+
+    model, meta = load_bundle(run)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    return LoadedModel(TorchBackend(model, str(run)), meta, run, "torch", "pytorch fp32", RunDir(run).read_metrics())
+
+
+def _ensemble(folder: Path, backend: str | None, threads: int, batch_size: int, spinning: bool) -> LoadedModel:
+    """Every member on `backend` (default: torch, as for a run), at fp32."""
+    _, entries = read_manifest(folder)
+    meta = read_meta(folder)
+    where = str(RunDir(folder).ensemble)
+    members = []
+    for entry in entries:
+        if not entry.path.is_dir():
+            raise ModelError(f"{where}: member {entry.stored} is not there (looked in {entry.path}); "
+                             f"{RunDir.ENSEMBLE} keeps member paths relative to the ensemble, so move them together")
+        members.append(open_model(entry.path, backend, threads=threads, batch_size=batch_size, spinning=spinning))
+    vote = EnsembleVote(members, [e.weight for e in entries], meta.labels, meta.preprocess, where, batch_size)
+    name = f"ensemble of {len(members)} ({members[0].name})"
+    return LoadedModel(vote, meta, folder, members[0].backend, name, RunDir(folder).read_metrics())

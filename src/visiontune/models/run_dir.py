@@ -1,0 +1,137 @@
+"""The run directory: every file a run (or an ensemble, or an evaluation folder) holds, named here and only here.
+
+`visiontune train` writes a run directory and everything downstream reads only it, so its layout is the
+contract between the stages. Code asks a `RunDir` for a path (`RunDir(run).metrics`); no other module spells
+a run file's name.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import yaml
+
+from visiontune.config import TrainConfig
+from visiontune.errors import ConfigError
+from visiontune.files import atomic_write_text, read_json, write_json
+from visiontune.settings import from_dict, to_dict
+
+HISTORY_COLUMNS = ["phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
+# (format, precision) -> the file `visiontune export` writes under export/
+EXPORT_FILES = {("onnx", "fp32"): "model.onnx", ("onnx", "fp16"): "model.fp16.onnx", ("onnx", "int8"): "model.int8.onnx",
+                ("torchscript", "fp32"): "model.torchscript.pt"}
+
+
+class RunDir:
+    """Paths of one run, ensemble or evaluation folder. Nothing is read or created until asked for."""
+
+    CONFIG = "config.yaml"  # every setting used, and where the data was
+    SPLIT = "split.csv"  # path,label,split of every image used
+    META = "model.json"  # architecture, labels, preprocessing, calibration; its presence marks a finished model
+    WEIGHTS = "model.safetensors"
+    METRICS = "metrics.json"
+    HISTORY = "history.csv"
+    TENSORBOARD = "tensorboard"
+    BENCH = "bench.json"  # written by `visiontune bench RUN`, read by `compare`
+    REPORT = "report.html"
+    CARD = "MODEL_CARD.md"
+    CLASS_REPORT = "classification_report.csv"
+    PREDICTIONS = "predictions.csv"
+    PLOTS = "plots"
+    EVALUATIONS = "evaluations"  # evaluate --data writes a folder of its own under here
+    CHECKPOINT = "checkpoint"  # resume state while training; removed when the run finishes
+    CACHE = "cache"  # cached frozen-pass views while training (unless --cache-dir says elsewhere)
+    EXPORT = "export"
+    PARITY = "parity.json"  # under export/: every export's parity check, pass or fail
+    ENSEMBLE = "ensemble.json"  # an ensemble directory's members and weights
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    config = property(lambda self: self.path / self.CONFIG)
+    split = property(lambda self: self.path / self.SPLIT)
+    meta = property(lambda self: self.path / self.META)
+    weights = property(lambda self: self.path / self.WEIGHTS)
+    metrics = property(lambda self: self.path / self.METRICS)
+    history = property(lambda self: self.path / self.HISTORY)
+    tensorboard = property(lambda self: self.path / self.TENSORBOARD)
+    bench = property(lambda self: self.path / self.BENCH)
+    report = property(lambda self: self.path / self.REPORT)
+    card = property(lambda self: self.path / self.CARD)
+    class_report = property(lambda self: self.path / self.CLASS_REPORT)
+    predictions = property(lambda self: self.path / self.PREDICTIONS)
+    plots = property(lambda self: self.path / self.PLOTS)
+    checkpoint = property(lambda self: self.path / self.CHECKPOINT)
+    cache = property(lambda self: self.path / self.CACHE)
+    export = property(lambda self: self.path / self.EXPORT)
+    parity = property(lambda self: self.path / self.EXPORT / self.PARITY)
+    ensemble = property(lambda self: self.path / self.ENSEMBLE)
+
+    def export_file(self, format: str = "onnx", precision: str = "fp32") -> Path:
+        return self.export / EXPORT_FILES[format, precision]
+
+    def evaluation(self, name: str) -> Path:
+        """Where `evaluate --data` writes its scoring of other data (`name`: the data and split)."""
+        return self.path / self.EVALUATIONS / name
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.ensemble.is_file()
+
+    # --- the small files -----------------------------------------------------------------------------------
+    def read_metrics(self) -> dict:
+        return read_json(self.metrics)
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_json(self.metrics, metrics)
+
+    def write_config(self, data: str, root: str | None, cfg: TrainConfig) -> None:
+        """Every setting used, plus where the data was, so `visiontune train --config` repeats the run."""
+        payload = {"data": data, "root": root, **to_dict(cfg)}
+        atomic_write_text(self.config, yaml.safe_dump(payload, sort_keys=False))
+
+    def read_config(self) -> tuple[str, str | None, TrainConfig]:
+        """(data, root, settings) of the run."""
+        if not self.config.is_file():
+            raise ConfigError(f"{self.path}: no {self.CONFIG}; not a visiontune run directory")
+        return read_train_config(self.config)
+
+    def read_config_text(self) -> str:
+        return self.config.read_text() if self.config.is_file() else ""
+
+    def read_history(self) -> list[dict]:
+        if not self.history.is_file():
+            return []
+        with open(self.history, newline="") as fh:
+            return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def read_train_config(path: Path) -> tuple[str | None, str | None, TrainConfig]:
+    """A run's config.yaml (data, root and settings) or a bare settings file."""
+    try:
+        payload = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(payload, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(payload).__name__}")
+    data, root = payload.pop("data", None), payload.pop("root", None)
+    return data, root, from_dict(TrainConfig, payload, str(path))
+
+
+def _number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text

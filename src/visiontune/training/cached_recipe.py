@@ -1,0 +1,165 @@
+"""The default recipe (fast on a CPU, see DESIGN.md): cache the frozen backbone's outputs for a few augmented
+views; phase 1 fits the head on pooled features; phase 2 fine-tunes the top stages on the cached boundary
+activations."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visiontune.config import TrainConfig
+from visiontune.models.stages import frozen_trainable
+from visiontune.training.distill import distill_loss, teacher_view_logits
+from visiontune.training.feature_cache import DiskCache, FrozenFeatures, FrozenRunner, ViewCache, build_view_cache, cache_key
+from visiontune.training.loops import batch_rng, make_loss, optimizer_step, run_epochs
+from visiontune.training.phases import BestState, PhaseContext, Score, Sets, augment_from
+
+
+def _weights_identity(cfg: TrainConfig, spec) -> str:
+    if cfg.from_scratch:
+        return f"scratch:{cfg.seed}"
+    if cfg.weights:
+        return f"file:{hashlib.blake2b(Path(cfg.weights).read_bytes(), digest_size=16).hexdigest()}"
+    return f"pretrained:{spec.timm_name}"
+
+
+def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digests: list[str], sets: Sets,
+                  ctx: PhaseContext, disk: DiskCache, teacher=None) -> dict[str, Score]:
+    parts = frozen_trainable(model, cfg.trainable_stages)
+    bottom, top = parts if parts else (None, None)
+    if parts is None and cfg.trainable_stages > 0:
+        ctx.notes.append(f"{type(model).__name__} has no known stage split: only the head is trained "
+                         f"(use --full-finetune to train everything)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    aug = augment_from(cfg)
+    runner: list[FrozenRunner] = []  # built on first use: a run whose caches are all on disk never exports
+    split_at = cfg.trainable_stages if parts else 0
+
+    def cache(indices: np.ndarray, views: int, desc: str) -> ViewCache | None:
+        if not len(indices):
+            return None
+        key = cache_key(files=[digests[i] for i in indices], weights=_weights_identity(cfg, spec),
+                        preprocess=spec.preprocess.to_dict(), split_at=split_at, views=views,
+                        augment=aug if views > 1 else None, seed=cfg.seed if views > 1 else None)
+        found = disk.load(key)
+        if found is not None:
+            return found
+        if not runner:
+            runner.append(FrozenRunner(FrozenFeatures(model, bottom, top), spec.preprocess, ctx.device, ctx.notes))
+        built = build_view_cache(images, indices, views, runner[0], spec.preprocess, aug, cfg.seed, desc=desc,
+                                 quiet=ctx.quiet)
+        disk.save(key, built)
+        return built
+
+    train_cache = cache(sets.train, 1 + cfg.views, "cache train views")
+    val_cache = cache(sets.val, 1, "cache val")
+    test_cache = cache(sets.test, 1, "cache test")
+    y_train = sets.labels[sets.train]
+    y_val, y_test = sets.labels[sets.val], sets.labels[sets.test]
+    loss_fn = make_loss(cfg, y_train, int(sets.labels.max()) + 1)
+    if teacher is not None:  # distillation: the teacher's logits for exactly these views, once
+        targets = teacher_view_logits(teacher, images, digests, sets.train, 1 + cfg.views, spec.preprocess, aug,
+                                      cfg.seed, disk, cfg.distill.teacher_batch, quiet=ctx.quiet, notes=ctx.notes)
+        loss_fn = distill_loss(loss_fn, targets, cfg.distill.alpha, cfg.distill.temperature, ctx.device)
+
+    fit_head(model, cfg, train_cache, y_train, val_cache, y_val, loss_fn, ctx)
+    if top is not None and cfg.finetune_epochs > 0:
+        finetune_top(model, top, cfg, train_cache, y_train, val_cache, y_val, loss_fn, ctx)
+        forward, key = (lambda x: model.forward_head(top(x))), "boundary"
+    else:
+        forward, key = model.get_classifier(), "pooled"
+    model.eval()
+    scores = {}
+    for name, c, y in (("val", val_cache, y_val), ("test", test_cache, y_test)):
+        score = ctx.evaluate(forward, getattr(c, key)[0] if c is not None else None, y)
+        if score is not None:
+            scores[name] = score
+    return scores
+
+
+def fit_head(model: nn.Module, cfg: TrainConfig, train: ViewCache, y_train: np.ndarray, val: ViewCache | None,
+             y_val: np.ndarray, loss_fn, ctx: PhaseContext) -> None:
+    """Phase 1: the linear head on pooled features of every cached view (seconds, even on a CPU)."""
+    head, device = model.get_classifier(), ctx.device
+    views, n, dim = train.pooled.shape
+    features = torch.from_numpy(train.pooled.reshape(views * n, dim)).to(device)
+    labels = np.tile(y_train, views)
+    target_all = torch.from_numpy(labels.astype(np.int64)).to(device)
+    for p in head.parameters():
+        p.requires_grad_(True)
+
+    trained = ctx.dist.wrap(head, device)
+
+    def step(idx, optimizer, epoch):
+        head.train()
+        x = F.dropout(features[idx], p=cfg.dropout, training=True)
+        logits = trained(x)
+        target = target_all[idx]
+        return optimizer_step(optimizer, loss_fn(logits, target, rows=idx), logits, target)
+
+    def validate():
+        head.eval()
+        return ctx.evaluate(head, val.pooled[0] if val is not None else None, y_val)
+
+    run_epochs("head", cfg.head_epochs, [{"params": list(head.parameters()), "lr": cfg.head_lr}], len(labels), cfg,
+               step, validate, BestState(head), ctx.history, cfg.head_batch_size, labels, model=model,
+               checkpoint=ctx.checkpoint, resume=ctx.resume, every_epoch=False)
+
+
+class TopAndHead(nn.Module):
+    """The part phase 2 trains, as one module (what DistributedDataParallel wraps)."""
+
+    def __init__(self, model: nn.Module, top: nn.Module):
+        super().__init__()
+        self.model, self.top = model, top
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.top(x))
+
+
+def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: ViewCache, y_train: np.ndarray,
+                 val: ViewCache | None, y_val: np.ndarray, loss_fn, ctx: PhaseContext) -> None:
+    """Phase 2: the top stages and the head, on boundary activations cached for every view."""
+    device = ctx.device
+    views, n = train.boundary.shape[:2]
+    activations = train.boundary.reshape(views * n, *train.boundary.shape[2:])
+    labels = np.tile(y_train, views)
+    head = model.get_classifier()
+    for p in list(top.parameters()) + list(head.parameters()):
+        p.requires_grad_(True)
+
+    num_classes = model.get_classifier().out_features
+    trained = ctx.dist.wrap(TopAndHead(model, top), device)
+
+    def step(idx, optimizer, epoch):
+        model.train()
+        idx = np.sort(idx)  # ascending reads from a memory-mapped cache
+        x = torch.from_numpy(activations[idx].astype(np.float32)).to(device)
+        target = torch.from_numpy(labels[idx].astype(np.int64)).to(device)
+        soft, mix = target, None
+        if cfg.feature_mixup > 0:
+            mix_rng = batch_rng(cfg.seed, epoch, idx)
+            lam = float(mix_rng.beta(cfg.feature_mixup, cfg.feature_mixup))
+            perm = torch.from_numpy(mix_rng.permutation(len(idx))).to(device)
+            x = lam * x + (1 - lam) * x[perm]
+            onehot = F.one_hot(target, num_classes).float()
+            soft = lam * onehot + (1 - lam) * onehot[perm]
+            mix = (lam, perm)
+        logits = trained(x)
+        return optimizer_step(optimizer, loss_fn(logits, soft, rows=idx, mix=mix), logits, target)
+
+    def validate():
+        model.eval()
+        return ctx.evaluate(lambda x: model.forward_head(top(x)), val.boundary[0] if val is not None else None, y_val)
+
+    params = [{"params": list(top.parameters()), "lr": cfg.finetune_lr},
+              {"params": list(head.parameters()), "lr": cfg.finetune_lr}]
+    run_epochs("finetune", cfg.finetune_epochs, params, len(labels), cfg, step, validate, BestState(model),
+               ctx.history, cfg.batch_size, labels, model=model, checkpoint=ctx.checkpoint, resume=ctx.resume)
