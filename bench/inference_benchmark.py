@@ -84,8 +84,8 @@ def build_variants(run: Path, out: Path, quick: bool) -> tuple[dict[str, Path], 
     from visiontune.data.loader import load_for_model
     from visiontune.data.transforms import normalize
     from visiontune.export.onnx import INPUT
-    from visiontune.export.quantize import node_names, quantize_int8
     from visiontune.models.bundle import read_meta
+    from visiontune.models.quantize import node_names, quantize_int8
 
     fp32 = (run / "export" / "model.onnx").read_bytes()
     meta = read_meta(run)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 
 
-def run(data: Path, model: str, extra: str, out: Path) -> dict:
+def run(data: Path, model: str, extra: str, out: Path, tta: bool = True) -> dict:
     exe = Path(sys.executable).with_name("visiontune")
     cmd = [str(exe), "train", str(data), "--model", model, "--out", str(out), "--overwrite", "--quiet", *shlex.split(extra)]
     started = time.perf_counter()
@@ -37,7 +37,8 @@ def run(data: Path, model: str, extra: str, out: Path) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     return {"model": model, "extra": extra, "wall_seconds": round(wall, 1),
             "val_top1": metrics.get("val", {}).get("top1"), "test_top1": metrics.get("test", {}).get("top1"),
-            **tta_test_top1(exe, out), "images": metrics["images"], "command": " ".join(shlex.quote(c) for c in cmd[1:])}
+            **(tta_test_top1(exe, out) if tta else {}), "images": metrics["images"],
+            "command": " ".join(shlex.quote(c) for c in cmd[1:])}
 
 
 def tta_test_top1(exe: Path, run: Path) -> dict:
@@ -60,12 +61,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--extra", action="append", default=None, help="extra train flags; repeat for several configurations")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "train"), help="run directories go here")
     parser.add_argument("--json", help="write the results here as JSON")
+    parser.add_argument("--no-tta", dest="tta", action="store_false", help="skip the test-time-augmentation scoring")
     args = parser.parse_args(argv)
     data = DATASETS / args.data
     results = []
     for model in args.models.split(","):
         for k, extra in enumerate(args.extra or [""]):
-            result = run(data, model, extra, Path(args.out) / f"{data.parent.name}-{model}-{k}")
+            result = run(data, model, extra, Path(args.out) / f"{data.parent.name}-{model}-{k}", args.tta)
             results.append(result)
             print(json.dumps(result), flush=True)
     report = {**describe(), "data": args.data, "results": results}
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if "error" in r:
             print(f"| {r['model']} | `{r['extra']}` | error: {r['error']} | | | |")
         else:
-            tta = f"{r['test_top1_tta']:.2%}" if "test_top1_tta" in r else f"error: {r.get('tta_error')}"
+            tta = f"{r['test_top1_tta']:.2%}" if "test_top1_tta" in r else r.get("tta_error", "not scored")
             print(f"| {r['model']} | `{r['extra']}` | {r['wall_seconds']:.0f} | {r['val_top1']:.2%} "
                   f"| {r['test_top1']:.2%} | {tta} |")
     return results

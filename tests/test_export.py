@@ -133,7 +133,7 @@ def test_histogram_calibration_takes_an_uneven_last_batch(run, exported, method)
     # 120 training images make batches of 16 ... 16, 8: ONNX Runtime's histogram calibrators stack every
     # call's outputs and failed on the short last batch.
     from visiontune.export.onnx import INPUT
-    from visiontune.export.quantize import quantize_int8
+    from visiontune.models.quantize import quantize_int8
 
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((n, 3, 224, 224)).astype(np.float32) for n in (3, 3, 2)]
@@ -145,7 +145,7 @@ def test_calibration_in_windows_bounds_memory_and_keeps_minmax_ranges(run, expor
     # ONNX Runtime holds every calibration image's activations at once: 512 Lite0 images were killed for
     # memory on 24 GiB. Windows are merged by the calibrator; min/max ranges must come out exactly the same.
     from visiontune.export.onnx import INPUT
-    from visiontune.export.quantize import _Batches, quantize_int8
+    from visiontune.models.quantize import _Batches, quantize_int8
 
     assert [_Batches(INPUT, [np.zeros((n, 1))]).window(4) for n in (8, 6, 7, 3)] == [4, 3, 1, 3]
     rng = np.random.default_rng(1)

@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import save_file
 from sklearn.datasets import load_sample_image
 
+from visiontune import samples
+from visiontune.data.decode import decode
 from visiontune.data.transforms import Augment, Preprocess, augment_crop, eval_crop, normalize, preprocess
 from visiontune.errors import ModelError, VisiontuneError
 from visiontune.models import ModelMeta, build_classifier, get_spec, load_bundle, save_bundle
@@ -41,7 +43,20 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
 
 @pytest.fixture(scope="module")
 def flower() -> np.ndarray:
-    return load_sample_image("flower.jpg")  # 427 x 640 x 3 uint8, a daisy
+    return load_sample_image("flower.jpg")  # 427 x 640 x 3 uint8; a pompon dahlia, a class ImageNet lacks
+
+
+@pytest.fixture(scope="module")
+def daisies() -> list[np.ndarray]:
+    """The sample's 30 daisy photos: ImageNet has a "daisy" class (985), so the weights can be checked on them."""
+    return [decode(p) for p in sorted((samples.path("flowers-mini") / "daisy").glob("*.jpg"))]
+
+
+def daisy_share(model: torch.nn.Module, photos: list[np.ndarray], spec: Preprocess) -> tuple[float, float]:
+    """(share of the photos whose top ImageNet class is daisy, mean probability of daisy)."""
+    with torch.no_grad():
+        p = model(torch.from_numpy(np.concatenate([preprocess(x, spec) for x in photos]))).softmax(1)
+    return float((p.argmax(1) == DAISY).float().mean()), float(p[:, DAISY].mean())
 
 
 def imagenet_lite(n: int) -> torch.nn.Module:
@@ -69,41 +84,34 @@ def lite0_imagenet() -> torch.nn.Module:
 # ---------------------------------------------------------------- offline ImageNet weights, proven
 
 
-def test_lite0_weights_classify_the_daisy_and_match_the_reference(flower, lite0_imagenet):
-    spec = get_spec("efficientnet_lite0")
-    x = torch.from_numpy(preprocess(flower, spec.preprocess))
-    assert x.shape == (1, 3, 224, 224)
+@pytest.mark.parametrize("n, size", [(0, 224), (1, 240), (2, 260)])
+def test_lite_weights_call_daisies_daisies_and_match_the_reference(daisies, n, size):
+    # Measured on these 30 photos: 77 % (lite0), 77 % (lite1), 80 % (lite2) top-1 "daisy"; on flower_photos' 127
+    # val+test daisies 81 / 85 / 86 %. The package's own reference model gives the same logits.
+    spec = get_spec(f"efficientnet_lite{n}")
+    assert spec.timm_name == f"tf_efficientnet_lite{n}"
+    assert spec.preprocess.input_size == size and spec.preprocess.mean == (0.5, 0.5, 0.5)
+    model = imagenet_lite(n)
+    share, _ = daisy_share(model, daisies, spec.preprocess)
+    assert share >= 0.7, f"lite{n}: only {share:.0%} of the daisy photos are ImageNet's daisy"
+    x = torch.from_numpy(np.concatenate([preprocess(p, spec.preprocess) for p in daisies[:4]]))
+    assert x.shape == (4, 3, size, size)
     with torch.no_grad():
-        ours = lite0_imagenet(x)
-        reference = reference_lite(0)(x)
-    assert int(ours.argmax()) == DAISY
-    assert int(reference.argmax()) == DAISY
-    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
+        torch.testing.assert_close(model(x), reference_lite(n)(x), rtol=0, atol=1e-4)
+        out = build_classifier(f"efficientnet_lite{n}", 5, dropout=0.2)[0].eval()(x)
+    assert out.shape == (4, 5) and torch.isfinite(out).all()
 
 
-def test_lite_normalisation_matters(flower, lite0_imagenet):
-    """The Lite weights expect mean = std = 0.5; ImageNet mean/std silently gives another class."""
+def test_lite_normalisation_matters(daisies, lite0_imagenet):
+    """The Lite weights expect mean = std = 0.5; ImageNet mean/std silently makes them worse."""
     spec = get_spec("efficientnet_lite0").preprocess
     assert spec.mean == spec.std == (0.5, 0.5, 0.5)
     assert (spec.input_size, spec.interpolation) == (224, "bicubic")
     wrong = Preprocess(spec.input_size, spec.crop_pct, IMAGENET_MEAN, IMAGENET_STD, spec.interpolation)
-    with torch.no_grad():
-        logits = lite0_imagenet(torch.from_numpy(preprocess(flower, wrong)))
-    assert int(logits.argmax()) != DAISY
-
-
-@pytest.mark.parametrize("n, size", [(1, 240), (2, 260)])
-def test_lite1_lite2_load_and_match_the_reference(flower, n, size):
-    spec = get_spec(f"efficientnet_lite{n}")
-    assert spec.timm_name == f"tf_efficientnet_lite{n}"
-    assert spec.preprocess.input_size == size and spec.preprocess.mean == (0.5, 0.5, 0.5)
-    x = torch.from_numpy(preprocess(flower, spec.preprocess))
-    assert x.shape == (1, 3, size, size)
-    with torch.no_grad():
-        torch.testing.assert_close(imagenet_lite(n)(x), reference_lite(n)(x), rtol=0, atol=1e-4)
-        model, _ = build_classifier(f"efficientnet_lite{n}", 5, dropout=0.2)
-        out = model.eval()(x)
-    assert out.shape == (1, 5) and torch.isfinite(out).all()
+    right_share, right_p = daisy_share(lite0_imagenet, daisies, spec)
+    wrong_share, wrong_p = daisy_share(lite0_imagenet, daisies, wrong)
+    # measured: 77 % and p = 0.64 against 67 % and p = 0.57
+    assert right_share > wrong_share and right_p > wrong_p + 0.03
 
 
 def test_classifier_is_sized_for_the_dataset_and_starts_at_zero():

@@ -132,6 +132,10 @@ class TrainConfig(Settings):
     # Cached recipe: phase 1 fits the head on pooled features of the frozen backbone; phase 2 fine-tunes the top
     # `trainable_stages` stages on activations cached at the boundary below them.
     views: int = setting(4, "augmented views cached per training image, besides the plain centre crop", low=0)
+    # Random crops make objects look larger than the centre crop evaluation sees, so training a little below the
+    # test size matches them (the train/test resolution discrepancy), and smaller views cost less to cache.
+    train_size: int = setting(0, "side of the cached training views, in pixels (0: the model's input size); "
+                                 "validation, test and the saved model keep the input size", low=0)
     trainable_stages: int = setting(2, "top backbone stages fine-tuned in phase 2", low=0)
     head_epochs: int = setting(20, "phase 1 epochs (the head on cached pooled features)", low=0)
     head_lr: float = setting(1e-3, "phase 1 learning rate", above=0.0)

@@ -104,7 +104,7 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
             result = parity.check_cosine("ONNX fp16", parity.compare(reference, _onnx_logits(data, images),
                                                                      images.parity_labels), cosine=cfg.fp16_cosine)
         else:
-            from visiontune.export.quantize import quantize_int8
+            from visiontune.models.quantize import quantize_int8
 
             calibration = images.calibration_batches()
             n_cal = sum(len(b) for b in calibration)

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from visiontune.errors import ExportError
-from visiontune.export.static_pad import with_static_padding
 from visiontune.models.bundle import ModelMeta
 from visiontune.models.run_dir import RunDir
+from visiontune.models.static_pad import with_static_padding
 
 
 def to_torchscript(model: nn.Module, meta: ModelMeta) -> bytes:

@@ -4,6 +4,7 @@ activations."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -13,11 +14,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from visiontune.config import TrainConfig
+from visiontune.data.transforms import Preprocess
 from visiontune.models.stages import frozen_trainable
+from visiontune.training.checkpoint import Checkpoint
 from visiontune.training.distill import distill_loss, teacher_view_logits
 from visiontune.training.feature_cache import DiskCache, FrozenFeatures, FrozenRunner, ViewCache, build_view_cache, cache_key
 from visiontune.training.loops import batch_rng, make_loss, optimizer_step, run_epochs
 from visiontune.training.phases import BestState, PhaseContext, Score, Sets, augment_from
+
+HEAD_ALONE = "head_alone"  # the phase-1 model, kept in phase-2 checkpoints
+
+
+def training_preprocess(spec: Preprocess, cfg: TrainConfig) -> Preprocess:
+    """The preprocessing of the cached training views: the model's, at `cfg.train_size` when one is set."""
+    if not cfg.train_size or cfg.train_size == spec.input_size:
+        return spec
+    return dataclasses.replace(spec, input_size=cfg.train_size)
 
 
 def _weights_identity(cfg: TrainConfig, spec) -> str:
@@ -39,42 +51,48 @@ def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digest
         p.requires_grad_(False)
     model.eval()
     aug = augment_from(cfg)
-    runner: list[FrozenRunner] = []  # built on first use: a run whose caches are all on disk never exports
+    runners: dict[int, FrozenRunner] = {}  # by input size, built on first use: cached views need no frozen pass
     split_at = cfg.trainable_stages if parts else 0
+    train_spec = training_preprocess(spec.preprocess, cfg)
 
-    def cache(indices: np.ndarray, views: int, desc: str) -> ViewCache | None:
+    def cache(indices: np.ndarray, views: int, pre, desc: str) -> ViewCache | None:
         if not len(indices):
             return None
         key = cache_key(files=[digests[i] for i in indices], weights=_weights_identity(cfg, spec),
-                        preprocess=spec.preprocess.to_dict(), split_at=split_at, views=views,
+                        preprocess=pre.to_dict(), split_at=split_at, views=views,
                         augment=aug if views > 1 else None, seed=cfg.seed if views > 1 else None)
         found = disk.load(key)
         if found is not None:
             return found
-        if not runner:
-            runner.append(FrozenRunner(FrozenFeatures(model, bottom, top), spec.preprocess, ctx.device, ctx.notes))
-        built = build_view_cache(images, indices, views, runner[0], spec.preprocess, aug, cfg.seed, desc=desc,
+        if pre.input_size not in runners:
+            runners[pre.input_size] = FrozenRunner(FrozenFeatures(model, bottom, top), pre, ctx.device, ctx.notes)
+        built = build_view_cache(images, indices, views, runners[pre.input_size], pre, aug, cfg.seed, desc=desc,
                                  quiet=ctx.quiet)
         disk.save(key, built)
         return built
 
-    train_cache = cache(sets.train, 1 + cfg.views, "cache train views")
-    val_cache = cache(sets.val, 1, "cache val")
-    test_cache = cache(sets.test, 1, "cache test")
+    if train_spec != spec.preprocess:
+        ctx.notes.append(f"training views at {train_spec.input_size} px, validation and test at "
+                         f"{spec.preprocess.input_size} px")
+    train_cache = cache(sets.train, 1 + cfg.views, train_spec, "cache train views")
+    val_cache = cache(sets.val, 1, spec.preprocess, "cache val")
+    test_cache = cache(sets.test, 1, spec.preprocess, "cache test")
     y_train = sets.labels[sets.train]
     y_val, y_test = sets.labels[sets.val], sets.labels[sets.test]
     loss_fn = make_loss(cfg, y_train, int(sets.labels.max()) + 1)
     if teacher is not None:  # distillation: the teacher's logits for exactly these views, once
-        targets = teacher_view_logits(teacher, images, digests, sets.train, 1 + cfg.views, spec.preprocess, aug,
+        targets = teacher_view_logits(teacher, images, digests, sets.train, 1 + cfg.views, train_spec, aug,
                                       cfg.seed, disk, cfg.distill.teacher_batch, quiet=ctx.quiet, notes=ctx.notes)
         loss_fn = distill_loss(loss_fn, targets, cfg.distill.alpha, cfg.distill.temperature, ctx.device)
 
     fit_head(model, cfg, train_cache, y_train, val_cache, y_val, loss_fn, ctx)
+    forward, key = model.get_classifier(), "pooled"
     if top is not None and cfg.finetune_epochs > 0:
+        head_alone = _head_alone_state(model, ctx)
         finetune_top(model, top, cfg, train_cache, y_train, val_cache, y_val, loss_fn, ctx)
-        forward, key = (lambda x: model.forward_head(top(x))), "boundary"
-    else:
-        forward, key = model.get_classifier(), "pooled"
+        model.eval()
+        if _keep_finetuned(model, top, head_alone, val_cache, y_val, ctx):
+            forward, key = (lambda x: model.forward_head(top(x))), "boundary"
     model.eval()
     scores = {}
     for name, c, y in (("val", val_cache, y_val), ("test", test_cache, y_test)):
@@ -82,6 +100,36 @@ def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digest
         if score is not None:
             scores[name] = score
     return scores
+
+
+def _head_alone_state(model: nn.Module, ctx: PhaseContext) -> dict[str, torch.Tensor]:
+    """The model as phase 1 left it (the pretrained top stages, the fitted head). It goes into every phase-2
+    checkpoint, so a resumed run can still fall back to it."""
+    if ctx.resume is not None and ctx.resume.is_past("head"):
+        state = Checkpoint.kept_from(ctx.resume.tensors, HEAD_ALONE)
+    else:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if ctx.checkpoint is not None:
+        ctx.checkpoint.keep(HEAD_ALONE, state)
+    return state
+
+
+def _keep_finetuned(model: nn.Module, top: nn.Module, head_alone: dict, val: ViewCache | None, y_val: np.ndarray,
+                    ctx: PhaseContext) -> bool:
+    """Whether phase 2 beat the head alone on validation; if not, the model goes back to the head alone. Fine-tuning
+    a few stages on a few cached views can overfit them, and must never leave a worse model than it started from."""
+    if val is None and not ctx.dist.active:
+        return True  # nothing to judge by: the last epoch is kept, as everywhere without validation
+    tuned = ctx.evaluate(lambda x: model.forward_head(top(x)), val.boundary[0] if val is not None else None, y_val)
+    tuned_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(head_alone)
+    alone = ctx.evaluate(model.get_classifier(), val.pooled[0] if val is not None else None, y_val)
+    if tuned is None or alone is None or tuned.better_than(alone):
+        model.load_state_dict(tuned_state)
+        return True
+    ctx.notes.append(f"phase 2 (fine-tuning the top stages) did not beat the head alone on validation "
+                     f"(top-1 {tuned.accuracy:.2%} against {alone.accuracy:.2%}): the head alone is kept")
+    return False
 
 
 def fit_head(model: nn.Module, cfg: TrainConfig, train: ViewCache, y_train: np.ndarray, val: ViewCache | None,

@@ -51,6 +51,16 @@ class Checkpoint:
 
     def __init__(self, run_dir: Path):
         self.folder = RunDir(run_dir).checkpoint
+        self.kept: dict[str, torch.Tensor] = {}  # tensors saved with every later checkpoint (see `keep`)
+
+    def keep(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Save `state` under `name` with every checkpoint from now on (a model an earlier phase left, say)."""
+        self.kept.update({f"kept.{name}.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
+
+    @staticmethod
+    def kept_from(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+        prefix = f"kept.{name}."
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     def exists(self) -> bool:
         return (self.folder / STATE).is_file()
@@ -64,6 +74,7 @@ class Checkpoint:
         tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best.state.items()})
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         tensors.update(opt_tensors)
+        tensors.update(self.kept)
         tensors["torch_rng"] = torch.get_rng_state()
         state = {
             "phase": phase, "epoch": epoch, "finished": finished, "stale": stale, "history_rows": history_rows,

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from visiontune.data.parallel import progress
-from visiontune.data.transforms import Augment, Preprocess, augment_crop, center_crop, normalize
-from visiontune.models.onnx_graph import first_line, open_session, trace
+from visiontune.data.transforms import Augment, Preprocess, augment_crop, center_crop, eval_crop, normalize
+from visiontune.models.onnx_graph import first_line, open_session, simplify, trace
+from visiontune.models.static_pad import with_static_padding
 
-# Batch of the frozen pass: ONNX Runtime on 2 cores was fastest per image at small batches.
-_FROZEN_BATCH = 8
+# Batch of the frozen pass: 16 was at least as fast as 8 and 32 on 2 cores (bench/frozen_pass.py).
+_FROZEN_BATCH = 16
 
 
 class FrozenFeatures(nn.Module):
@@ -43,11 +44,27 @@ class FrozenFeatures(nn.Module):
         return boundary, self.model.forward_head(self.top(boundary), pre_logits=True)
 
 
+class FromPixels(nn.Module):
+    """uint8 N x S x S x 3 crops in, normalised with the model's mean and std inside the graph: ONNX Runtime does in
+    microseconds what numpy took longer than the frozen layers themselves for (a strided float copy per view)."""
+
+    def __init__(self, net: nn.Module, spec: Preprocess):
+        super().__init__()
+        self.net = net
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)))
+        self.register_buffer("shift", -torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1) / torch.tensor(
+            spec.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor):
+        return self.net(pixels.permute(0, 3, 1, 2).float() * self.scale + self.shift)
+
+
 class FrozenRunner:
-    """Runs FrozenFeatures on numpy batches with ONNX Runtime (CPU) or PyTorch (GPU, or as a fallback)."""
+    """Runs FrozenFeatures on uint8 crops with ONNX Runtime (CPU) or PyTorch (GPU, or as a fallback)."""
 
     def __init__(self, net: FrozenFeatures, spec: Preprocess, device: torch.device, notes: list[str]):
         self.net = net.eval()
+        self.spec = spec
         self.device = device
         self.split = net.bottom is not None
         self.session = None
@@ -57,18 +74,24 @@ class FrozenRunner:
     def _onnx_session(self, spec: Preprocess, notes: list[str]):
         outputs = ["boundary", "pooled"] if self.split else ["pooled"]
         try:
-            graph = trace(self.net, spec.input_size, ["x"], outputs)
+            # Static "same" padding and folded constants: the graph the exporter makes, ~3x faster than a plain trace.
+            net = FromPixels(with_static_padding(self.net, spec.input_size), spec).eval()
+            example = torch.zeros(1, spec.input_size, spec.input_size, 3, dtype=torch.uint8)
+            graph = simplify(trace(net, example, ["x"], outputs)).SerializeToString()
         except Exception as exc:  # an architecture ONNX cannot express still trains, only slower
             notes.append(f"frozen pass runs in PyTorch (ONNX export failed: {first_line(exc)[:120]})")
             return None
-        return open_session(graph, "the frozen layers", torch.get_num_threads())
+        # Idle ONNX Runtime threads sleep instead of spinning, leaving the cycles to the thread cropping the next
+        # batch (measured as fast as spinning threads, BENCHMARKS.md "frozen pass").
+        return open_session(graph, "the frozen layers", torch.get_num_threads(), spinning=False)
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    def __call__(self, crops: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """uint8 N x S x S x 3 crops -> (boundary activations float16 or None, pooled features float32)."""
         if self.session is not None:
-            out = self.session.run(None, {"x": batch})
+            out = self.session.run(None, {"x": np.ascontiguousarray(crops)})
         else:
             with torch.inference_mode():
-                result = self.net(torch.from_numpy(batch).to(self.device))
+                result = self.net(torch.from_numpy(normalize(crops, self.spec)).to(self.device))
                 out = [t.float().cpu().numpy() for t in (result if self.split else (result,))]
         if self.split:
             return out[0].astype(np.float16), out[1].astype(np.float32)
@@ -89,7 +112,8 @@ def view_crop(image: np.ndarray, view: int, index: int, seed: int, spec: Preproc
     The generator is seeded by (seed, view, index), so a view is the same whatever the batch or worker order.
     """
     if view == 0:
-        return center_crop(image, spec.input_size)
+        # decoded images come resized for the model's input size; views at another size are resized again
+        return center_crop(image, spec.input_size) if min(image.shape[:2]) == spec.resize_size else eval_crop(image, spec)
     return augment_crop(image, spec, aug, np.random.default_rng([seed, view, index]))
 
 
@@ -101,8 +125,7 @@ def build_view_cache(images: list[np.ndarray], indices: np.ndarray, views: int, 
     boundary = pooled = None
 
     def make_batch(chunk):
-        crops = np.stack([view_crop(images[i], v, i, seed, spec, aug) for v, i in chunk])
-        return chunk, normalize(crops, spec)
+        return chunk, np.stack([view_crop(images[i], v, i, seed, spec, aug) for v, i in chunk])
 
     chunks = [jobs[k:k + _FROZEN_BATCH] for k in range(0, len(jobs), _FROZEN_BATCH)]
     # One thread prepares the next batch of crops (Pillow releases the GIL) while the current one runs.

@@ -1,0 +1,90 @@
+"""The cached recipe's pieces: the frozen pass (pixels in, normalised in the graph), the augmented crops, training
+views at a smaller size, and the guard that keeps the head alone when fine-tuning made things worse."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import visiontune
+from deploy_run import photos_folder
+from visiontune import samples
+from visiontune.config import TrainConfig
+from visiontune.data.decode import decode
+from visiontune.data.transforms import augment_crop, normalize, resample
+from visiontune.models import load_bundle
+from visiontune.models.classifier import build_classifier
+from visiontune.models.stages import frozen_trainable
+from visiontune.training.feature_cache import FrozenFeatures, FrozenRunner
+from visiontune.training.phases import augment_from
+
+FAST = dict(views=1, head_epochs=3, finetune_epochs=1, seed=0, val=0.25, test=0.25, evaluate=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return photos_folder(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[np.ndarray]:
+    return [decode(p) for p in sorted((samples.path("flowers-mini") / "roses").glob("*.jpg"))[:4]]
+
+
+def test_frozen_pass_in_onnx_runtime_matches_pytorch(photos):
+    model, spec = build_classifier("efficientnet_lite0", 3, dropout=0.0)
+    bottom, top = frozen_trainable(model, 2)
+    net = FrozenFeatures(model.eval(), bottom, top)
+    crops = np.stack([augment_crop(p, spec.preprocess, augment_from(TrainConfig()), np.random.default_rng(k))
+                      for k, p in enumerate(photos)])
+    notes: list[str] = []
+    runner = FrozenRunner(net, spec.preprocess, torch.device("cpu"), notes)
+    assert runner.session is not None and not notes  # uint8 crops in: normalised inside the graph
+    boundary, pooled = runner(crops)
+    with torch.no_grad():
+        ref_boundary, ref_pooled = net(torch.from_numpy(normalize(crops, spec.preprocess)))
+    np.testing.assert_allclose(pooled, ref_pooled.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(boundary.astype(np.float32), ref_boundary.numpy(), atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("angle", [0.0, 8.0, -8.0])
+def test_one_pass_crop_turns_the_way_pillow_does(photos, angle):
+    # The augmented crop is one affine resampling; Pillow's rotate-then-resize (the way it was made before) is the
+    # reference for which way the picture turns and what the box holds.
+    from visiontune.data.transforms import _crop_rotate_resize
+
+    image = photos[0]
+    h, w = image.shape[:2]
+    box = (10, 5, int(w * 0.8), int(h * 0.9))
+    pil = Image.fromarray(image).rotate(angle, resample=Image.Resampling.BILINEAR,
+                                        center=((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+    expected = np.asarray(pil.resize((224, 224), resample("bicubic"), box=box), dtype=np.float32)
+    got = _crop_rotate_resize(image, box, angle, 224, "bicubic").astype(np.float32)
+    assert got.shape == (224, 224, 3) and np.abs(got - expected).mean() < 4.0
+    turned = _crop_rotate_resize(image, box, -angle, 224, "bicubic").astype(np.float32)
+    if angle:  # the other way round is far off: the direction is right, not just the box
+        assert np.abs(turned - expected).mean() > 2 * np.abs(got - expected).mean()
+
+
+def test_training_views_at_a_smaller_size(tiny, tmp_path):
+    result = visiontune.train(tiny, out=tmp_path / "small", train_size=160, **FAST)
+    meta = json.loads((result.run_dir / "model.json").read_text())
+    assert meta["preprocess"]["input_size"] == 224  # what the saved model is evaluated and served at
+    assert any("training views at 160 px, validation and test at 224 px" in n for n in result.metrics["notes"])
+    assert result.metrics["val"]["top1"] >= 0.5
+
+
+def test_fine_tuning_that_hurts_validation_keeps_the_head_alone(tiny, tmp_path):
+    # A learning rate far too high wrecks the top stages in phase 2: the run must end with phase 1's model.
+    result = visiontune.train(tiny, out=tmp_path / "wrecked", **{**FAST, "lr": 50.0, "epochs": 2})
+    assert any("did not beat the head alone" in n for n in result.metrics["notes"]), result.metrics["notes"]
+    saved = load_bundle(result.run_dir)[0]
+    fresh = build_classifier("efficientnet_lite0", 3, dropout=0.0)[0]
+    top = frozen_trainable(fresh, 2)[1]
+    top_saved = frozen_trainable(saved, 2)[1]
+    for a, b in zip(top.state_dict().values(), top_saved.state_dict().values()):
+        torch.testing.assert_close(a, b)  # the pretrained top stages, untouched
