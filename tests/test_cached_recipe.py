@@ -88,3 +88,19 @@ def test_fine_tuning_that_hurts_validation_keeps_the_head_alone(tiny, tmp_path):
     top_saved = frozen_trainable(saved, 2)[1]
     for a, b in zip(top.state_dict().values(), top_saved.state_dict().values()):
         torch.testing.assert_close(a, b)  # the pretrained top stages, untouched
+
+
+def test_a_vit_from_a_weights_file_at_a_chosen_size_trains_both_phases(tiny, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "vit.safetensors"  # a 160-px ViT's file, as timm saves it
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_vit").state_dict().items()}, str(weights))
+    result = visiontune.train(tiny, out=tmp_path / "vit", model="test_vit", weights=str(weights), input_size=64,
+                              trainable_stages=2, **FAST)
+    assert [r["phase"] for r in result.history] == ["head"] * 3 + ["finetune"]
+    meta = json.loads((result.run_dir / "model.json").read_text())
+    assert meta["architecture"]["img_size"] == 64 and meta["preprocess"]["input_size"] == 64
+    assert any(n.startswith("preprocessing of test_vit: 64 px") for n in result.metrics["notes"])
+    clf = visiontune.Classifier.load(result.run_dir)  # rebuilt at 64 px from model.json
+    assert clf.predict(sorted((samples.path("flowers-mini") / "roses").glob("*.jpg"))[0])[0].ok

@@ -189,7 +189,7 @@ def test_weights_file_loads_the_backbone_and_sizes_a_new_head(tmp_path, name, fm
     else:  # a training checkpoint as people write them: {"state_dict": ...} with DDP's "module." prefix
         path = tmp_path / "checkpoint.pt"
         torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in saved.items()}}, path)
-    model = create_pretrained(get_spec(name), 3, 0.0, weights=path)
+    model, _ = create_pretrained(get_spec(name), 3, 0.0, weights=path)
     assert_backbone_loaded(model, saved, 3)
 
 
@@ -306,7 +306,7 @@ def test_stages_share_modules_with_the_model():
     assert all(any(p is q for q in model.parameters()) for p in top.parameters())
 
 
-@pytest.mark.parametrize("name", ["test_vit", "test_maxvit"])
+@pytest.mark.parametrize("name", ["test_maxvit", "test_coatnet"])
 def test_unknown_architecture_has_no_stages(name):
     model = timm.create_model(name, pretrained=False)
     assert stages(model) is None
@@ -525,3 +525,24 @@ def test_preprocess_round_trips_through_json():
         assert Preprocess.from_dict(data) == spec
     assert LITE0.to_dict() == {"input_size": 224, "crop_pct": 0.875, "mean": (0.5, 0.5, 0.5),
                                "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
+
+
+@pytest.mark.parametrize("name, size", [("test_resnet", 0), ("test_vit", 64), ("mobilenetv3_small_050", 0)])
+def test_own_weights_for_a_cnn_a_vit_and_a_mobilenet(tmp_path, name, size):
+    # Files as timm and Hugging Face save them (safetensors, 1000-class classifier): the backbone loads, the
+    # classifier is replaced, the cached recipe finds its split point; a ViT is rebuilt for the chosen input size
+    # with its position embeddings resampled to the new patch grid.
+    saved = randomised_state(name)
+    save_file(saved, str(tmp_path / "w.safetensors"))
+    model, spec = build_classifier(name, 3, dropout=0.0, weights=tmp_path / "w.safetensors", input_size=size)
+    assert model.get_classifier().out_features == 3
+    if size:
+        assert spec.preprocess.input_size == spec.img_size == size
+        assert model.pos_embed.shape[1] == (size // 16) ** 2 + 1 != saved["pos_embed"].shape[1]
+    else:
+        assert spec.img_size is None and spec.preprocess.input_size == timm.get_pretrained_cfg(name).input_size[-1]
+        assert_backbone_loaded(model, saved, 3)
+    bottom, top = frozen_trainable(model, 2)
+    x = torch.randn(2, 3, spec.preprocess.input_size, spec.preprocess.input_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), model.forward_head(top(bottom(x))), equal_nan=True)  # random BN

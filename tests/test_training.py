@@ -93,7 +93,7 @@ def test_full_finetune_and_balance_options_train(tiny_flowers, tmp_path):
 
 
 def test_architecture_without_stage_split_trains_head_only(tiny_flowers, tmp_path):
-    result = visiontune.train(tiny_flowers, out=tmp_path / "vit", model="test_vit", from_scratch=True, views=1,
+    result = visiontune.train(tiny_flowers, out=tmp_path / "maxvit", model="test_maxvit", from_scratch=True, views=1,
                               head_epochs=2, finetune_epochs=1)
     assert [r["phase"] for r in result.history] == ["head", "head"]
     assert any("no known stage split" in note for note in result.notes)

@@ -123,7 +123,12 @@ class EnsembleConfig(Settings):
 @dataclass(frozen=True)
 class TrainConfig(Settings):
     model: str = setting("efficientnet_lite0", "registry or timm name", aliases=("student",))
-    weights: str | None = setting(None, "backbone weights file (safetensors or a PyTorch state dict)")
+    weights: str | None = setting(None, "backbone weights file (timm / Hugging Face safetensors or a PyTorch state "
+                                        "dict) for any timm architecture; its classifier is replaced")
+    # A ViT is built for its input size (e.g. vit_small_patch14_dinov2 at 518 px): smaller is far cheaper on a CPU,
+    # and its position embeddings are resampled to the new grid when the weights load.
+    input_size: int = setting(0, "input size in pixels (0: the architecture's own, from timm's pretrained config)",
+                              low=0)
     from_scratch: bool = setting(False, "random initialisation, no pretrained weights")
     download: bool = setting(False, "let timm download weights from its hub (only where one is reachable)")
     seed: int = setting(0, "drives the split, augmentations and initialisation", low=0, also=("split.seed",))

@@ -36,6 +36,7 @@ class ModelMeta:
     dropout: float = 0.0
     versions: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    img_size: int | None = None  # the input size the architecture was built for, when it is built per size (ViT)
 
     @property
     def num_classes(self) -> int:
@@ -46,7 +47,8 @@ class ModelMeta:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "architecture": {"backbone": self.backbone, "timm_name": self.timm_name,
-                             "num_classes": self.num_classes, "dropout": self.dropout},
+                             "num_classes": self.num_classes, "dropout": self.dropout,
+                             **({"img_size": self.img_size} if self.img_size else {})},
             "id2label": {str(i): name for i, name in enumerate(self.labels)},
             "preprocess": self.preprocess.to_dict(),
             "versions": self.versions,
@@ -63,7 +65,8 @@ class ModelMeta:
             known = {"format", "format_version", "architecture", "id2label", "preprocess", "versions"}
             return cls(arch["backbone"], arch["timm_name"], labels, Preprocess.from_dict(data["preprocess"]),
                        float(arch.get("dropout", 0.0)), data.get("versions", {}),
-                       {k: v for k, v in data.items() if k not in known})
+                       {k: v for k, v in data.items() if k not in known},
+                       int(arch["img_size"]) if arch.get("img_size") else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: malformed model description (missing or bad {exc})") from None
 
@@ -115,6 +118,8 @@ def load_bundle(folder: Path) -> tuple[nn.Module, ModelMeta]:
     import timm
     from safetensors.torch import load_file
 
+    from visiontune.models.weights import create_architecture
+
     folder = Path(folder)
     meta = read_meta(folder)
     weights = RunDir(folder).weights
@@ -127,7 +132,7 @@ def load_bundle(folder: Path) -> tuple[nn.Module, ModelMeta]:
     if not timm.is_model(meta.timm_name):
         raise ModelError(f"{RunDir(folder).meta}: architecture {meta.timm_name!r} is unknown to this timm "
                          f"({timm.__version__}); the model was made with timm {meta.versions.get('timm', '?')}")
-    model = timm.create_model(meta.timm_name, pretrained=False, num_classes=meta.num_classes, drop_rate=meta.dropout)
+    model = create_architecture(meta.timm_name, meta.num_classes, meta.dropout, meta.img_size)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -11,15 +11,16 @@ from visiontune.models.weights import create_pretrained
 
 
 def build_classifier(model_name: str, num_classes: int, *, dropout: float, weights: Path | None = None,
-                     from_scratch: bool = False, allow_download: bool = False) -> tuple[nn.Module, BackboneSpec]:
+                     from_scratch: bool = False, allow_download: bool = False,
+                     input_size: int = 0) -> tuple[nn.Module, BackboneSpec]:
     """A timm model whose head (timm's own: pool -> dropout -> linear) has `num_classes` outputs.
 
     timm's uniform API then gives every part training needs: `forward_features` (feature map),
     `forward_head(x, pre_logits=True)` (pooled features) and `get_classifier()` (the linear layer).
     """
-    spec = get_spec(model_name)
-    model = create_pretrained(spec, num_classes, dropout, weights=weights, from_scratch=from_scratch,
-                              allow_download=allow_download)
+    spec = get_spec(model_name).at_size(input_size)
+    model, spec = create_pretrained(spec, num_classes, dropout, weights=weights, from_scratch=from_scratch,
+                                    allow_download=allow_download)
     # timm's EfficientNet init draws the new classifier from U(+-1/sqrt(num_classes)): with 5 classes and
     # 1280 pooled features that starts at logits of several units and a loss near 6. Zeros start at log(C).
     classifier = model.get_classifier()

@@ -6,7 +6,7 @@ Any other timm name is accepted too; its preprocessing comes from timm's pretrai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from visiontune.data.transforms import Preprocess
 from visiontune.errors import ModelError
@@ -28,6 +28,13 @@ class BackboneSpec:
     timm_name: str
     preprocess: Preprocess
     package_weights: PackageWeights | None = None
+    img_size: int | None = None  # passed to timm.create_model: the architecture is built for this input size
+
+    def at_size(self, size: int) -> "BackboneSpec":
+        """The same backbone for `size` x `size` inputs (0 or its own size: unchanged)."""
+        if not size or size == self.preprocess.input_size:
+            return self
+        return replace(self, preprocess=replace(self.preprocess, input_size=size), img_size=size)
 
 
 def _lite(n: int, size: int, crop_pct: float) -> BackboneSpec:

@@ -21,7 +21,23 @@ def stages(model: nn.Module) -> list[nn.Module] | None:
                 model.layer1, model.layer2, model.layer3, model.layer4]
     if kind == "ConvNeXt":
         return [model.stem, *model.stages, model.norm_pre]
+    if kind == "VisionTransformer":  # ViT, DeiT, DINOv2, ...: tokens in, tokens out, block after block
+        return [_TokenStem(model), *model.blocks, model.norm]
     return None
+
+
+class _TokenStem(nn.Module):
+    """A ViT's input end as one stage: patch embedding, class/register tokens and position embedding."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.patch_embed, self.patch_drop, self.norm_pre = vit.patch_embed, vit.patch_drop, vit.norm_pre
+        # `_pos_embed` reads the ViT's own tokens and embeddings; a plain reference, not a child module, so the
+        # stage does not own (or list the parameters of) the whole network it belongs to.
+        object.__setattr__(self, "_vit", vit)
+
+    def forward(self, x):
+        return self.norm_pre(self.patch_drop(self._vit._pos_embed(self.patch_embed(x))))
 
 
 def frozen_trainable(model: nn.Module, trainable_stages: int) -> tuple[nn.Sequential, nn.Sequential] | None:

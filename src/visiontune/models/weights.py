@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -90,7 +91,7 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     would otherwise load half-way and leave the rest at random: every backbone tensor must be there,
     with its shape, and the file may hold nothing else but a classifier.
     """
-    state = read_state_dict(path)
+    state = _as_this_architecture(read_state_dict(path), model)
     head = classifier_keys(model)
     own = model.state_dict()
     backbone = [k for k in own if k not in head]
@@ -109,6 +110,24 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     model.load_state_dict({k: state[k] for k in backbone if k in state}, strict=False)
 
 
+def _as_this_architecture(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's own conversion for the architecture (its `checkpoint_filter_fn`), as when it loads pretrained weights:
+    original-format keys mapped to timm's, a ViT's position embeddings resampled to the model's patch grid. The
+    classifier is left out first: ours is new, sized for the dataset."""
+    import sys
+
+    head = classifier_keys(model)
+    state = {k: v for k, v in state.items() if k not in head}
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if convert is None:
+        return state
+    try:
+        converted = convert(state, model)
+    except Exception:  # a filter that does not apply to this file: the checks below say what does not fit
+        return state
+    return {k: v for k, v in converted.items() if k not in head} if isinstance(converted, dict) else state
+
+
 @contextlib.contextmanager
 def _hub_offline(offline: bool):
     """huggingface_hub reads its offline flag at call time from this constant; flip it for one call."""
@@ -123,26 +142,46 @@ def _hub_offline(offline: bool):
 
 
 def create_pretrained(spec: BackboneSpec, num_classes: int, drop_rate: float, *, weights: Path | None = None,
-                      from_scratch: bool = False, allow_download: bool = False) -> nn.Module:
-    """A timm model with `num_classes` outputs and ImageNet (or the given) backbone weights."""
+                      from_scratch: bool = False,
+                      allow_download: bool = False) -> tuple[nn.Module, BackboneSpec]:
+    """A timm model with `num_classes` outputs and ImageNet (or the given) backbone weights, and its spec (whose
+    `img_size` is None when the architecture takes any input size without being rebuilt for it)."""
+    model, spec = _build(spec, num_classes, drop_rate, from_scratch or weights is not None or
+                         spec.package_weights is not None, allow_download)
+    if weights is not None:
+        load_weights_file(model, Path(weights))
+    elif spec.package_weights is not None and not from_scratch:
+        load_package_weights(model, spec.package_weights)
+    return model, spec
+
+
+def create_architecture(timm_name: str, num_classes: int, drop_rate: float, img_size: int | None = None,
+                        pretrained: bool = False) -> nn.Module:
+    """timm's model, built for `img_size` when given (a ViT's patch grid and position embeddings depend on it)."""
     import timm
 
-    def build(pretrained: bool) -> nn.Module:
-        return timm.create_model(spec.timm_name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate)
+    extra = {"img_size": img_size} if img_size else {}
+    return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate, **extra)
 
-    if from_scratch:
-        return build(False)
-    if weights is not None:
-        model = build(False)
-        load_weights_file(model, Path(weights))
-        return model
-    if spec.package_weights is not None:
-        model = build(False)
-        load_package_weights(model, spec.package_weights)
-        return model
+
+def _build(spec: BackboneSpec, num_classes: int, drop_rate: float, random: bool,
+           allow_download: bool) -> tuple[nn.Module, BackboneSpec]:
+    def build(pretrained: bool, img_size: int | None) -> nn.Module:
+        return create_architecture(spec.timm_name, num_classes, drop_rate, img_size, pretrained)
+
+    def sized(pretrained: bool) -> tuple[nn.Module, BackboneSpec]:
+        if spec.img_size:
+            try:
+                return build(pretrained, spec.img_size), spec
+            except TypeError:  # a convolutional network takes any input size as it is
+                return build(pretrained, None), replace(spec, img_size=None)
+        return build(pretrained, None), spec
+
+    if random:
+        return sized(False)
     try:
         with _hub_offline(not allow_download):
-            return build(True)
+            return sized(True)
     except Exception:  # timm/huggingface_hub raise many kinds here; all mean "no weights to be had"
         how = "nor could they be downloaded" if allow_download else "and downloading is off (--download turns it on)"
         raise ModelError(

@@ -57,6 +57,12 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def describe_preprocess(spec) -> str:
+    p = spec.preprocess
+    return (f"preprocessing of {spec.timm_name}: {p.input_size} px (shorter side {p.resize_size}, centre crop), "
+            f"mean {tuple(p.mean)}, std {tuple(p.std)}, {p.interpolation}")
+
+
 def prepare_run_dir(out: Path, overwrite: bool) -> Path:
     out = Path(out)
     if RunDir(out).meta.exists() and not overwrite:
@@ -97,7 +103,8 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
     # The model first: a wrong name or missing weights should fail before minutes of decoding.
     model, spec = build_classifier(cfg.model, len(dataset.classes), dropout=cfg.dropout,
                                    weights=Path(cfg.weights) if cfg.weights else None,
-                                   from_scratch=cfg.from_scratch, allow_download=cfg.download)
+                                   from_scratch=cfg.from_scratch, allow_download=cfg.download, input_size=cfg.input_size)
+    notes.append(describe_preprocess(spec))
     model.to(device)
 
     report = scan_dataset(dataset, cfg.scan, quiet=quiet)
@@ -143,7 +150,8 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
     if not d.is_main:
         return TrainResult(run_dir, None, {}, history.rows, notes)
 
-    meta = ModelMeta(spec.name, spec.timm_name, list(dataset.classes), spec.preprocess, cfg.dropout, current_versions())
+    meta = ModelMeta(spec.name, spec.timm_name, list(dataset.classes), spec.preprocess, cfg.dropout, current_versions(),
+                     img_size=spec.img_size)
     save_bundle(run_dir, model.cpu().eval(), meta)
     metrics = {
         "model": spec.name,
