@@ -11,7 +11,6 @@ second, crops included) and how far each variant's features are from the first's
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from machine import describe, save_json  # noqa: E402
 from visiontune.config import TrainConfig  # noqa: E402
 from visiontune.data.index import load_dataset  # noqa: E402
 from visiontune.data.loader import load_all  # noqa: E402
@@ -174,9 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("set-up seconds (trace, fold, quantize, open the session): "
           + ", ".join(f"{k} {v:.1f}" for k, v in setup.items()))
     result = {"command": " ".join(sys.argv), "machine": describe(), "rows": rows, "setup_seconds": setup}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    save_json(args.json, result)
     return result
 
 

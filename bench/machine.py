@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
 import sys
+from pathlib import Path
 
 
 def cpu_model() -> str:
@@ -27,3 +29,10 @@ def describe() -> dict:
         "python": platform.python_version(),
         "command": " ".join(shlex.quote(a) for a in sys.argv),
     }
+
+
+def save_json(path: str | None, result: dict) -> None:
+    """Write a benchmark's result as JSON to `path` (nothing when None), its folder made first."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from machine import describe, save_json  # noqa: E402
 from visiontune.serve import loadtest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,9 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown(result))
     print()
     print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    save_json(args.json, result)
     return result
 
 
