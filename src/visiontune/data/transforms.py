@@ -7,6 +7,7 @@ Everything here is numpy + Pillow (no torch), so a served ONNX model needs nothi
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -110,14 +111,22 @@ class Augment:
     contrast: float
 
 
+@functools.lru_cache(maxsize=1)
+def _opencv():
+    """OpenCV, imported on first use and set to one thread: crops are made beside ONNX Runtime, which already has a
+    thread on every core."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    return cv2
+
+
 def _crop_rotate_resize(rgb: np.ndarray, box: tuple, angle: float, size: int, interpolation: str) -> np.ndarray:
     """The box of `rgb` turned by `angle` degrees (counter-clockwise, as Pillow's rotate) about its centre, resized
     to size x size: one affine resampling of the output pixels only (OpenCV), where rotating the whole image and
     then resizing the box in Pillow cost eight times as much and made augmented crops the slowest part of the
     frozen pass. Outside the image is black, as Pillow's rotate leaves it."""
-    import cv2
-
-    cv2.setNumThreads(1)  # crops are made beside ONNX Runtime, which already has a thread on every core
+    cv2 = _opencv()
     left, top, right, bottom = box
     sx, sy = (right - left) / size, (bottom - top) / size
     cx, cy = (left + right) / 2, (top + bottom) / 2
