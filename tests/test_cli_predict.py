@@ -117,3 +117,19 @@ def test_bench_cli_reports_every_engine(cli, model):
     assert report["machine"]["cores"] >= 1
     bad = cli("bench", run, "--batch-sizes", "x")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_an_image_of_extreme_aspect_ratio_is_a_listed_skip(cli, model, photos, tmp_path):
+    from conftest import thin_png
+
+    thin = tmp_path / "thin.png"
+    thin.write_bytes(thin_png(1_000_000, 64))  # 62 KB; scaled to 224 px high it would be 3.5 million pixels long
+    alone = cli("predict", model, thin)
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr, alone.stderr
+    assert alone.stderr.splitlines() == [f"skipped: {thin}: extreme aspect ratio: 1000000x64 is over 20:1 (scaled to the "
+                                         f"model's size its long side would need gigabytes)",
+                                         "visiontune: error: none of the 1 file(s) could be read as an image"]
+    both = cli("predict", model, thin, photos["daisy"][10], "--format", "jsonl")
+    assert both.returncode == 0, both.stderr
+    assert f"skipped: {thin}: extreme aspect ratio" in both.stderr
+    assert [not json.loads(line)["error"] for line in both.stdout.splitlines()] == [False, True]

@@ -400,3 +400,22 @@ def test_sigterm_lets_the_request_in_flight_finish(bare, jpegs):
     assert reply.status == 200 and reply.json()["label"]
     assert bare.proc.wait(30) == 0
     assert "Shutting down" in bare.log.read_text()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_thin_image_is_refused_fast_without_the_memory_it_would_take(full):
+    from conftest import thin_png
+
+    before = _rss_mb(full.proc.pid)
+    for _ in range(3):
+        started = time.monotonic()
+        reply = full.post("/v1/predict", thin_png(), content_type="image/png")
+        assert time.monotonic() - started < 2.0
+        assert "extreme aspect ratio: 300000x32" in assert_error(reply, 422, "undecodable_image")["message"]
+    assert _rss_mb(full.proc.pid) - before < 200

@@ -132,12 +132,13 @@ def test_cli_train_prints_run_and_accuracy(tiny_flowers, tmp_path):
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
 
-def test_kill_during_phase_two_then_resume_gives_the_uninterrupted_result(tiny_flowers, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--ema", "0.9"]], ids=["plain", "weight-average"])
+def test_kill_during_phase_two_then_resume_gives_the_uninterrupted_result(tiny_flowers, tmp_path, extra):
     import signal
     import time
 
     exe = Path(sys.executable).with_name("visiontune")
-    args = ["--views", "3", "--head-epochs", "2", "--epochs", "8", "--quiet"]
+    args = ["--views", "3", "--head-epochs", "2", "--epochs", "8", "--quiet", *extra]
     reference = subprocess.run([str(exe), "train", str(tiny_flowers), "--out", str(tmp_path / "whole"), *args],
                                capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr
@@ -166,3 +167,39 @@ def test_kill_during_phase_two_then_resume_gives_the_uninterrupted_result(tiny_f
     assert strip(run / "history.csv") == strip(tmp_path / "whole" / "history.csv")
     assert (run / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert not (run / "checkpoint").exists()
+
+
+def test_weight_average_follows_the_weights_and_swaps_back():
+    import torch
+
+    from visiontune.training.phases import WeightAverage
+
+    layer = torch.nn.Linear(2, 1)
+    torch.nn.init.zeros_(layer.weight)
+    average = WeightAverage(layer, decay=0.5)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    average.update()  # warm-up decay min(0.5, 2/11) = 0.1818...: mostly the new weights
+    assert torch.allclose(average.state["weight"], torch.full((1, 2), 1 - 2 / 11))
+    average.update()  # decay min(0.5, 3/12)
+    expected = 0.25 * (1 - 2 / 11) + 0.75
+    assert torch.allclose(average.state["weight"], torch.full((1, 2), expected))
+    average.swap()
+    assert torch.allclose(layer.weight, torch.full((1, 2), expected))
+    average.swap()
+    assert torch.allclose(layer.weight, torch.ones(1, 2))
+
+
+def test_weight_average_is_what_phase_two_keeps(tiny_flowers, tmp_path):
+    plain = visiontune.train(tiny_flowers, out=tmp_path / "plain", val=0.25, test=0.25, **{**FAST, "epochs": 2})
+    averaged = visiontune.train(tiny_flowers, out=tmp_path / "avg", val=0.25, test=0.25, ema=0.9, **{**FAST, "epochs": 2})
+    assert yaml.safe_load((averaged.run_dir / "config.yaml").read_text())["ema"] == 0.9
+    kept = load_bundle(averaged.run_dir)[0].state_dict()
+    raw = load_bundle(plain.run_dir)[0].state_dict()
+    assert any(not torch_equal(kept[k], raw[k]) for k in kept)  # same seed, same batches: only the averaging differs
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

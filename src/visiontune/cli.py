@@ -191,7 +191,8 @@ def _report_training(result, extra: str = "") -> int:
         return 0
     val = m.get("val", {}).get("top1")
     test = (m.get("evaluation") or m.get("test") or {}).get("top1")
-    line = f"run: {result.run_dir}  ({m['train_seconds']:.0f} s{extra})"
+    budget = f", budget {m['budget']['budget_seconds']:.0f} s" if m.get("budget") else ""
+    line = f"run: {result.run_dir}  ({m['train_seconds']:.0f} s{budget}{extra})"
     if val is not None:
         line += f"  val top-1 {val:.2%}"
     if test is not None:

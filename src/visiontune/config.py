@@ -9,7 +9,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from visiontune.settings import SettingError, Settings, from_dict, load_yaml, override, save_yaml, section, setting, to_dict
+from visiontune.settings import (
+    SettingError,
+    Settings,
+    from_dict,
+    load_yaml,
+    override,
+    parse_duration,
+    save_yaml,
+    section,
+    setting,
+    to_dict,
+)
 
 BACKENDS = ("onnx", "torch")  # the engines a run directory can be scored with
 SCHEDULES = ("cosine", "onecycle", "plateau")
@@ -36,6 +47,9 @@ class ScanConfig(Settings):
     min_side: int = setting(32, "images whose shorter side is smaller carry too little to learn from", low=1)
     # Pillow's own decompression-bomb threshold (about 9459 x 9459)
     max_pixels: int = setting(89_478_485, "images with more pixels are refused as decompression bombs", low=1)
+    # Scaled so its short side fits the model, a 300000 x 32 image would be 2 million pixels long: gigabytes.
+    max_aspect: float = setting(20.0, "images whose long side is more than this many times their short side are "
+                                      "refused from their header, undecoded", low=1.0)
     near_duplicate_distance: int = setting(4, "Hamming distance between 64-bit difference hashes that counts as a "
                                               "near duplicate", low=0, high=64)
     workers: int = setting(0, "decoding processes (0: one per core)", low=0)
@@ -134,6 +148,9 @@ class TrainConfig(Settings):
     seed: int = setting(0, "drives the split, augmentations and initialisation", low=0, also=("split.seed",))
     deterministic: bool = setting(False, "deterministic kernels where torch has them")
     full_finetune: bool = setting(False, "train every layer on fresh augmentations (the natural choice on a GPU)")
+    # A run with a budget replaces views and phase-2 epochs with its plan and clears budget in its config.yaml.
+    budget: str | None = setting(None, "finish within this wall-clock time, e.g. 90s, 5m, 1h: views and phase-2 "
+                                       "epochs planned from a short warm-up on this machine")
     # Cached recipe: phase 1 fits the head on pooled features of the frozen backbone; phase 2 fine-tunes the top
     # `trainable_stages` stages on activations cached at the boundary below them.
     views: int = setting(4, "augmented views cached per training image, besides the plain centre crop", low=0)
@@ -151,6 +168,8 @@ class TrainConfig(Settings):
     # Each cached view is seen every epoch, so without mixup the top stages can memorise the cache.
     feature_mixup: float = setting(0.0, "phase 2: mixup of cached activations, Beta alpha (0: off)", low=0.0)
     batch_size: int = setting(32, "phase 2 / full fine-tune batch size", low=1)
+    ema: float = setting(0.0, "phase 2 / full fine-tune: decay of an exponential moving average of the weights, "
+                              "validated and kept instead of the raw ones (0: off; e.g. 0.999)", low=0.0, high=0.99999)
     weight_decay: float = setting(0.01, "AdamW weight decay", low=0.0)
     label_smoothing: float = setting(0.1, "cross-entropy label smoothing", low=0.0, high=0.99)
     dropout: float = setting(0.2, "dropout before the classifier", low=0.0, high=0.99)
@@ -172,6 +191,13 @@ class TrainConfig(Settings):
     def check(self) -> None:
         if self.weights and self.from_scratch:
             raise SettingError("weights", "--weights and --from-scratch contradict each other; pass one")
+        if self.budget is not None:
+            try:
+                parse_duration(self.budget)
+            except ValueError as exc:
+                raise SettingError("budget", f"{self.budget!r}: {exc}; expected e.g. 90s, 5m or 1h") from None
+            if self.full_finetune:
+                raise SettingError("budget", "--budget plans the cached recipe; --full-finetune takes --epochs")
         if self.distill.teacher and self.full_finetune:
             raise SettingError("full_finetune", "distillation uses the cached recipe (the teacher's logits are computed "
                                                 "once per cached view); --full-finetune draws fresh augmentations "

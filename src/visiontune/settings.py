@@ -33,6 +33,22 @@ class SettingError(ConfigError):
         return SettingError(f"{section}.{self.name}", self.problem)
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90s", "5m", "1.5h", "2min" or a bare number of seconds; ValueError otherwise."""
+    text = str(text).strip().lower()
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number):].strip() or "s"
+    if unit not in _UNITS:
+        raise ValueError(f"unknown unit {unit!r}")
+    seconds = float(number) * _UNITS[unit]
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError("not a positive duration")
+    return seconds
+
+
 def setting(default: Any = MISSING, help: str = "", *, flag: str | None = None, choices: tuple | None = None,
             low: float | None = None, high: float | None = None, above: float | None = None, cli: bool = True,
             aliases: tuple[str, ...] = (), also: tuple[str, ...] = ()) -> Any:

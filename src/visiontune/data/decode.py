@@ -96,6 +96,7 @@ def decode_full(
     *,
     draft: int | None = None,
     max_pixels: int = ScanConfig.max_pixels,
+    max_aspect: float = ScanConfig.max_aspect,
     where: str | None = None,
 ) -> Decoded:
     """Decode `source` to RGB, noting every conversion. Raises ImageDecodeError with a reason.
@@ -104,10 +105,12 @@ def decode_full(
     DCT scale that still covers it (never smaller), which is several times faster for large photos.
     """
     if isinstance(source, np.ndarray):
-        return Decoded(_array_to_rgb(source, where or "array"), _array_size(source), "array")
+        rgb = _array_to_rgb(source, where or "array")
+        check_shape(*_array_size(source), where or "array", max_pixels, max_aspect)
+        return Decoded(rgb, _array_size(source), "array")
     if isinstance(source, Image.Image):
         where = where or "image"
-        return _decode_pil(source, draft=None, max_pixels=max_pixels, where=where)
+        return _decode_pil(source, draft=None, max_pixels=max_pixels, max_aspect=max_aspect, where=where)
     if isinstance(source, (str, Path)):
         where = where or str(source)
         data = read_bytes(source)
@@ -124,7 +127,7 @@ def decode_full(
         raise ImageDecodeError(where, describe_non_image(data)) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(where, f"corrupt image header ({exc})") from None
-    return _decode_pil(image, draft=draft, max_pixels=max_pixels, where=where)
+    return _decode_pil(image, draft=draft, max_pixels=max_pixels, max_aspect=max_aspect, where=where)
 
 
 def decode(source: ImageSource, *, draft: int | None = None, max_pixels: int = ScanConfig.max_pixels) -> np.ndarray:
@@ -132,12 +135,22 @@ def decode(source: ImageSource, *, draft: int | None = None, max_pixels: int = S
     return decode_full(source, draft=draft, max_pixels=max_pixels).array
 
 
-def _decode_pil(image: Image.Image, *, draft: int | None, max_pixels: int, where: str) -> Decoded:
-    width, height = image.size
+def check_shape(width: int, height: int, where: str, max_pixels: int, max_aspect: float) -> None:
+    """Refuse, from the header alone, what would take far more memory than its file size suggests."""
     if width * height > max_pixels:
         raise ImageDecodeError(
             where, f"decompression bomb: {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
         )
+    if min(width, height) < 1:
+        raise ImageDecodeError(where, f"empty image ({width}x{height})")
+    if max(width, height) > max_aspect * min(width, height):
+        raise ImageDecodeError(where, f"extreme aspect ratio: {width}x{height} is over {max_aspect:g}:1 (scaled to "
+                                      f"the model's size its long side would need gigabytes)")
+
+
+def _decode_pil(image: Image.Image, *, draft: int | None, max_pixels: int, max_aspect: float, where: str) -> Decoded:
+    width, height = image.size
+    check_shape(width, height, where, max_pixels, max_aspect)
     notes: list[str] = []
     # Read before anything else touches the image: n_frames and getexif() can reset a PNG's tile list.
     if image.mode in ("RGB", "RGBA") and image.tile and ";16" in str(image.tile[0].args):

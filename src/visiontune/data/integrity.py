@@ -44,7 +44,8 @@ def check_file(path: str, cfg: ScanConfig = ScanConfig()) -> FileCheck:
         data = read_bytes(path)
         if not data:
             return FileCheck(problem="zero-byte file")
-        decoded = decode_full(data, draft=_SCAN_DRAFT, max_pixels=cfg.max_pixels, where=path)
+        decoded = decode_full(data, draft=_SCAN_DRAFT, max_pixels=cfg.max_pixels, max_aspect=cfg.max_aspect,
+                              where=path)
     except ImageDecodeError as exc:
         return FileCheck(problem=exc.reason)
     width, height = decoded.size

@@ -92,10 +92,12 @@ class RunDir:
     def write_metrics(self, metrics: dict) -> None:
         write_json(self.metrics, metrics)
 
-    def write_config(self, data: str, root: str | None, cfg: TrainConfig) -> None:
-        """Every setting used, plus where the data was, so `visiontune train --config` repeats the run."""
+    def write_config(self, data: str, root: str | None, cfg: TrainConfig, comment: str = "") -> None:
+        """Every setting used, plus where the data was, so `visiontune train --config` repeats the run; `comment`
+        (a line on how settings were chosen) heads the file."""
         payload = {"data": data, "root": root, **to_dict(cfg)}
-        atomic_write_text(self.config, yaml.safe_dump(payload, sort_keys=False))
+        head = f"# {comment}\n" if comment else ""
+        atomic_write_text(self.config, head + yaml.safe_dump(payload, sort_keys=False))
 
     def read_config(self) -> tuple[str, str | None, TrainConfig]:
         """(data, root, settings) of the run."""

@@ -20,7 +20,7 @@ from visiontune.training.checkpoint import Checkpoint
 from visiontune.training.distill import distill_loss, teacher_view_logits
 from visiontune.training.feature_cache import DiskCache, FrozenFeatures, FrozenRunner, ViewCache, build_view_cache, cache_key
 from visiontune.training.loops import batch_rng, make_loss, optimizer_step, run_epochs
-from visiontune.training.phases import BestState, PhaseContext, Score, Sets, augment_from
+from visiontune.training.phases import BestState, PhaseContext, Score, Sets, WeightAverage, augment_from
 
 HEAD_ALONE = "head_alone"  # the phase-1 model, kept in phase-2 checkpoints
 
@@ -41,7 +41,8 @@ def _weights_identity(cfg: TrainConfig, spec) -> str:
 
 
 def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digests: list[str], sets: Sets,
-                  ctx: PhaseContext, disk: DiskCache, teacher=None) -> dict[str, Score]:
+                  ctx: PhaseContext, disk: DiskCache, teacher=None, runner: FrozenRunner | None = None) -> dict[str, Score]:
+    """`runner`: frozen layers already prepared for the training views (by a budget's warm-up)."""
     parts = frozen_trainable(model, cfg.trainable_stages)
     bottom, top = parts if parts else (None, None)
     if parts is None and cfg.trainable_stages > 0:
@@ -54,6 +55,8 @@ def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digest
     runners: dict[int, FrozenRunner] = {}  # by input size, built on first use: cached views need no frozen pass
     split_at = cfg.trainable_stages if parts else 0
     train_spec = training_preprocess(spec.preprocess, cfg)
+    if runner is not None:
+        runners[train_spec.input_size] = runner
 
     def cache(indices: np.ndarray, views: int, pre, desc: str) -> ViewCache | None:
         if not len(indices):
@@ -210,4 +213,5 @@ def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: View
     params = [{"params": list(top.parameters()), "lr": cfg.finetune_lr},
               {"params": list(head.parameters()), "lr": cfg.finetune_lr}]
     run_epochs("finetune", cfg.finetune_epochs, params, len(labels), cfg, step, validate, BestState(model),
-               ctx.history, cfg.batch_size, labels, model=model, checkpoint=ctx.checkpoint, resume=ctx.resume)
+               ctx.history, cfg.batch_size, labels, model=model, checkpoint=ctx.checkpoint, resume=ctx.resume,
+               average=WeightAverage(model, cfg.ema) if cfg.ema else None)

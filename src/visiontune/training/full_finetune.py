@@ -13,7 +13,7 @@ from torch import nn
 from visiontune.config import TrainConfig
 from visiontune.data.transforms import Augment, Preprocess, augment_crop, center_crop, normalize
 from visiontune.training.loops import batch_rng, make_loss, optimizer_step, run_epochs
-from visiontune.training.phases import BestState, Score
+from visiontune.training.phases import BestState, Score, WeightAverage
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -112,7 +112,8 @@ def full_finetune(model: nn.Module, spec: Preprocess, cfg: TrainConfig, aug: Aug
 
     run_epochs("full", cfg.finetune_epochs, [{"params": list(model.parameters()), "lr": cfg.finetune_lr}],
                len(y_train), cfg, step, validate, BestState(model), ctx.history, cfg.batch_size, y_train,
-               model=model, checkpoint=ctx.checkpoint, resume=ctx.resume)
+               model=model, checkpoint=ctx.checkpoint, resume=ctx.resume,
+               average=WeightAverage(model, cfg.ema) if cfg.ema else None)
     model.eval()
     scores = {}
     for name, indices in (("val", sets.val), ("test", sets.test)):

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from visiontune.config import TrainConfig
-from visiontune.training.checkpoint import restore
-from visiontune.training.phases import BestState, Resume
+from visiontune.training.checkpoint import Checkpoint, restore
+from visiontune.training.phases import BestState, Resume, WeightAverage
 
 
 def batch_rng(seed: int, epoch: int, batch: np.ndarray) -> np.random.Generator:
@@ -108,9 +108,11 @@ class EpochTimer:
 
 def run_epochs(name: str, epochs: int, params: list[dict], n_train: int, cfg: TrainConfig, step_fn, validate,
                best: BestState, history, batch_size: int, labels: np.ndarray, *, model: nn.Module,
-               checkpoint=None, resume: Resume | None = None, every_epoch: bool = True) -> None:
+               checkpoint=None, resume: Resume | None = None, every_epoch: bool = True,
+               average: WeightAverage | None = None) -> None:
     """The epoch loop every phase shares: AdamW, schedule, validation, best state, early stopping, and a
-    checkpoint after each epoch (`every_epoch`) or at the end of the phase, from which `resume` continues."""
+    checkpoint after each epoch (`every_epoch`) or at the end of the phase, from which `resume` continues.
+    With `average`, its averaged weights are what is validated and kept (the training goes on from the raw ones)."""
     if resume is not None and resume.is_past(name):
         return  # finished before the interruption; its weights come back with the later phase's checkpoint
     optimizer = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
@@ -125,9 +127,13 @@ def run_epochs(name: str, epochs: int, params: list[dict], n_train: int, cfg: Tr
         if resume.state["finished"]:
             return
         start, stale = resume.state["epoch"] + 1, resume.state["stale"]
+        if average is not None:
+            average.load(Checkpoint.kept_from(resume.tensors, f"average.{name}"))
 
     def save(epoch: int, finished: bool) -> None:
         if checkpoint is not None:
+            if average is not None:
+                checkpoint.keep(f"average.{name}", average.tensors())
             checkpoint.save(phase=name, epoch=epoch, finished=finished, model=model, optimizer=optimizer,
                             scheduler=scheduler, plateau=plateau, rng=rng, best=best, stale=stale,
                             history_rows=len(history.rows))
@@ -140,10 +146,17 @@ def run_epochs(name: str, epochs: int, params: list[dict], n_train: int, cfg: Tr
             loss, hits = step_fn(idx, optimizer, epoch)
             if scheduler is not None:
                 scheduler.step()
+            if average is not None:
+                average.update()
             total_loss += loss * len(idx)
             correct += hits
             seen += len(idx)
+        if average is not None:
+            average.swap()  # validate (and keep, if best) the averaged weights
         val = validate()
+        offered = val is None or best.offer(val, epoch)
+        if average is not None and (epoch < epochs or val is not None):
+            average.swap()  # the raw weights train on; without validation the last average is what is kept
         if plateau is not None and val is not None:
             plateau.step(val.loss)
         seconds = timer.seconds()
@@ -151,7 +164,7 @@ def run_epochs(name: str, epochs: int, params: list[dict], n_train: int, cfg: Tr
                      "train_acc": correct / max(seen, 1), "val_loss": val.loss if val else "",
                      "val_acc": val.accuracy if val else "", "lr": optimizer.param_groups[0]["lr"],
                      "seconds": round(seconds, 2), "images_per_s": round(seen / max(seconds, 1e-9), 1)})
-        stale = 0 if (val is None or best.offer(val, epoch)) else stale + 1
+        stale = 0 if offered else stale + 1
         if cfg.early_stopping and stale >= cfg.early_stopping:
             break
         if every_epoch and epoch < epochs:

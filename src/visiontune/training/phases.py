@@ -80,6 +80,39 @@ class BestState:
             self.module.load_state_dict(self.state)
 
 
+class WeightAverage:
+    """An exponential moving average of a module's weights (timm's ModelEmaV2 rule, with its warm-up: the decay
+    grows as (1 + n) / (10 + n) up to `decay`, so early averages are not stuck at the starting weights)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.module, self.decay, self.updates = module, decay, 0
+        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, value in self.module.state_dict().items():
+            average = self.state[name]
+            if average.is_floating_point():
+                average.lerp_(value.detach(), 1.0 - decay)
+            else:
+                average.copy_(value)
+
+    def swap(self) -> None:
+        """Exchange the module's weights and the averaged ones (twice puts everything back)."""
+        current = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        self.module.load_state_dict(self.state)
+        self.state = current
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.state, "__updates__": torch.tensor(self.updates)}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.updates = int(tensors.pop("__updates__"))
+        self.state = tensors
+
+
 @dataclass
 class Resume:
     """A loaded checkpoint, and the order of the run's phases (to tell a finished phase from a pending one)."""

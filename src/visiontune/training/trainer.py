@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from visiontune.models.bundle import ModelMeta, current_versions, save_bundle
 from visiontune.models.classifier import build_classifier, count_parameters
 from visiontune.models.run_dir import RunDir
 from visiontune.training import distributed
+from visiontune.training.budget import plan_budget
 from visiontune.training.cached_recipe import cached_recipe
 from visiontune.training.checkpoint import Checkpoint
 from visiontune.training.distill import check_settings
@@ -127,7 +129,20 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
         run.write_config(data_label, root, cfg)
         atomic_write_text(run.split, split_text)
 
+    decode_started = time.perf_counter()
     all_sets, images, digests = _decode(dataset, split, spec.preprocess, cfg, quiet, notes)
+    plan = runner = None
+    if cfg.budget and not cfg.full_finetune:
+        if d.active:
+            raise ConfigError("--budget plans a run of one process; give views and epochs to a distributed run")
+        decode_rate = len(images) / max(time.perf_counter() - decode_started, 1e-6)
+        plan, runner = plan_budget(model, spec, cfg, images, all_sets, device, notes, time.perf_counter() - started,
+                                   decode_rate)
+        cfg = plan.apply(cfg)
+        if d.is_main:
+            run.write_config(data_label, root, cfg, comment=f"planned by --budget: {plan.describe()}")
+        if not quiet:
+            print(f"plan: {plan.describe()}", file=sys.stderr)
     sets = Sets(d.train_shard(all_sets.train), d.eval_shard(all_sets.val), d.eval_shard(all_sets.test), all_sets.labels)
     loaded = None
     if resume:
@@ -141,7 +156,8 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
             scores = full_finetune(model, spec.preprocess, cfg, augment_from(cfg), images, sets, context)
         else:
             cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run.cache
-            scores = cached_recipe(model, spec, cfg, images, digests, sets, context, DiskCache(cache_dir), teacher)
+            scores = cached_recipe(model, spec, cfg, images, digests, sets, context, DiskCache(cache_dir), teacher,
+                                   runner=runner)
             d.barrier()
             if not cfg.cache_dir and d.is_main:
                 shutil.rmtree(cache_dir, ignore_errors=True)
@@ -161,6 +177,7 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
         "device": str(device),
         "images": {name: int(len(getattr(all_sets, name))) for name in ("train", "val", "test")},
         "processes": d.world,
+        **({"budget": plan.to_dict()} if plan else {}),
         **{name: {"loss": s.loss, "top1": s.accuracy} for name, s in scores.items()},
         "notes": notes,
     }
