@@ -359,3 +359,27 @@ def test_the_untouched_guard_notices_any_change(tmp_path, untouched, make_classe
         with pytest.raises(AssertionError, match="user files were"):
             with untouched(root):
                 change()
+
+
+def test_symlinks_out_of_a_class_folder_do_not_relabel_another_class(tmp_path, make_classes, cli):
+    root = make_classes(tmp_path / "linked", {"daisy": 3, "roses": 3})
+    (root / "daisy" / "loop").symlink_to("..")  # would make every rose a daisy too
+    (root / "daisy" / "again.png").symlink_to(root / "roses" / "000.png")  # the same file under another label
+    outside = make_classes(tmp_path / "library", {"extra": 2})
+    (root / "roses" / "more").symlink_to(outside / "extra")  # a folder of the user's elsewhere: outside the class
+    dataset = load_dataset(root)
+    assert sorted(dataset.paths) == [f"{c}/{i:03d}.png" for c in ("daisy", "roses") for i in range(3)]
+    reasons = {Path(f.path).name: f.reason for f in dataset.findings}
+    assert "outside its class folder" in reasons["loop"] and "outside its class folder" in reasons["more"]
+    assert "counted once" in reasons["again.png"]
+    done = cli("scan", root)
+    assert done.returncode == 0 and "usable 6" in done.stdout and "not followed" in done.stdout, done.stdout
+
+
+def test_a_symlinked_file_from_outside_the_dataset_is_a_normal_member(tmp_path, make_classes):
+    library = make_classes(tmp_path / "library", {"all": 2})
+    root = tmp_path / "data"
+    for k, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        (root / name / "photo.png").symlink_to(library / "all" / f"{k:03d}.png")
+    assert sorted(load_dataset(root).paths) == ["a/photo.png", "b/photo.png"]

@@ -244,3 +244,35 @@ def test_split_indices_partition_the_usable_files(sample_root, untouched):
     joined = np.sort(np.concatenate(parts))
     assert np.array_equal(joined, np.arange(150))
     assert [len(p) for p in parts] == [120, 15, 15]
+
+
+def test_duplicate_photos_stay_in_one_split_and_the_split_says_so(tmp_path, make_classes, cli):
+    # Two identical copies of each of 10 photos per class: without grouping, pairs land on different sides.
+    root = make_classes(tmp_path / "dups", {"a": 10, "b": 10})
+    for png in sorted(root.rglob("*.png")):
+        (png.parent / f"copy-{png.name}").write_bytes(png.read_bytes())
+    out = tmp_path / "split.csv"
+    done = cli("split", root, "--val", "0.2", "--test", "0.2", "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "20 duplicate image(s) put in the split of their first copy" in done.stderr
+    rows = {r["path"]: r["split"] for r in csv.DictReader(open(out))}
+    pairs = [(p, "/copy-".join(p.rsplit("/", 1))) for p in rows if "copy-" not in p]
+    assert len(pairs) == 20 and all(rows[a] == rows[b] for a, b in pairs)
+    assert {"train", "val", "test"} <= set(rows.values())
+    strict = cli("scan", out, "--strict")
+    assert strict.returncode == 0 and "20 exact group(s), 0 near group(s), 0 crossing splits" in strict.stdout
+
+
+def test_given_splits_that_cross_duplicates_are_warned_about(tmp_path, make_classes):
+    from visiontune.data.index import load_dataset
+    from visiontune.data.integrity import scan_dataset
+    from visiontune.data.split import split_dataset
+
+    root = tmp_path / "given"
+    for split in ("train", "val", "test"):
+        make_classes(root / split, {"a": 3, "b": 3})
+    (root / "test" / "a" / "twin.png").write_bytes((root / "train" / "a" / "000.png").read_bytes())
+    dataset = load_dataset(root)
+    report = scan_dataset(dataset, quiet=True)
+    notes = split_dataset(dataset, report.usable, duplicates=report.exact_duplicates).notes
+    assert any(n.startswith("warning: 1 group(s) of duplicate images cross the given splits") for n in notes), notes

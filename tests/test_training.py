@@ -155,7 +155,18 @@ def test_kill_during_phase_two_then_resume_gives_the_uninterrupted_result(tiny_f
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run / "model.json").exists() and (run / "checkpoint" / "state.json").is_file()
+    assert not (run / "model.json").exists()
+    # One file, renamed into place whole: no instant holds the tensors of one epoch with the state of another.
+    assert [p.name for p in (run / "checkpoint").iterdir()] == ["state.safetensors"]
+    if not extra:  # a damaged checkpoint is a one-line error, and the run is left as it was
+        damaged = tmp_path / "damaged"
+        shutil.copytree(run, damaged)
+        state = damaged / "checkpoint" / "state.safetensors"
+        state.write_bytes(state.read_bytes()[:5000])
+        bad = subprocess.run([str(exe), "train", "--resume", str(damaged), "--quiet"], capture_output=True, text=True,
+                             timeout=120)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unreadable checkpoint" in bad.stderr, bad.stderr
+        assert state.stat().st_size == 5000
 
     resumed = subprocess.run([str(exe), "train", "--resume", str(run), "--quiet"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

@@ -51,13 +51,13 @@ def split(data: PathLike | Dataset, *, out: PathLike | None = None, root: PathLi
     if out is not None:
         _refuse_to_overwrite_input(dataset, Path(out))
     report = None
-    usable = None
+    usable, duplicates = None, []
     if check:
         report = scan_dataset(dataset, cfg.scan, quiet=quiet)
         if report.unusable_reason:
             raise DatasetError(report.unusable_reason)
-        usable = report.usable
-    result = split_dataset(dataset, usable, cfg.split)
+        usable, duplicates = report.usable, report.exact_duplicates + report.near_duplicates
+    result = split_dataset(dataset, usable, cfg.split, duplicates)
     if out is not None:
         result.write_csv(Path(out))
     return result, report

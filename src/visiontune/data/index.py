@@ -138,12 +138,16 @@ class _Builder:
         return Dataset(root, self.paths, labels.astype(np.int32), names, splits, layout, source, self.findings)
 
 
-def walk_files(folder: Path, findings: list[Finding]) -> Iterator[str]:
+def walk_files(folder: Path, findings: list[Finding], dataset_root: Path | None = None) -> Iterator[str]:
     """Every non-hidden file below `folder` (recursively, sorted), as a path relative to it.
 
-    Iterative and streaming: one directory listing is in memory at a time. Symlinked folders are
-    followed once (a loop is reported, not followed forever).
+    Iterative and streaming: one directory listing is in memory at a time. A symlinked folder is followed only
+    when it points inside `folder` (once: a loop is reported, not followed forever): one leading out of a class
+    folder, `daisy/loop -> ..` say, would give another class's images this class's label. A symlinked file that
+    points inside `dataset_root` is that file again: it is left out, so each file counts once.
     """
+    base = os.path.realpath(folder)
+    inside_root = os.path.realpath(dataset_root) + os.sep if dataset_root is not None else None
     seen: set[tuple[int, int]] = set()
     stack = [""]
     while stack:
@@ -170,11 +174,24 @@ def walk_files(folder: Path, findings: list[Finding]) -> Iterator[str]:
                 is_dir = entry.is_dir()
             except OSError:
                 is_dir = False
-            if is_dir:
+            reason = _link_reason(entry, is_dir, base, inside_root) if entry.is_symlink() else None
+            if reason:
+                findings.append(Finding("warning", entry.path, reason))
+            elif is_dir:
                 subdirs.append(child)
             else:
                 yield child
         stack.extend(reversed(subdirs))
+
+
+def _link_reason(entry: os.DirEntry, is_dir: bool, base: str, inside_root: str | None) -> str | None:
+    """Why a symlink is not followed (None: it is)."""
+    target = os.path.realpath(entry.path)
+    if is_dir and target != base and not target.startswith(base + os.sep):
+        return f"symlink to a folder outside its class folder ({target}): not followed"
+    if not is_dir and inside_root is not None and target.startswith(inside_root):
+        return f"symlink to {target}, a file of this dataset: counted once, where it lies"
+    return None
 
 
 def _class_folders(root: Path, findings: list[Finding]) -> list[str]:
@@ -195,7 +212,7 @@ def _class_folders(root: Path, findings: list[Finding]) -> list[str]:
 def _add_class_tree(builder: _Builder, root: Path, prefix: str, class_name: str, split: int) -> None:
     label = builder.class_id(class_name)
     before = len(builder.paths)
-    for rel in walk_files(root / prefix, builder.findings):
+    for rel in walk_files(root / prefix, builder.findings, root):
         builder.add(f"{prefix}/{rel}", label, split)
     if len(builder.paths) == before:
         builder.findings.append(Finding("error", str(root / prefix), f"class {class_name!r} has no files"))

@@ -72,29 +72,73 @@ def _relative(path: Path, start: Path) -> str:
         return path.as_posix()
 
 
-def split_dataset(dataset: Dataset, usable: np.ndarray | None = None, cfg: SplitConfig = SplitConfig()) -> Split:
-    """Assign every usable file to train, val or test, stratified by class, driven by `cfg.seed`."""
+def split_dataset(dataset: Dataset, usable: np.ndarray | None = None, cfg: SplitConfig = SplitConfig(),
+                  duplicates: list[list[int]] = ()) -> Split:
+    """Assign every usable file to train, val or test, stratified by class, driven by `cfg.seed`.
+
+    `duplicates`: groups of file indices showing the same picture (the scan's exact and near duplicates). Each
+    group lands whole in one split, its first copy's, so no photo is scored against a copy of itself."""
     usable = np.ones(len(dataset), dtype=bool) if usable is None else usable
     rng = np.random.default_rng(cfg.seed)
     notes: list[str] = []
+    follows = _followers(duplicates, usable)
     if dataset.has_splits:
         assignment = np.where(usable, dataset.splits, NO_SPLIT).astype(np.int8)
         _check_class_sets(dataset, assignment)
+        crossing = [g for g in duplicates if len({int(assignment[i]) for i in g if usable[i]}) > 1]
         wanted = {VAL: cfg.val, TEST: cfg.test}
         missing = {k: f for k, f in wanted.items() if f > 0 and not (assignment == k).any()}
         if missing:
             train_idx = np.flatnonzero(assignment == TRAIN)
-            carved = _stratify(dataset, train_idx, missing, rng, cfg.min_per_split, notes)
-            assignment[train_idx] = carved
+            assignment[train_idx] = _stratify_grouped(dataset, train_idx, missing, rng, cfg, notes, follows)
             notes.append("carved " + " and ".join(f"{SPLITS[k]} ({f:.0%} of each class)" for k, f in missing.items())
                          + " out of the given train split")
         else:
             notes.append("kept the splits the dataset came with")
+        if crossing:
+            first = crossing[0]
+            notes.append(f"warning: {len(crossing)} group(s) of duplicate images cross the given splits (e.g. "
+                         f"{dataset.paths[first[0]]} in {SPLITS[dataset.splits[first[0]]]} and {dataset.paths[first[1]]} "
+                         f"in {SPLITS[dataset.splits[first[1]]]}): scores on them may be optimistic")
     else:
         idx = np.flatnonzero(usable)
         assignment = np.full(len(dataset), NO_SPLIT, dtype=np.int8)
-        assignment[idx] = _stratify(dataset, idx, {VAL: cfg.val, TEST: cfg.test}, rng, cfg.min_per_split, notes)
+        assignment[idx] = _stratify_grouped(dataset, idx, {VAL: cfg.val, TEST: cfg.test}, rng, cfg, notes, follows)
     return Split(dataset, assignment, notes)
+
+
+def _followers(duplicates: list[list[int]], usable: np.ndarray) -> dict[int, int]:
+    """{file: the first usable copy among all the groups it is linked to}, for every other usable copy (groups
+    sharing a file, an exact pair inside a near-duplicate cluster say, are one group)."""
+    parent: dict[int, int] = {}
+
+    def root(i: int) -> int:
+        while parent.setdefault(i, i) != i:
+            i = parent[i]
+        return i
+
+    for group in duplicates:
+        members = [i for i in group if usable[i]]
+        for m in members[1:]:
+            a, b = root(members[0]), root(m)
+            parent[max(a, b)] = min(a, b)
+    return {i: root(i) for i in parent if root(i) != i}
+
+
+def _stratify_grouped(dataset: Dataset, idx: np.ndarray, fractions: dict[int, float], rng: np.random.Generator,
+                      cfg: SplitConfig, notes: list[str], follows: dict[int, int]) -> np.ndarray:
+    """_stratify over the first copies only; every other copy goes where its first copy went."""
+    position = {int(i): k for k, i in enumerate(idx)}
+    moved = [k for k, i in enumerate(idx) if int(i) in follows and follows[int(i)] in position]
+    leaders = np.delete(np.arange(len(idx)), moved)
+    out = np.full(len(idx), TRAIN, dtype=np.int8)
+    out[leaders] = _stratify(dataset, idx[leaders], fractions, rng, cfg.min_per_split, notes)
+    for k in moved:
+        out[k] = out[position[follows[int(idx[k])]]]
+    if moved:
+        notes.append(f"{len(moved)} duplicate image(s) put in the split of their first copy, so no photo is "
+                     f"scored against a copy of itself")
+    return out
 
 
 def _stratify(dataset: Dataset, idx: np.ndarray, fractions: dict[int, float], rng: np.random.Generator,

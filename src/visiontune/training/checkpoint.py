@@ -1,9 +1,9 @@
 """Resume state: after every epoch, everything needed to continue as if never stopped.
 
-checkpoint/state.safetensors holds the tensors (model, best model so far, optimizer moments, torch RNG),
-checkpoint/state.json the rest (phase, epoch, scheduler, numpy RNG, best score, history length).
-Both are written to temporary names and renamed, JSON last, so a kill at any instant leaves either the
-previous complete checkpoint or the new one.
+checkpoint/state.safetensors is one file: the tensors (model, best model so far, optimizer moments, torch RNG)
+and, in its metadata, the rest as JSON (phase, epoch, scheduler, numpy RNG, best score, history length). It is
+written to a temporary name and renamed, so a kill at any instant leaves either the previous complete checkpoint
+or the new one: never the tensors of one epoch with the state of another.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontune.errors import ConfigError
+from visiontune.models.onnx_graph import first_line
 from visiontune.models.run_dir import RunDir
 from visiontune.training.phases import Score
 
 TENSORS = "state.safetensors"
-STATE = "state.json"
+_META_KEY = "visiontune_state"
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -46,6 +48,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from."""
+
+
 class Checkpoint:
     """Reads and writes one run's resume state."""
 
@@ -63,7 +69,7 @@ class Checkpoint:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     def exists(self) -> bool:
-        return (self.folder / STATE).is_file()
+        return (self.folder / TENSORS).is_file()
 
     def save(self, *, phase: str, epoch: int, finished: bool, model: nn.Module, optimizer, scheduler, plateau,
              rng: np.random.Generator, best, stale: int, history_rows: int) -> None:
@@ -84,22 +90,26 @@ class Checkpoint:
             "best": {"epoch": best.epoch, "loss": best.score.loss if best.score else None,
                      "accuracy": best.score.accuracy if best.score else None},
         }
-        tmp_tensors = self.folder / f".{TENSORS}.tmp"
-        save_file(tensors, str(tmp_tensors))
-        os.replace(tmp_tensors, self.folder / TENSORS)
-        tmp_state = self.folder / f".{STATE}.tmp"
-        tmp_state.write_text(json.dumps(state, default=_json_default))
-        os.replace(tmp_state, self.folder / STATE)
+        tmp = self.folder / f".{TENSORS}.tmp"
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(state, default=_json_default)})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.folder / TENSORS)
 
     def load(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        state = json.loads((self.folder / STATE).read_text())
-        return state, load_file(str(self.folder / TENSORS))
+        path = self.folder / TENSORS
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                state = json.loads((fh.metadata() or {})[_META_KEY])
+                return state, {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:  # truncated, foreign or hand-edited: say so instead of a traceback
+            raise CheckpointError(f"{path}: unreadable checkpoint ({first_line(exc)[:160]}); start the run again "
+                                  f"with --overwrite") from None
 
     def remove(self) -> None:
-        for name in (TENSORS, STATE):
-            (self.folder / name).unlink(missing_ok=True)
+        (self.folder / TENSORS).unlink(missing_ok=True)
         if self.folder.is_dir() and not any(self.folder.iterdir()):
             self.folder.rmdir()
 

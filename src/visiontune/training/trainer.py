@@ -100,6 +100,7 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
     run = RunDir(run_dir)
     d.barrier()
     checkpoint = Checkpoint(run_dir)
+    saved = checkpoint.load() if resume else None  # a damaged checkpoint fails before minutes of decoding
     device = d.device()
     notes: list[str] = []
     # The model first: a wrong name or missing weights should fail before minutes of decoding.
@@ -114,7 +115,7 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
         raise DatasetError(report.unusable_reason)
     for path, reason in report.skipped():
         notes.append(f"skipped {path}: {reason}")
-    split = split_dataset(dataset, report.usable, cfg.split)
+    split = split_dataset(dataset, report.usable, cfg.split, report.exact_duplicates + report.near_duplicates)
     notes += split.notes
     if not len(split.indices("val")):
         notes.append("no validation images: the last epoch is kept, not the best")
@@ -145,8 +146,8 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
             print(f"plan: {plan.describe()}", file=sys.stderr)
     sets = Sets(d.train_shard(all_sets.train), d.eval_shard(all_sets.val), d.eval_shard(all_sets.test), all_sets.labels)
     loaded = None
-    if resume:
-        state, tensors = checkpoint.load()
+    if saved is not None:
+        state, tensors = saved
         loaded = Resume(state, tensors, ["full"] if cfg.full_finetune else ["head", "finetune"])
     history = History(run, quiet, run.read_history()[: loaded.state["history_rows"]] if loaded else None,
                       write=d.is_main)
