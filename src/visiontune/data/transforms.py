@@ -21,6 +21,7 @@ _RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
 }
+INTERPOLATIONS = frozenset(_RESAMPLE)
 
 
 @dataclass(frozen=True)

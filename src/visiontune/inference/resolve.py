@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from visiontune.config import BACKENDS, SERVE_PRECISIONS, InferenceConfig
 from visiontune.errors import ConfigError, ModelError
 from visiontune.inference.backends import LoadedModel, OnnxBackend, TorchBackend, load_torchscript
@@ -16,6 +18,7 @@ from visiontune.inference.ensemble import EnsembleVote
 from visiontune.models.bundle import ModelMeta, read_meta
 from visiontune.models.locate import locate_model
 from visiontune.models.manifest import read_manifest
+from visiontune.models.onnx_graph import first_line
 from visiontune.models.run_dir import RunDir
 
 
@@ -52,6 +55,7 @@ def _onnx_file(path: Path, threads: int, spinning: bool) -> LoadedModel:
 
     engine = OnnxBackend(path, str(path), threads, spinning=spinning)
     meta, metrics, _ = read_metadata(engine.metadata, str(path))
+    check_output_width(engine, meta, path)
     suffixes = path.suffixes
     precision = "int8" if ".int8" in suffixes else "fp16" if ".fp16" in suffixes else "fp32"
     return LoadedModel(engine, meta, path, "onnx", f"onnx {precision}", metrics)
@@ -67,7 +71,22 @@ def _torchscript(path: Path) -> LoadedModel:
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path}: damaged {RunDir.META} inside the TorchScript file ({exc})") from None
     meta = ModelMeta.from_dict(data, f"{path}:{RunDir.META}")
-    return LoadedModel(TorchBackend(module, str(path)), meta, path, "torch", "torchscript fp32")
+    engine = TorchBackend(module, str(path))
+    check_output_width(engine, meta, path)
+    return LoadedModel(engine, meta, path, "torch", "torchscript fp32")
+
+
+def check_output_width(engine, meta: ModelMeta, path: Path) -> None:
+    """A model file whose output is not one logit per label would give confident answers with the wrong labels:
+    one blank image through it, checked before it is used."""
+    size = meta.preprocess.input_size
+    try:
+        out = np.asarray(engine(np.zeros((1, 3, size, size), dtype=np.float32)))
+    except Exception as exc:
+        raise ModelError(f"{path}: does not run on a 1 x 3 x {size} x {size} input ({first_line(exc)[:160]})") from None
+    if out.shape != (1, meta.num_classes):
+        raise ModelError(f"{path}: outputs shape {tuple(out.shape)} for one image, but its description has "
+                         f"{meta.num_classes} labels (expected (1, {meta.num_classes}))")
 
 
 def exported_onnx(run: Path, precision: str) -> Path | None:

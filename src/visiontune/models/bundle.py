@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from visiontune.data.transforms import Preprocess
+from visiontune.data.transforms import INTERPOLATIONS, Preprocess
 from visiontune.errors import ModelError
 from visiontune.files import atomic_write_bytes, atomic_write_text
 from visiontune.models.run_dir import RunDir
@@ -57,18 +57,92 @@ class ModelMeta:
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> "ModelMeta":
+        """Read and check a model description: every field a consumer relies on has its type and range checked
+        here, once, so a damaged or hand-edited model.json is one line naming the field, never a traceback
+        later or a silently wrong answer."""
         check_format(data, where, FORMAT, FORMAT_VERSION, "model")
-        try:
-            arch = data["architecture"]
-            id2label = data["id2label"]
-            labels = [id2label[str(i)] for i in range(len(id2label))]
-            known = {"format", "format_version", "architecture", "id2label", "preprocess", "versions"}
-            return cls(arch["backbone"], arch["timm_name"], labels, Preprocess.from_dict(data["preprocess"]),
-                       float(arch.get("dropout", 0.0)), data.get("versions", {}),
-                       {k: v for k, v in data.items() if k not in known},
-                       int(arch["img_size"]) if arch.get("img_size") else None)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{where}: malformed model description (missing or bad {exc})") from None
+        field_check = _FieldCheck(where)
+        arch = field_check.section(data, "architecture")
+        labels = field_check.labels(data.get("id2label"))
+        pre = field_check.section(data, "preprocess")
+        preprocess = Preprocess(
+            field_check.number(pre, "preprocess.input_size", 16, 4096, integer=True),
+            field_check.number(pre, "preprocess.crop_pct", 0.05, 1.0),
+            field_check.triple(pre, "preprocess.mean", positive=False),
+            field_check.triple(pre, "preprocess.std", positive=True),
+            field_check.choice(pre, "preprocess.interpolation", INTERPOLATIONS))
+        dropout = field_check.number({"dropout": arch.get("dropout", 0.0)}, "architecture.dropout", 0.0, 0.999)
+        img_size = arch.get("img_size")
+        if img_size is not None:
+            img_size = field_check.number(arch, "architecture.img_size", 16, 4096, integer=True)
+        for key in ("backbone", "timm_name"):
+            if not isinstance(arch.get(key), str) or not arch[key]:
+                field_check.fail(f"architecture.{key}", "missing or not a name")
+        if arch.get("num_classes", len(labels)) != len(labels):
+            field_check.fail("architecture.num_classes", f"{arch.get('num_classes')!r} but id2label has {len(labels)}")
+        known = {"format", "format_version", "architecture", "id2label", "preprocess", "versions"}
+        extra = {k: v for k, v in data.items() if k not in known}
+        if "calibration" in extra:
+            field_check.number(field_check.section(extra, "calibration"), "calibration.temperature", 1e-3, 1e3)
+        if "uncertainty" in extra:
+            field_check.number(field_check.section(extra, "uncertainty"), "uncertainty.threshold", 0.0, 1.0)
+        versions = data.get("versions", {})
+        return cls(arch["backbone"], arch["timm_name"], labels, preprocess, dropout,
+                   versions if isinstance(versions, dict) else {}, extra, img_size)
+
+
+MAX_LABELS = 100_000  # beyond any classifier this tool trains; 2 million would allocate gigabytes before failing
+
+
+class _FieldCheck:
+    """Checks of model.json's fields, each failure one ModelError naming the file and the field."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, name: str, problem: str):
+        raise ModelError(f"{self.where}: {name}: {problem}")
+
+    def section(self, data: dict, name: str) -> dict:
+        value = data.get(name)
+        if not isinstance(value, dict):
+            self.fail(name, "missing" if value is None else f"expected an object, got {type(value).__name__}")
+        return value
+
+    def number(self, data: dict, name: str, low: float, high: float, *, integer: bool = False) -> float:
+        key = name.rsplit(".", 1)[-1]
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
+            self.fail(name, f"{value!r} is not {'a whole number' if integer else 'a number'}")
+        if not low <= value <= high:  # also refuses NaN
+            self.fail(name, f"{value!r} is outside {low:g}..{high:g}")
+        return int(value) if integer else float(value)
+
+    def triple(self, data: dict, name: str, *, positive: bool) -> tuple[float, float, float]:
+        value = data.get(name.rsplit(".", 1)[-1])
+        if not isinstance(value, list) or len(value) != 3 or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or v != v for v in value):
+            self.fail(name, f"{value!r}: expected three numbers (R, G, B)")
+        if positive and min(value) <= 0:
+            self.fail(name, f"{value!r}: every value must be above 0 (it divides)")
+        return tuple(float(v) for v in value)
+
+    def choice(self, data: dict, name: str, allowed) -> str:
+        value = data.get(name.rsplit(".", 1)[-1])
+        if value not in allowed:
+            self.fail(name, f"{value!r}: expected one of {', '.join(sorted(allowed))}")
+        return value
+
+    def labels(self, id2label) -> list[str]:
+        if not isinstance(id2label, dict) or not id2label:
+            self.fail("id2label", "missing or empty: expected {\"0\": \"first class\", ...}")
+        if len(id2label) > MAX_LABELS:
+            self.fail("id2label", f"{len(id2label):,} labels, more than the {MAX_LABELS:,} a model here can have")
+        labels = [id2label.get(str(i)) for i in range(len(id2label))]
+        for i, label in enumerate(labels):
+            if not isinstance(label, str) or not label:
+                self.fail(f"id2label.{i}", "missing" if label is None else f"{label!r} is not a name")
+        return labels
 
 
 def check_format(data, where: str, fmt: str, version: int, kind: str) -> None:
