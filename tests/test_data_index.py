@@ -383,3 +383,24 @@ def test_a_symlinked_file_from_outside_the_dataset_is_a_normal_member(tmp_path, 
         (root / name).mkdir(parents=True)
         (root / name / "photo.png").symlink_to(library / "all" / f"{k:03d}.png")
     assert sorted(load_dataset(root).paths) == ["a/photo.png", "b/photo.png"]
+
+
+def test_a_latin1_manifest_from_excel_reads(tmp_path, make_classes):
+    root = make_classes(tmp_path / "data", {"crème": 2, "rosé": 2})
+    rows = ["path,label"] + [f"{p.relative_to(root).as_posix()},{p.parent.name}" for p in sorted(root.rglob("*.png"))]
+    manifest = root / "labels.csv"
+    manifest.write_bytes(("\r\n".join(rows) + "\r\n").encode("cp1252"))
+    dataset = load_dataset(manifest)
+    assert dataset.classes == ["crème", "rosé"] and len(dataset) == 4
+
+
+def test_undecodable_and_oversized_manifests_are_one_line_errors(tmp_path, make_classes):
+    root = make_classes(tmp_path / "data", {"a": 1})
+    binary = root / "binary.csv"
+    binary.write_bytes(b"path,label\n" + bytes(range(128, 256)) * 4 + b",a\n")
+    with pytest.raises(DatasetError, match=r"binary.csv:2: not UTF-8 or Windows-1252 text"):
+        load_dataset(binary)
+    huge = root / "huge.csv"
+    huge.write_text("path,label\n" + "a/000.png," + "x" * 200_000 + "\n")
+    with pytest.raises(DatasetError, match=r"huge.csv:2: not a readable CSV \(field larger than field limit"):
+        load_dataset(huge)

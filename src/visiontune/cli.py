@@ -241,6 +241,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  confused: {pair['true']} -> {pair['predicted']} ({pair['count']})")
     for item in m["skipped"]:
         print(f"not scored: {item['path']}: {item['reason']}", file=sys.stderr)
+    for note in m.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     print(f"report: {result.report}")
     return 0
 

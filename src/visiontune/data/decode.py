@@ -79,7 +79,17 @@ def read_bytes(path: Union[str, Path]) -> bytes:
         raise ImageDecodeError(str(path), f"unreadable: {exc.strerror or exc}") from None
 
 
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+
+
 def describe_non_image(data: bytes) -> str:
+    if data[4:8] == b"ftyp":  # ISO media: an iPhone's HEIC photo, an AVIF, or a video
+        brand = data[8:12]
+        if brand in _HEIF_BRANDS:
+            return "HEIC/HEIF photo: not supported by this install (convert it to JPEG or PNG)"
+        if brand in (b"avif", b"avis"):
+            return "AVIF image: not supported by this install (convert it to JPEG or PNG)"
+        return "not an image (a video or other ISO media file)"
     head = data[:64].lstrip()
     for magic, what in _SIGNATURES:
         if head[: len(magic)].lower() == magic.lower():

@@ -12,6 +12,7 @@ so a million files index in bounded memory. Nothing is opened here; `integrity` 
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from array import array
@@ -256,43 +257,64 @@ def _load_split_folders(root: Path, split_dirs: dict[str, str]) -> Dataset:
     return builder.build(root, "split-folders", root)
 
 
+def _manifest_text(csv_path: Path) -> str:
+    """The manifest's text: UTF-8 (with or without a byte-order mark), or, failing that, Windows-1252, which is
+    what Excel writes a CSV in on most Western machines (a superset of Latin-1 for printable text)."""
+    try:
+        data = csv_path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{csv_path}: cannot read manifest ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        utf8_error = exc
+    try:
+        return data.decode("cp1252")
+    except UnicodeDecodeError:
+        line = data[: utf8_error.start].count(b"\n") + 1
+        raise DatasetError(f"{csv_path}:{line}: not UTF-8 or Windows-1252 text (byte {utf8_error.start}); "
+                           f"save the manifest as CSV UTF-8") from None
+
+
 def _load_manifest(csv_path: Path, root: Path) -> Dataset:
     builder = _Builder()
     seen_paths: set[str] = set()
+    reader = csv.reader(io.StringIO(_manifest_text(csv_path), newline=""))
     try:
-        fh = open(csv_path, newline="", encoding="utf-8-sig")
-    except OSError as exc:
-        raise DatasetError(f"{csv_path}: cannot read manifest ({exc.strerror or exc})") from None
-    with fh:
-        reader = csv.reader(fh)
-        header = [h.strip().lower() for h in next(reader, [])]
-        if "path" not in header or "label" not in header:
-            raise DatasetError(f"{csv_path}: a manifest needs a header with 'path' and 'label' columns (and optionally "
-                               f"'split'); found {header}")
-        col_path, col_label = header.index("path"), header.index("label")
-        col_split = header.index("split") if "split" in header else None
-        for line_no, row in enumerate(reader, start=2):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) < len(header):
-                raise DatasetError(f"{csv_path}:{line_no}: expected {len(header)} columns, got {len(row)}")
-            rel, label = row[col_path].strip(), row[col_label].strip()
-            if not rel or not label:
-                raise DatasetError(f"{csv_path}:{line_no}: empty path or label")
-            split = NO_SPLIT
-            if col_split is not None:
-                split_name = SPLIT_ALIASES.get(row[col_split].strip().lower())
-                if split_name is None:
-                    raise DatasetError(f"{csv_path}:{line_no}: unknown split {row[col_split]!r}; use train, val or test")
-                split = SPLITS.index(split_name)
-            if rel in seen_paths:
-                builder.findings.append(Finding("warning", rel,
-                                                f"listed twice in {csv_path.name}: later row (line {line_no}) ignored"))
-                continue
-            seen_paths.add(rel)
-            if not (root / rel).is_file():
-                builder.findings.append(Finding("warning", str(root / rel),
-                                                f"listed in {csv_path.name} (line {line_no}) but missing"))
-                continue
-            builder.add(rel, builder.class_id(label), split)
+        _read_manifest_rows(reader, csv_path, root, builder, seen_paths)
+    except csv.Error as exc:  # a field over the csv module's limit, a NUL byte, ...
+        raise DatasetError(f"{csv_path}:{reader.line_num}: not a readable CSV ({exc})") from None
     return builder.build(root, "manifest", csv_path)
+
+
+def _read_manifest_rows(reader, csv_path: Path, root: Path, builder: "_Builder", seen_paths: set[str]) -> None:
+    header = [h.strip().lower() for h in next(reader, [])]
+    if "path" not in header or "label" not in header:
+        raise DatasetError(f"{csv_path}: a manifest needs a header with 'path' and 'label' columns (and optionally "
+                           f"'split'); found {header}")
+    col_path, col_label = header.index("path"), header.index("label")
+    col_split = header.index("split") if "split" in header else None
+    for line_no, row in enumerate(reader, start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) < len(header):
+            raise DatasetError(f"{csv_path}:{line_no}: expected {len(header)} columns, got {len(row)}")
+        rel, label = row[col_path].strip(), row[col_label].strip()
+        if not rel or not label:
+            raise DatasetError(f"{csv_path}:{line_no}: empty path or label")
+        split = NO_SPLIT
+        if col_split is not None:
+            split_name = SPLIT_ALIASES.get(row[col_split].strip().lower())
+            if split_name is None:
+                raise DatasetError(f"{csv_path}:{line_no}: unknown split {row[col_split]!r}; use train, val or test")
+            split = SPLITS.index(split_name)
+        if rel in seen_paths:
+            builder.findings.append(Finding("warning", rel,
+                                            f"listed twice in {csv_path.name}: later row (line {line_no}) ignored"))
+            continue
+        seen_paths.add(rel)
+        if not (root / rel).is_file():
+            builder.findings.append(Finding("warning", str(root / rel),
+                                            f"listed in {csv_path.name} (line {line_no}) but missing"))
+            continue
+        builder.add(rel, builder.class_id(label), split)

@@ -19,6 +19,7 @@ from visiontune.data.decode import decode_full, read_bytes
 from visiontune.data.findings import Finding, sort_findings
 from visiontune.data.index import NO_SPLIT, SPLITS, Dataset
 from visiontune.data.parallel import parallel_map
+from visiontune.data.split import class_set_problem
 from visiontune.errors import ImageDecodeError
 
 # Small enough to compute the perceptual hash from, large enough that libjpeg still checks every block.
@@ -225,4 +226,6 @@ def unusable_reason(dataset: Dataset, usable: np.ndarray) -> str | None:
         return f"{dataset.source}: class(es) with no usable image: {', '.join(empty)}"
     if len(counts) < 2:
         return f"{dataset.source}: only one class ({next(iter(counts))}); a classifier needs at least two"
+    if dataset.has_splits:
+        return class_set_problem(dataset, np.where(usable, dataset.splits, NO_SPLIT))
     return None

@@ -186,10 +186,17 @@ def _shrink(take: dict[int, int], n: int) -> dict[int, int]:
 
 
 def _check_class_sets(dataset: Dataset, assignment: np.ndarray) -> None:
+    problem = class_set_problem(dataset, assignment)
+    if problem:
+        raise SplitError(problem)
+
+
+def class_set_problem(dataset: Dataset, assignment: np.ndarray) -> str | None:
+    """Why given splits cannot be trained and scored on (no training image, or a class missing from a split)."""
     present = {s: set(np.unique(dataset.labels[assignment == k]).tolist()) for k, s in enumerate(SPLITS)}
     present = {s: labels for s, labels in present.items() if labels}
     if "train" not in present:
-        raise SplitError(f"{dataset.source}: the given splits have no usable training image")
+        return f"{dataset.source}: the given splits have no usable training image"
     all_labels = set().union(*present.values())
     problems = []
     for split, labels in present.items():
@@ -198,4 +205,5 @@ def _check_class_sets(dataset: Dataset, assignment: np.ndarray) -> None:
             names = ", ".join(dataset.classes[c] for c in missing)
             problems.append(f"{split} lacks {names}")
     if problems:
-        raise SplitError(f"{dataset.source}: class sets differ between the given splits: {'; '.join(problems)}")
+        return f"{dataset.source}: class sets differ between the given splits: {'; '.join(problems)}"
+    return None

@@ -84,7 +84,8 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
         "top1_when_confident": (float(np.mean(probs[confident].argmax(1) == scored.labels[confident]))
                                 if confident.any() else None),
         "skipped": [{"path": p, "reason": r} for p, r in scored.skipped],
-        "notes": selection.notes + ([calibration_note] if calibration_note else []),
+        "notes": [f"{f.path}: {f.reason}" for f in dataset.findings if f.level != "info"] + selection.notes
+                 + ([calibration_note] if calibration_note else []),
     })
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +99,8 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
     atomic_write_text(target.predictions, predictions_csv(scored, probs, meta.labels))
     drawn = _draw(target.plots, run, metrics, scored, probs, raw, meta.labels, dataset if own else None,
                   selection, cfg, classifier)
-    notes = [n for n in train_metrics.get("notes", [])] + [f"{f.level}: {f.path}: {f.reason}" for f in dataset.findings]
+    notes = [n for n in train_metrics.get("notes", [])] + [f"{f.path}: {f.reason}" for f in dataset.findings
+                                                            if f.level == "info"]
     notes += metrics["notes"] + [f"not scored: {s['path']}: {s['reason']}" for s in metrics["skipped"]]
     report = ReportData(
         title=f"{run_dir.resolve().name}: {meta.backbone}",

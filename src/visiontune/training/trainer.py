@@ -82,10 +82,17 @@ def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: 
     `teacher` (a training.distill.Teacher, for cfg.distill.teacher) makes it a distillation."""
     started = time.perf_counter()
     check_settings(cfg, teacher)
+    created = not Path(out).exists()
     d = distributed.setup()
     try:
         return _train(dataset, cfg, out, d, started, data_label=data_label, root=root, quiet=quiet or not d.is_main,
                       overwrite=overwrite, resume=resume, teacher=teacher)
+    except BaseException:
+        # A run that failed before its first checkpoint leaves nothing behind in a folder it made (nothing to
+        # resume, and an empty run folder would look like a result).
+        if created and d.is_main and not Checkpoint(Path(out)).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         distributed.teardown(d)
 
@@ -110,6 +117,7 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
     notes.append(describe_preprocess(spec))
     model.to(device)
 
+    notes += [f"{f.path}: {f.reason}" for f in dataset.findings if f.level != "info"]  # missing rows, links, ...
     report = scan_dataset(dataset, cfg.scan, quiet=quiet)
     if report.unusable_reason:
         raise DatasetError(report.unusable_reason)
