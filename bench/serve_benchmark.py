@@ -10,9 +10,11 @@ What it does, in order:
 3. reads real 224-px JPEGs from the test split of ../shared/datasets/flower_photos (read-only);
 4. warms up, then `--clients` concurrent clients (threads, one kept-alive connection each) send
    `--requests` raw-body JPEG requests each: throughput, p50/p95/p99 latency, errors, images per model call;
-5. runs the same load again while every bad input is sent (truncated JPEG, 50 MB body with and without a
-   length, zip-bomb PNG header, empty body, wrong content type, 10k-character file name, a slow client,
-   ...): the status each got, and whether the load's clients saw any error;
+5. runs the same load again while `--slow-clients` connections send headers and 100 body bytes and stall
+   (their bodies must not take the legitimate requests' places), then again while every bad input is sent
+   (truncated JPEG, 50 MB body with and without a length, zip-bomb PNG header, a 9 KB PNG of 300000 x 32,
+   empty body, wrong content type, 10k-character file name, a slow client, ...): the status each got, and
+   whether the load's clients saw any error;
 6. sends SIGTERM and times the graceful shutdown;
 7. prints a markdown table and the JSON (with the command, machine and date; --json writes it to a file).
 
@@ -95,7 +97,9 @@ def markdown(result: dict) -> str:
              "",
              "| run | requests | errors | requests/s | p50 ms | p95 ms | p99 ms | images per model call |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, r in (("load", load), ("load + bad inputs", under)):
+    slow = result["load_beside_slow_clients"]
+    for name, r in (("load", load), (f"load beside {slow['slow_clients']} stalled uploads", slow),
+                    ("load + bad inputs", under)):
         if r.get("skipped"):
             continue
         ms = r["latency_ms"]
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--server-args", default="--body-timeout 5",
                         help="extra `visiontune serve` flags, e.g. '--workers 2 --max-batch 8' (default %(default)r)")
     parser.add_argument("--no-bad-inputs", action="store_true", help="skip step 5")
+    parser.add_argument("--slow-clients", type=int, default=64,
+                        help="connections that send headers and 100 body bytes, then stall, during a second load")
     parser.add_argument("--log", default=str(ROOT / "bench" / "out" / "serve_server.log"))
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -159,6 +165,13 @@ def main(argv: list[str] | None = None) -> dict:
 
         print(f"load: {args.clients} clients x {args.requests} requests ...", file=sys.stderr)
         load = timed_load()
+        print(f"load again, while {args.slow_clients} slow clients hold connections ...", file=sys.stderr)
+        held = loadtest.hold_slow_clients(HOST, port, args.slow_clients, bodies[0])
+        try:
+            beside_slow = timed_load()
+        finally:
+            for sock in held:
+                sock.close()
         probes = []
         under = {**load, "skipped": True}
         if not args.no_bad_inputs:
@@ -171,7 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
         shutdown = stop_server(proc)
     result = {**describe(), "model": str(model), "engine": info["engine"], "server_flags": flags,
               "clients": args.clients, "requests": args.requests, "images": len(bodies), "cores": os.cpu_count(),
-              "load": load, "load_with_bad_inputs": under, "bad_inputs": [p.to_dict() for p in probes],
+              "load": load,
+              "load_beside_slow_clients": {**beside_slow, "slow_clients": args.slow_clients,
+                                           "throughput_kept": round(beside_slow["requests_per_s"] / load["requests_per_s"], 3)},
+              "load_with_bad_inputs": under, "bad_inputs": [p.to_dict() for p in probes],
               "served_after_bad_inputs": healthy == 200, "shutdown": shutdown, "server_log": str(log)}
     print(markdown(result))
     print()

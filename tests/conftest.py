@@ -118,19 +118,6 @@ def write_noise(path: Path, seed: int | None = None, size: int = 48) -> Path:
     return path
 
 
-def thin_png(width: int = 300_000, height: int = 32) -> bytes:
-    """A valid greyscale PNG of a few KB whose rows are all zero: an attacker's image of extreme aspect ratio."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    rows = zlib.compress(b"\x00" * ((width + 1) * height), 9)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
-
-
 def make_classes(root: Path, counts: dict[str, int], suffix: str = ".png") -> Path:
     """root/<class>/<i>.png with `counts[class]` distinct noise images each (an empty folder for 0)."""
     for name, n in counts.items():

@@ -120,7 +120,7 @@ def test_bench_cli_reports_every_engine(cli, model):
 
 
 def test_an_image_of_extreme_aspect_ratio_is_a_listed_skip(cli, model, photos, tmp_path):
-    from conftest import thin_png
+    from visiontune.serve.loadtest import thin_png
 
     thin = tmp_path / "thin.png"
     thin.write_bytes(thin_png(1_000_000, 64))  # 62 KB; scaled to 224 px high it would be 3.5 million pixels long

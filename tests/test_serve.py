@@ -3,8 +3,9 @@ talked to over real sockets (no TestClient, no mocks).
 
 Two servers run for the whole module, started together:
 - `full`: the shared tiny run directory (ONNX fp32 export + PyTorch weights for Grad-CAM), no API key;
-- `bare`: the run's exported .onnx file alone, with an API key, a queue of one image and a short body
-  timeout, so 401, 409, 503 and 408 can be forced. The SIGTERM test stops it, so it comes last.
+- `bare`: the run's exported .onnx file alone, with an API key, a queue of one image, a body budget of 1 MiB
+  and short body and header timeouts, so 401, 409, 503 and 408 and the slow-client defences can be forced. The
+  SIGTERM test stops it, so it comes last.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def servers(run, tmp_path_factory):
     logs = tmp_path_factory.mktemp("serve-logs")
     full = Server(run, logs / "full.log", "--queue-size", "32", "--body-timeout", "3")
     bare = Server(run / "export" / "model.onnx", logs / "bare.log", "--api-key", KEY, "--queue-size", "1",
-                  "--body-timeout", "3", "--graceful-timeout", "20")
+                  "--body-timeout", "3", "--header-timeout", "2", "--body-budget-mb", "1", "--graceful-timeout", "20")
     try:
         full.wait_ready()
         bare.wait_ready()
@@ -251,7 +252,7 @@ def test_load_with_bad_inputs_alongside(full, jpegs):
     result = loadtest.run_load(HOST, full.port, [p.read_bytes() for p in jpegs], clients=8, requests=10)
     prober.join(60)
     assert result.errors == 0 and result.total == 80, result.to_dict()
-    assert not prober.is_alive() and len(probes) == 10
+    assert not prober.is_alive() and len(probes) == 11
     wrong = [p.to_dict() for p in probes if not p.ok]
     assert not wrong, wrong
     after = full.get("/readyz").json()
@@ -280,22 +281,19 @@ def test_explain_is_409_for_an_exported_file(bare, jpegs):
     assert "PyTorch" in assert_error(reply, 409, "conflict")["message"]
 
 
-def _hold_upload(server: Server, jpeg: bytes, key: str = KEY) -> socket.socket:
-    """A request whose headers and first bytes are sent, the rest held back: it keeps its queue place."""
+def _hold_upload(server: Server, body: bytes, sent: int, key: str = KEY) -> socket.socket:
+    """A request whose headers and first `sent` body bytes are sent, the rest held back."""
     sock = socket.create_connection((HOST, server.port), timeout=30)
-    head = loadtest._head("/v1/predict", HOST, {"Content-Type": "image/jpeg", "Content-Length": len(jpeg), "X-API-Key": key})
-    sock.sendall(head + jpeg[:100])
-    deadline = time.monotonic() + 10
-    while server.get("/readyz").json()["in_flight"] < 1:
-        assert time.monotonic() < deadline, "the held request was never admitted"
-        time.sleep(0.02)
+    head = loadtest._head("/v1/predict", HOST, {"Content-Type": "image/jpeg", "Content-Length": len(body), "X-API-Key": key})
+    sock.sendall(head + body[:sent])
+    time.sleep(0.3)  # the server has read what was sent
     return sock
 
 
-def _finish_upload(sock: socket.socket, jpeg: bytes) -> loadtest.Reply:
+def _finish_upload(sock: socket.socket, body: bytes, sent: int) -> loadtest.Reply:
     import http.client
 
-    sock.sendall(jpeg[100:])
+    sock.sendall(body[sent:])
     response = http.client.HTTPResponse(sock)
     response.begin()
     reply = loadtest.Reply(response.status, response.read(), dict(response.getheaders()), 0.0)
@@ -303,14 +301,46 @@ def _finish_upload(sock: socket.socket, jpeg: bytes) -> loadtest.Reply:
     return reply
 
 
-def test_queue_full_is_503_with_retry_after(bare, jpegs):
+def test_bodies_over_the_budget_are_503_and_the_budget_comes_back(bare, jpegs):
     jpeg = jpegs[0].read_bytes()
-    held = _hold_upload(bare, jpeg)  # the queue holds one image
+    big = jpeg + bytes(1_040_000 - len(jpeg))  # within the server's 1 MiB budget for bodies in transit ...
+    sent = len(big) - 1000
+    assert sent + len(jpeg) > 1 << 20  # ... but not beside another photo
+    held = _hold_upload(bare, big, sent)
     busy = bare.post("/v1/predict", jpeg, headers={"X-API-Key": KEY})
-    assert_error(busy, 503, "queue_full")
+    assert_error(busy, 503, "busy")
     assert busy.headers["retry-after"] == "1"
-    assert _finish_upload(held, jpeg).status == 200
+    assert _finish_upload(held, big, sent).status == 200  # a JPEG with trailing zeros
     assert bare.post("/v1/predict", jpeg, headers={"X-API-Key": KEY}).status == 200
+
+
+def test_queue_full_is_503_with_retry_after(bare, jpegs):
+    body, content_type = loadtest.multipart([(p.name, p.read_bytes(), "image/jpeg") for p in jpegs[:2]])
+    busy = bare.post("/v1/predict/batch", body, content_type=content_type, headers={"X-API-Key": KEY})
+    assert_error(busy, 503, "queue_full")  # two images, a queue of one
+    assert busy.headers["retry-after"] == "1"
+
+
+def test_slow_bodies_hold_no_place_in_the_queue(bare, jpegs):
+    jpeg = jpegs[0].read_bytes()
+    held = [_hold_upload(bare, jpeg, 100) for _ in range(8)]  # 8 slow clients, a queue of one image
+    try:
+        started = time.monotonic()
+        assert bare.post("/v1/predict", jpeg, headers={"X-API-Key": KEY}).status == 200
+        assert time.monotonic() - started < 2.5  # answered before the slow bodies time out (3 s)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_slow_headers_are_cut_off(bare, jpegs):
+    sock = socket.create_connection((HOST, bare.port), timeout=30)
+    started = time.monotonic()
+    sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+    assert sock.recv(1024) == b""  # the server closed the connection
+    assert 1.5 < time.monotonic() - started < 10
+    sock.close()
+    assert bare.post("/v1/predict", jpegs[0].read_bytes(), headers={"X-API-Key": KEY}).status == 200
 
 
 def test_slow_client_gets_408_and_frees_its_place(bare, jpegs):
@@ -384,7 +414,7 @@ def test_cli_serve_errors_are_one_line(cli, tmp_path):
 def test_sigterm_lets_the_request_in_flight_finish(bare, jpegs):
     """Stops `bare`: keep this test last."""
     jpeg = jpegs[0].read_bytes()
-    held = _hold_upload(bare, jpeg)
+    held = _hold_upload(bare, jpeg, 100)
     bare.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 10
     while True:  # new connections are refused at once ...
@@ -396,7 +426,7 @@ def test_sigterm_lets_the_request_in_flight_finish(bare, jpegs):
             pass
         assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
         time.sleep(0.05)
-    reply = _finish_upload(held, jpeg)  # ... while the one in flight is answered
+    reply = _finish_upload(held, jpeg, 100)  # ... while the one in flight is answered
     assert reply.status == 200 and reply.json()["label"]
     assert bare.proc.wait(30) == 0
     assert "Shutting down" in bare.log.read_text()
@@ -410,12 +440,10 @@ def _rss_mb(pid: int) -> float:
 
 
 def test_a_thin_image_is_refused_fast_without_the_memory_it_would_take(full):
-    from conftest import thin_png
-
     before = _rss_mb(full.proc.pid)
     for _ in range(3):
         started = time.monotonic()
-        reply = full.post("/v1/predict", thin_png(), content_type="image/png")
+        reply = full.post("/v1/predict", loadtest.thin_png(), content_type="image/png")
         assert time.monotonic() - started < 2.0
         assert "extreme aspect ratio: 300000x32" in assert_error(reply, 422, "undecodable_image")["message"]
     assert _rss_mb(full.proc.pid) - before < 200

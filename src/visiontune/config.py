@@ -314,14 +314,18 @@ class ServeConfig(Settings):
     # other admitted request could still join it, or after max_wait_ms.
     max_batch: int = setting(16, "images per model call", low=1)
     max_wait_ms: float = setting(5.0, "longest a request waits for a batch to fill", low=0.0)
-    # One more image than this is refused with 503 before its body is read, so memory stays bounded by about
-    # queue_size x max_body_mb.
-    queue_size: int = setting(64, "images in flight at once (received, decoded, waiting or in the model)", low=1)
+    # Bodies being received hold no place in the queue (a slow client must not starve the others); their memory
+    # is bounded apart, in bytes, by body_budget_mb.
+    queue_size: int = setting(64, "images in flight at once (decoded, waiting or in the model)", low=1)
+    body_budget_mb: float = setting(640.0, "request bodies held at once, MiB over all requests (503 beyond)",
+                                    above=0.0)
     retry_after_s: int = setting(1, "the Retry-After a refused client is given", low=0)
     max_body_mb: float = setting(10.0, "request body limit, MiB (413 beyond, checked while reading)", above=0.0)
     max_batch_files: int = setting(32, "images in one /v1/predict/batch request", low=1)
     body_timeout_s: float = setting(30.0, "seconds a request body may take to arrive (then 408)",
                                     flag="--body-timeout", above=0.0)
+    header_timeout_s: float = setting(10.0, "seconds a client may take to send a request's headers (then the "
+                                            "connection is closed)", flag="--header-timeout", above=0.0)
     max_pixels: int = setting(ScanConfig.max_pixels, "larger images are refused (422) from their header, undecoded",
                               low=1)
     top_k: int = setting(InferenceConfig.top_k, "labels per image when a request gives no ?top_k=", low=1)
@@ -336,6 +340,10 @@ class ServeConfig(Settings):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def body_budget_bytes(self) -> int:
+        return int(self.body_budget_mb * 1024 * 1024)
 
 
 def default_workers(requested: int) -> int:

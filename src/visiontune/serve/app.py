@@ -101,6 +101,7 @@ def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
     batcher = MicroBatcher(clf.probabilities, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
                            capacity=cfg.queue_size)
     decoder = ThreadPoolExecutor(default_workers(cfg.decode_threads), thread_name_prefix="decode")
+    bodies = uploads.BodyBudget(cfg.body_budget_bytes)
     explainer = ThreadPoolExecutor(1, thread_name_prefix="explain")  # Grad-CAM is heavy: one at a time
     info = {**describe(clf), "limits": {"max_body_bytes": cfg.max_body_bytes, "max_batch_files": cfg.max_batch_files,
                                         "max_pixels": cfg.max_pixels, "top_k": cfg.top_k},
@@ -144,10 +145,11 @@ def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
     async def predict(request: Request, top_k: int | None = TopK) -> JSONResponse:
         k = top_k_of(top_k)
         uploads.check_headers(request, cfg.max_body_bytes)
-        with batcher.reserve(1):
-            (upload,) = await uploads.read_images(request, cfg.max_body_bytes, cfg.body_timeout_s, 1)
-            crop = await uploads.decode(upload, spec, cfg.max_pixels, decoder)
-            probabilities = await batcher.submit(crop[None])
+        with bodies.account() as account:
+            (upload,) = await uploads.read_images(request, cfg.max_body_bytes, cfg.body_timeout_s, 1, account)
+            with batcher.reserve(1):  # a place in the queue only once the body is in: slow clients hold none
+                crop = await uploads.decode(upload, spec, cfg.max_pixels, decoder)
+                probabilities = await batcher.submit(crop[None])
         return JSONResponse(answer(upload.name, probabilities[0], k))
 
     @v1.post("/predict/batch", openapi_extra=MANY_IMAGES, summary="Classify several images",
@@ -157,8 +159,9 @@ def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
     async def predict_batch(request: Request, top_k: int | None = TopK) -> JSONResponse:
         k = top_k_of(top_k)
         uploads.check_headers(request, cfg.max_body_bytes, multipart_only=True)
-        with batcher.reserve(1) as places:
-            files = await uploads.read_images(request, cfg.max_body_bytes, cfg.body_timeout_s, cfg.max_batch_files)
+        with bodies.account() as account, batcher.reserve(0) as places:
+            files = await uploads.read_images(request, cfg.max_body_bytes, cfg.body_timeout_s, cfg.max_batch_files,
+                                              account)
             places.grow(len(files))
             decoded = await asyncio.gather(*(uploads.decode(f, spec, cfg.max_pixels, decoder) for f in files),
                                            return_exceptions=True)
@@ -185,10 +188,11 @@ def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
         if target is not None and target not in clf.labels:
             raise ApiError(400, f"target {target[:100]!r} is not one of the model's labels (GET /v1/model lists them)")
         uploads.check_headers(request, cfg.max_body_bytes)
-        with batcher.reserve(1):
-            (upload,) = await uploads.read_images(request, cfg.max_body_bytes, cfg.body_timeout_s, 1)
-            await uploads.decode(upload, spec, cfg.max_pixels, decoder)  # refuses bad images like /predict
-            png = await asyncio.get_running_loop().run_in_executor(explainer, _overlay_png, clf, upload, target)
+        with bodies.account() as account:
+            (upload,) = await uploads.read_images(request, cfg.max_body_bytes, cfg.body_timeout_s, 1, account)
+            with batcher.reserve(1):
+                await uploads.decode(upload, spec, cfg.max_pixels, decoder)  # refuses bad images like /predict
+                png = await asyncio.get_running_loop().run_in_executor(explainer, _overlay_png, clf, upload, target)
         return Response(png, media_type="image/png")
 
     @v1.get("/model", summary="Labels, preprocessing, headline metrics, versions", responses=_errors(401))

@@ -1,8 +1,9 @@
 """Micro-batching: concurrent requests share one model call, so throughput rises with load.
 
-Admission is counted in images: a request reserves its images before its body is read, and the reservation
-is held until its answer is ready. A reservation over `capacity` is refused (QueueFull), so the number of
-bodies, decoded crops and waiting futures in memory never exceeds it, however many clients connect.
+Admission is counted in images: a request reserves its images once its body has arrived (a slow client holds
+no place), and the reservation is held until its answer is ready. A reservation over `capacity` is refused
+(QueueFull), so the number of decoded crops and waiting futures in memory never exceeds it, however many clients
+connect; the bodies being received are bounded apart, in bytes (`uploads.BodyBudget`).
 
 One worker task feeds the model: it takes the first waiting item, then keeps collecting until the batch
 is full, or until no other admitted request could still join (they are all in this batch), or until
@@ -31,7 +32,7 @@ class _Item:
 
 
 class Reservation:
-    """Places in the batcher, held from before the body is read until the answer is ready."""
+    """Places in the batcher, held from when the body is in until the answer is ready."""
 
     def __init__(self, batcher: "MicroBatcher"):
         self._batcher = batcher

@@ -36,7 +36,10 @@ def error_response(status: int, code: str, message: str, headers=None) -> JSONRe
 def install(app: FastAPI, retry_after_s: int) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = getattr(exc, "code", None) or CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail), exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 503:
+            headers.setdefault("Retry-After", str(retry_after_s))
+        return error_response(exc.status_code, code, str(exc.detail), headers or None)
 
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # A query parameter of the wrong type is a malformed request (400); 422 is kept for images.

@@ -148,14 +148,35 @@ def run_load(host: str, port: int, bodies: list[bytes], *, clients: int, request
 # --------------------------------------------------------------------------------------------- bad input
 
 
-def bomb_png(side: int = 100_000) -> bytes:
-    """A small, valid-looking PNG whose header claims side x side RGB pixels (3e10 bytes decoded)."""
+def _png(width: int, height: int, colour_type: int, idat: bytes) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    pixels = zlib.compress(b"\0" * 1_000_000, 9)  # the start of an all-black image; a real bomb goes on
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def bomb_png(side: int = 100_000) -> bytes:
+    """A small, valid-looking PNG whose header claims side x side RGB pixels (3e10 bytes decoded)."""
+    return _png(side, side, 2, zlib.compress(b"\0" * 1_000_000, 9))  # the start of an all-black image
+
+
+def thin_png(width: int = 300_000, height: int = 32) -> bytes:
+    """A whole, valid greyscale PNG of a few KB (all-zero rows) of extreme aspect ratio: scaled so its short side
+    fits a model, it would be millions of pixels long."""
+    return _png(width, height, 0, zlib.compress(b"\0" * ((width + 1) * height), 9))
+
+
+def hold_slow_clients(host: str, port: int, count: int, jpeg: bytes, *, headers: dict | None = None,
+                      body_bytes: int = 100) -> list[socket.socket]:
+    """`count` connections that send their headers and `body_bytes` of the body, then nothing (close them)."""
+    head = _head("/v1/predict", host, {**(headers or {}), "Content-Type": "image/jpeg", "Content-Length": len(jpeg)})
+    held = []
+    for _ in range(count):
+        sock = socket.create_connection((host, port), timeout=30)
+        sock.sendall(head + jpeg[:body_bytes])
+        held.append(sock)
+    return held
 
 
 def raw_exchange(host: str, port: int, head: bytes, send_body=None, timeout: float = 30.0) -> Reply:
@@ -242,6 +263,8 @@ def bad_inputs(host: str, port: int, jpeg: bytes, *, headers: dict | None = None
             _zeros(big, True))),
         ("zip-bomb PNG header (100000 x 100000)", 422, lambda: request(
             host, port, "POST", "/v1/predict", bomb_png(), {**auth, "Content-Type": "image/png"})),
+        ("thin PNG (300000 x 32, 9 KB)", 422, lambda: request(
+            host, port, "POST", "/v1/predict", thin_png(), {**auth, "Content-Type": "image/png"})),
         ("empty body", 400, lambda: request(host, port, "POST", "/v1/predict", b"",
                                             {**auth, "Content-Type": "image/jpeg"})),
         ("wrong content type (JPEG sent as application/json)", 415, lambda: request(

@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from visiontune.config import API_KEY_ENV, ServeConfig, from_dict, override, to_dict
 from visiontune.errors import ConfigError
@@ -37,10 +38,60 @@ def setup_logging(level: str) -> None:
 
 
 def _uvicorn_config(app, cfg: ServeConfig, **extra):
-    return uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, log_level=cfg.log_level,
-                          access_log=False,  # AccessLog logs every request, with its latency
-                          lifespan="on", timeout_graceful_shutdown=cfg.graceful_timeout_s, server_header=False,
-                          **extra)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, log_level=cfg.log_level,
+                            access_log=False,  # AccessLog logs every request, with its latency
+                            lifespan="on", timeout_graceful_shutdown=cfg.graceful_timeout_s, server_header=False,
+                            http=HeaderTimeoutH11, **extra)
+    config.header_timeout_s = cfg.header_timeout_s  # read by HeaderTimeoutH11 (travels to worker processes too)
+    return config
+
+
+class HeaderTimeoutH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers have not all arrived
+    `header_timeout_s` after its first byte (or after it opened): uvicorn itself waits for headers forever, so a
+    thousand clients trickling header bytes (slowloris) would hold a thousand connections."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.header_timeout_s = getattr(config, "header_timeout_s", ServeConfig.header_timeout_s)
+        self.header_timer = None
+
+    def _awaiting_headers(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm(self) -> None:
+        if self.header_timer is None:
+            self.header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self.header_timer = None
+        if self._awaiting_headers() and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._awaiting_headers():
+            self._arm()  # a request starts on a kept-alive connection: its headers are timed too
+        super().data_received(data)
+        if not self._awaiting_headers():
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._awaiting_headers() and self.header_timer is not None:
+            self._disarm()  # idle between requests: uvicorn's keep-alive timeout takes over
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
 
 def run(model: str | Path, cfg: ServeConfig) -> None:

@@ -25,6 +25,39 @@ HOW = ("send an image as multipart/form-data (field `file`) or as the raw body w
        "Content-Type")
 
 
+class BodyBudget:
+    """Bytes of request bodies held at once, over all requests. A body that would take the total past `limit`
+    is refused (503) as it arrives, so memory stays bounded however many clients upload, while a slow client
+    holds only the few bytes it has sent (it holds no place in the model's queue)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    def account(self) -> "BodyAccount":
+        return BodyAccount(self)
+
+
+class BodyAccount:
+    """One request's share of the budget, given back when the request ends (`with budget.account() as a:`)."""
+
+    def __init__(self, budget: BodyBudget):
+        self.budget, self.bytes = budget, 0
+
+    def charge(self, n: int) -> None:
+        if self.budget.held + n > self.budget.limit:
+            raise ApiError(503, "the server is receiving as much as it holds at once; retry shortly", code="busy",
+                           headers=CLOSE)
+        self.budget.held += n
+        self.bytes += n
+
+    def __enter__(self) -> "BodyAccount":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.budget.held -= self.bytes
+        self.bytes = 0
+
+
 @dataclass
 class Upload:
     name: str
@@ -65,9 +98,9 @@ def check_headers(request: Request, max_bytes: int, multipart_only: bool = False
         raise ApiError(415, f"Content-Type {kind or '(none)'} is not an image type; {HOW}", headers=CLOSE)
 
 
-def limit_body(request: Request, max_bytes: int, timeout_s: float) -> Request:
-    """The same request, whose body reads fail with 413 past `max_bytes` and with 408 when the whole body
-    has not arrived `timeout_s` after reading began (a slow client must not hold its place forever)."""
+def limit_body(request: Request, max_bytes: int, timeout_s: float, account: BodyAccount) -> Request:
+    """The same request, whose body reads fail with 413 past `max_bytes`, with 408 when the whole body has not
+    arrived `timeout_s` after reading began, and with 503 when the server's body budget is spent."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     received = 0
@@ -83,9 +116,11 @@ def limit_body(request: Request, max_bytes: int, timeout_s: float) -> Request:
         except asyncio.TimeoutError:
             raise ApiError(408, f"the body did not arrive within {timeout_s:g} s", headers=CLOSE) from None
         if message["type"] == "http.request":
-            received += len(message.get("body", b""))
+            chunk = len(message.get("body", b""))
+            received += chunk
             if received > max_bytes:
                 raise ApiError(413, f"the body is over the limit of {max_bytes:,} bytes", headers=CLOSE)
+            account.charge(chunk)
             finished = not message.get("more_body", False)
         return message
 
@@ -98,9 +133,10 @@ async def _part(value, field: str) -> Upload:
     return Upload((value.filename or field)[:NAME_LIMIT], await value.read(), media_type(value.content_type))
 
 
-async def read_images(request: Request, max_bytes: int, timeout_s: float, max_files: int) -> list[Upload]:
+async def read_images(request: Request, max_bytes: int, timeout_s: float, max_files: int,
+                      account: BodyAccount) -> list[Upload]:
     """The image(s) of a request: the raw body, or the `file` (or `files`) fields of a multipart form."""
-    limited = limit_body(request, max_bytes, timeout_s)
+    limited = limit_body(request, max_bytes, timeout_s, account)
     if not is_multipart(request):
         data = await limited.body()
         if not data:
