@@ -210,3 +210,24 @@ def test_report_in_a_real_browser(run):
     assert not errors, errors
     assert [r for r in requests if r != url and not r.startswith("data:")] == []
     assert shot.stat().st_size > 50_000
+
+
+def test_a_split_csv_row_whose_file_vanished_is_noted(run, flowers, tmp_path, cli):
+    photos = tmp_path / "photos"
+    shutil.copytree(flowers, photos)
+    copy = tmp_path / "run"
+    shutil.copytree(run.run_dir, copy)
+    rows = _rows(copy / "split.csv")
+    for r in rows:  # the copy points at its own copy of the photos
+        r["path"] = str(photos / Path(r["path"]).parent.name / Path(r["path"]).name)
+    with open(copy / "split.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    gone = Path(next(r["path"] for r in rows if r["split"] == "test"))
+    gone.unlink()
+    done = cli("evaluate", copy, "--out", tmp_path / "eval")
+    assert done.returncode == 0, done.stderr
+    assert f"note: {gone}: listed in split.csv" in done.stderr and "but missing" in done.stderr
+    notes = json.loads((tmp_path / "eval" / "metrics.json").read_text())["evaluation"]["notes"]
+    assert any(str(gone) in n and "missing" in n for n in notes)
