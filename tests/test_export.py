@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -41,6 +42,15 @@ def test_fp32_onnx_matches_pytorch_and_records_parity(run, exported):
     assert parity["images"] == 6 and parity["max_abs_diff"] <= 1e-4 and parity["min_cosine"] >= 0.9999
     model = onnx.load(str(result.path))
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch
+
+
+def test_label_maps_lie_beside_every_export(run, exported):
+    id2label = json.loads((run / "export" / "id2label.json").read_text())
+    label2id = json.loads((run / "export" / "label2id.json").read_text())
+    assert id2label == {"0": "daisy", "1": "roses", "2": "tulips"}  # output index i scores id2label[str(i)]
+    assert label2id == {"daisy": 0, "roses": 1, "tulips": 2}
+    session = ort.InferenceSession(str(exported["fp32"].path), providers=["CPUExecutionProvider"])
+    assert session.get_outputs()[0].shape[-1] == len(id2label)
 
 
 def test_onnx_file_alone_classifies_like_the_run(run, exported, tmp_path, photos):

@@ -86,6 +86,7 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
                                     atol=cfg.fp32_atol, cosine=cfg.fp32_cosine)
         _finish(run, target, result)
         atomic_write_bytes(target, data)
+        _write_label_maps(run, meta)
         return ExportResult(target, format, precision, result, time.perf_counter() - start, notes)
 
     say("tracing to ONNX (fp32)")
@@ -124,7 +125,15 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
     info["parity"] = {k: v for k, v in result.items() if k != "vs_pytorch"}
     proto = embed_metadata(_load_proto(data), meta, metrics, info)
     atomic_write_bytes(target, serialize(proto))
+    _write_label_maps(run, meta)
     return ExportResult(target, format, precision, result, time.perf_counter() - start, notes)
+
+
+def _write_label_maps(run: Path, meta: ModelMeta) -> None:
+    """id2label.json / label2id.json beside the exported files, for code that reads the model's outputs without
+    visiontune (output index i is the score of id2label[str(i)], the same order as model.json)."""
+    write_json(RunDir(run).id2label, {str(i): label for i, label in enumerate(meta.labels)})
+    write_json(RunDir(run).label2id, {label: i for i, label in enumerate(meta.labels)})
 
 
 class _RunImages:

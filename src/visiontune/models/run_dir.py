@@ -44,6 +44,8 @@ class RunDir:
     CACHE = "cache"  # cached frozen-pass views while training (unless --cache-dir says elsewhere)
     EXPORT = "export"
     PARITY = "parity.json"  # under export/: every export's parity check, pass or fail
+    ID2LABEL = "id2label.json"  # under export/, beside every exported model: output index -> label
+    LABEL2ID = "label2id.json"  # and label -> output index
     ENSEMBLE = "ensemble.json"  # an ensemble directory's members and weights
 
     def __init__(self, path: str | Path):
@@ -72,6 +74,8 @@ class RunDir:
     cache = property(lambda self: self.path / self.CACHE)
     export = property(lambda self: self.path / self.EXPORT)
     parity = property(lambda self: self.path / self.EXPORT / self.PARITY)
+    id2label = property(lambda self: self.path / self.EXPORT / self.ID2LABEL)
+    label2id = property(lambda self: self.path / self.EXPORT / self.LABEL2ID)
     ensemble = property(lambda self: self.path / self.ENSEMBLE)
 
     def export_file(self, format: str = "onnx", precision: str = "fp32") -> Path:
