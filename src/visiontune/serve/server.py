@@ -14,7 +14,7 @@ import signal
 from pathlib import Path
 
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from visiontune.config import API_KEY_ENV, ServeConfig, from_dict, override, to_dict
 from visiontune.errors import ConfigError
@@ -41,15 +41,16 @@ def _uvicorn_config(app, cfg: ServeConfig, **extra):
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, log_level=cfg.log_level,
                             access_log=False,  # AccessLog logs every request, with its latency
                             lifespan="on", timeout_graceful_shutdown=cfg.graceful_timeout_s, server_header=False,
-                            http=HeaderTimeoutH11, **extra)
-    config.header_timeout_s = cfg.header_timeout_s  # read by HeaderTimeoutH11 (travels to worker processes too)
+                            http=HeaderTimeoutHTTP, **extra)
+    config.header_timeout_s = cfg.header_timeout_s  # read by HeaderTimeoutHTTP (travels to worker processes too)
     return config
 
 
-class HeaderTimeoutH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers have not all arrived
-    `header_timeout_s` after its first byte (or after it opened): uvicorn itself waits for headers forever, so a
-    thousand clients trickling header bytes (slowloris) would hold a thousand connections."""
+class HeaderTimeoutHTTP(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools, the fast parser it picks by itself), closing a connection whose
+    request headers have not all arrived `header_timeout_s` after its first byte (or after it opened): uvicorn
+    itself waits for headers forever, so a thousand clients trickling header bytes (slowloris) would hold a
+    thousand connections."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
