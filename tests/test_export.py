@@ -172,3 +172,34 @@ def test_calibration_in_windows_bounds_memory_and_keeps_minmax_ranges(run, expor
         np.testing.assert_allclose(windowed[name], whole[name], rtol=1e-6, err_msg=name)
     percentile = quantize_int8(fp32, batches, input_name=INPUT, method="percentile", window=3)
     assert "QuantizeLinear" in {n.op_type for n in onnx.load_from_string(percentile).graph.node}
+
+
+def test_openvino_fp32_and_int8_export_load_predict_and_bench(run, exported, photos, cli):
+    fp32 = visiontune.api.export(run, format="openvino")
+    int8 = visiontune.api.export(run, format="openvino", precision="int8", int8_agreement=TINY_AGREEMENT)
+    assert fp32.path.name == "model.openvino.xml" and fp32.path.with_suffix(".bin").is_file()
+    assert int8.path.name == "model.int8.openvino.xml"
+    record = json.loads((run / "export" / "parity.json").read_text())
+    assert record["model.openvino.xml"]["passed"] and record["model.openvino.xml"]["max_abs_diff"] <= 1e-4
+    assert record["model.int8.openvino.xml"]["reference"] == "onnx fp32"
+    lone = Classifier.load(fp32.path)  # the .xml alone: labels and preprocessing come from its rt_info
+    onnx_run = Classifier.load(exported["fp32"].path)
+    assert lone.engine_name == "openvino fp32" and lone.labels == onnx_run.labels
+    images = photos["daisy"][8:10] + photos["tulips"][8:10]
+    a, b = lone.predict(images), onnx_run.predict(images)
+    assert [p.label for p in a] == [p.label for p in b]
+    assert np.allclose([p.probability for p in a], [p.probability for p in b], atol=1e-4)
+    done = cli("predict", int8.path, images[0], "--format", "json")
+    assert done.returncode == 0 and json.loads(done.stdout)[0]["label"] in ("daisy", "roses", "tulips"), done.stderr
+    from visiontune.inference.bench import engines_for
+
+    assert [e.engine_name for e in engines_for(run, threads=1)] == [
+        "pytorch fp32", "onnx fp32", "onnx int8", "openvino fp32", "openvino int8"]
+
+
+def test_an_openvino_file_without_its_weights_is_one_line(run, exported, tmp_path, photos, cli):
+    visiontune.api.export(run, format="openvino")
+    lone = tmp_path / "model.openvino.xml"
+    shutil.copy(run / "export" / "model.openvino.xml", lone)  # the .bin left behind
+    done = cli("predict", lone, photos["daisy"][8])
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not a readable OpenVINO model" in done.stderr

@@ -28,7 +28,7 @@ BALANCE = ("none", "weights", "sampler")
 AMP = ("auto", "bf16", "fp16", "off")
 SPLITS = ("train", "val", "test")
 EXPLAIN_METHODS = ("gradcam", "gradcam++", "hirescam", "eigencam", "scorecam")
-EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_FORMATS = ("onnx", "torchscript", "openvino")
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 QUANT_FORMATS = ("qdq", "qoperator")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -269,6 +269,9 @@ class ExportConfig(Settings):
         if self.format == "torchscript" and self.precision != "fp32":
             raise SettingError("precision", f"TorchScript export is fp32 only (asked for {self.precision}); use "
                                             f"--format onnx for {self.precision}")
+        if self.format == "openvino" and self.precision == "fp16":
+            raise SettingError("precision", "OpenVINO export is fp32 or int8 (OpenVINO picks bf16 or fp16 itself "
+                                            "where the hardware has them); use --format onnx for fp16")
 
 
 @dataclass(frozen=True)

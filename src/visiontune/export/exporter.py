@@ -47,7 +47,7 @@ class ExportResult:
 
     def summary(self) -> str:
         p = self.parity
-        size = self.path.stat().st_size / 2**20
+        size = sum(p.stat().st_size for p in (self.path, self.path.with_suffix(".bin")) if p.is_file()) / 2**20
         line = f"wrote {self.path} ({size:.1f} MiB, {self.seconds:.0f} s); parity on {p['images']} images: "
         if self.precision == "int8":
             line += f"top-1 agreement with fp32 {p['top1_agreement']:.2%}"
@@ -119,6 +119,8 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
             info["int8"] = {"calibration_images": n_cal, "method": cfg.calibration_method,
                             "per_channel": cfg.per_channel, "quant_format": cfg.quant_format,
                             "activations": "uint8", "weights": "int8"}
+    if format == "openvino":
+        return _export_openvino(run, target, data, reference, fp32_logits, images, cfg, meta, metrics, info, start)
     result["reference"] = "onnx fp32" if precision == "int8" else "pytorch"
     result["split"] = images.parity_split
     _finish(run, target, result)
@@ -127,6 +129,32 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
     atomic_write_bytes(target, serialize(proto))
     _write_label_maps(run, meta)
     return ExportResult(target, format, precision, result, time.perf_counter() - start, notes)
+
+
+def _export_openvino(run: Path, target: Path, onnx_data: bytes, reference: np.ndarray, fp32_logits: np.ndarray,
+                     images: "_RunImages", cfg: ExportConfig, meta: ModelMeta, metrics: dict, info: dict,
+                     start: float) -> ExportResult:
+    """The IR converted from the ONNX graph just checked, checked itself the same way, then written."""
+    from visiontune.export import openvino
+
+    model, run_ir = openvino.compile_ir(openvino.convert(onnx_data), "the OpenVINO model", os.cpu_count() or 1)
+    logits = np.concatenate([run_ir(b) for b in images.parity_batches()])
+    if cfg.precision == "int8":
+        result = parity.check_agreement("OpenVINO INT8", parity.compare(fp32_logits, logits, images.parity_labels),
+                                        agreement=cfg.int8_agreement)
+        result["vs_pytorch"] = parity.compare(reference, logits, images.parity_labels)
+    else:
+        result = parity.check_close("OpenVINO fp32", parity.compare(reference, logits, images.parity_labels),
+                                    atol=cfg.fp32_atol, cosine=cfg.fp32_cosine)
+    result.update(reference="onnx fp32" if cfg.precision == "int8" else "pytorch", split=images.parity_split)
+    _finish(run, target, result)
+    info["parity"] = {k: v for k, v in result.items() if k != "vs_pytorch"}
+    import openvino as ov
+
+    info["versions"]["openvino"] = ov.__version__
+    openvino.save(model, target, meta, metrics, info)
+    _write_label_maps(run, meta)
+    return ExportResult(target, "openvino", cfg.precision, result, time.perf_counter() - start)
 
 
 def _write_label_maps(run: Path, meta: ModelMeta) -> None:

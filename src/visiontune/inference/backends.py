@@ -85,6 +85,22 @@ class OnnxBackend:
         return out.astype(np.float32, copy=False)
 
 
+class OpenVinoBackend:
+    """An OpenVINO IR compiled for the CPU (see `export.openvino.compile_ir`)."""
+
+    name = "openvino"
+
+    def __init__(self, model: str | Path | object, where: str, threads: int = InferenceConfig.threads):
+        from visiontune.export.openvino import compile_ir
+
+        self.where = where
+        self.threads = default_workers(threads)
+        self.model, self._run = compile_ir(model, where, self.threads)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch)
+
+
 def load_torchscript(path: Path) -> tuple[object, str]:
     """(scripted module, model.json text stored beside it in the archive)."""
     import warnings

@@ -1,4 +1,4 @@
-"""What a model path is: a run directory, an ensemble directory, an ONNX file or a TorchScript file.
+"""What a model path is: a run directory, an ensemble directory, an ONNX, TorchScript or OpenVINO file.
 
 Decided here once; `inference.resolve` loads what this finds, and explain, serve and bench ask it too.
 """
@@ -13,7 +13,8 @@ from visiontune.models.run_dir import RunDir
 
 ONNX_SUFFIXES = (".onnx",)
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".jit")
-KINDS = ("run", "ensemble", "onnx", "torchscript")
+OPENVINO_SUFFIXES = (".xml",)  # an OpenVINO IR: the .xml, its weights in the .bin beside it
+KINDS = ("run", "ensemble", "onnx", "torchscript", "openvino")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ def _file_kind(path: Path) -> str:
         return "onnx"
     if suffix in TORCHSCRIPT_SUFFIXES:
         return "torchscript"
+    if suffix in OPENVINO_SUFFIXES:
+        return "openvino"
     with open(path, "rb") as fh:
         head = fh.read(4)
     return "torchscript" if head == b"PK\x03\x04" else "onnx"  # TorchScript archives are zip files

@@ -20,7 +20,8 @@ from visiontune.settings import from_dict, to_dict
 HISTORY_COLUMNS = ["phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
 # (format, precision) -> the file `visiontune export` writes under export/
 EXPORT_FILES = {("onnx", "fp32"): "model.onnx", ("onnx", "fp16"): "model.fp16.onnx", ("onnx", "int8"): "model.int8.onnx",
-                ("torchscript", "fp32"): "model.torchscript.pt"}
+                ("torchscript", "fp32"): "model.torchscript.pt",
+                ("openvino", "fp32"): "model.openvino.xml", ("openvino", "int8"): "model.int8.openvino.xml"}
 
 
 class RunDir:

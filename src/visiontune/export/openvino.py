@@ -1,0 +1,82 @@
+"""ONNX -> OpenVINO IR (model.openvino.xml + .bin), for x86 servers that run OpenVINO.
+
+The IR is converted from the exporter's own ONNX graph (fp32, or the QDQ INT8 graph, which OpenVINO runs with
+its INT8 kernels). The model description, metrics and export record travel in the IR's rt_info as JSON, as they
+do in ONNX metadata, so the .xml alone classifies an image. The .bin is put in place before the .xml that names
+it, each by an atomic rename: a reader, which opens the .xml, never sees an .xml without its weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from visiontune.errors import ModelError
+from visiontune.models.bundle import ModelMeta
+from visiontune.models.onnx_graph import first_line
+
+RT_KEY = "visiontune"
+
+
+def convert(onnx_bytes: bytes):
+    """An openvino.Model from serialised ONNX."""
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "model.onnx"
+        source.write_bytes(onnx_bytes)
+        return ov.convert_model(str(source))
+
+
+def compile_ir(model, where: str, threads: int):
+    """(openvino.Model, batch -> logits) for an IR path or an openvino.Model, compiled for the CPU at fp32
+    precision: OpenVINO would run an fp32 model in bf16 on CPUs that have it (logits off by 0.1 on Lite0); an INT8
+    IR still runs its INT8 kernels."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ModelError(f"{where}: an OpenVINO model, and OpenVINO is not installed "
+                         f"(pip install 'visiontune[openvino]')") from None
+    core = ov.Core()
+    try:
+        model = core.read_model(str(model)) if isinstance(model, (str, Path)) else model
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+    except RuntimeError as exc:
+        raise ModelError(f"{where}: not a readable OpenVINO model ({first_line(exc)[:200]})") from None
+    request = compiled.create_infer_request()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        out = request.infer([np.ascontiguousarray(batch, dtype=np.float32)])
+        return np.array(next(iter(out.values())), dtype=np.float32)
+
+    return model, run
+
+
+def save(model, target: Path, meta: ModelMeta, metrics: dict, info: dict) -> None:
+    """Write `model` as `target` (.xml) and its .bin beside it, weights kept fp32 (OpenVINO would halve them)."""
+    import openvino as ov
+
+    for key, value in (("model", meta.to_dict()), ("metrics", metrics), ("export", info)):
+        model.set_rt_info(json.dumps(value), [RT_KEY, key])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staged = Path(tmp) / target.name
+        ov.save_model(model, str(staged), compress_to_fp16=False)
+        os.replace(staged.with_suffix(".bin"), target.with_suffix(".bin"))
+        os.replace(staged, target)
+
+
+def read_rt_info(model, where: str) -> tuple[dict, dict, dict]:
+    """(model.json, metrics, export record) stored by `save`; ({}, {}, {}) parts for an IR made elsewhere."""
+    out = []
+    for key in ("model", "metrics", "export"):
+        try:
+            text = model.get_rt_info([RT_KEY, key]).astype(str)
+        except RuntimeError:  # no such key
+            text = "{}"
+        out.append(json.loads(text))
+    return tuple(out)
