@@ -145,7 +145,7 @@ def test_ensemble_directory_is_a_model_like_a_run(ens, members, photos):
 def test_cli_evaluates_an_ensemble_and_compare_takes_it(ens, members, cli, tmp_path):
     done = cli("evaluate", ens, "--backend", "torch", "--quiet")
     assert done.returncode == 0, done.stderr
-    assert "test: 6 images" in done.stdout and (ens / "report.html").is_file()
+    assert "test: top-1 " in done.stdout and "6 images)" in done.stdout and (ens / "report.html").is_file()
     evaluation = json.loads((ens / "metrics.json").read_text())["evaluation"]
     assert evaluation["images"] == 6 and evaluation["backend"] == "torch"
     visiontune.evaluate(members[0], backend="torch", gradcam_images=0)

@@ -158,6 +158,11 @@ def test_compare_marks_the_best_and_refuses_other_splits(run, flowers, tmp_path)
     assert rows[0]["latency_ms"] == "" and float(rows[1]["latency_ms"]) > 0  # from the bench.json bench saved
     markdown = (tmp_path / "cmp" / "comparison.md").read_text()
     assert markdown.count("**") >= 2 * len(result.best)
+    leader = max(range(2), key=lambda i: top1[i])
+    assert rows[leader]["vs_best"] == "best"  # the other is tested against it on the same 6 images
+    assert rows[1 - leader]["vs_best"].startswith(("within noise (p = ", "real difference (p = "))
+    lo, hi = (float(x.rstrip("%")) / 100 for x in rows[0]["top1_ci"].split("–"))
+    assert lo <= float(rows[0]["top1"]) <= hi
 
     other = tmp_path / "other-split"
     shutil.copytree(run.run_dir, other)
@@ -172,7 +177,8 @@ def test_compare_marks_the_best_and_refuses_other_splits(run, flowers, tmp_path)
 def test_cli_evaluate_and_its_errors(run, cli, tmp_path):
     done = cli("evaluate", run.run_dir, "--out", tmp_path / "e", "--quiet")
     assert done.returncode == 0, done.stderr
-    assert "test: 6 images  top-1" in done.stdout and f"report: {tmp_path / 'e' / 'report.html'}" in done.stdout
+    assert "test: top-1 " in done.stdout and "6 images)" in done.stdout
+    assert f"report: {tmp_path / 'e' / 'report.html'}" in done.stdout
     bad = cli("evaluate", tmp_path / "nowhere")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nowhere" in bad.stderr
     one = cli("compare", run.run_dir)
@@ -199,8 +205,10 @@ def test_report_in_a_real_browser(run):
         page.goto(url)
         assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
         assert page.locator("img").count() >= 8
-        top1 = f"{run.metrics['evaluation']['top1']:.2%}"
-        assert page.locator(".card .v").first.inner_text() == top1
+        e = run.metrics["evaluation"]
+        lo, hi = e["intervals"]["top1"]
+        shown = page.locator(".card .v").first.inner_text()  # the value, and its 95 % interval under it
+        assert shown == f"{e['top1']:.2%}\n95 %: {lo * 100:.1f}–{hi:.1%}"
         # Sorting the per-class table by F1 puts the rows in F1 order.
         page.locator("#per-class th", has_text="F1").click()
         shown = page.eval_on_selector_all("#per-class tbody tr td:nth-child(4)", "cells => cells.map(c => c.dataset.v)")

@@ -103,3 +103,43 @@ def test_uncertainty_threshold_separates_right_from_wrong():
     # Thresholds 0.55 and 0.8 both classify 4 of 5 right; the lower one wins.
     assert choose_uncertainty_threshold(probs, y) == pytest.approx(0.55)
     assert choose_uncertainty_threshold(probs[:2], y[:2]) == 0.0  # nothing wrong: nothing is uncertain
+
+
+def test_wilson_interval_matches_the_textbook():
+    from visiontune.evaluation.intervals import describe, wilson
+
+    lo, hi = wilson(11, 15)  # 73.3 %: the demo's 15 test images
+    assert round(lo, 3) == 0.480 and round(hi, 3) == 0.891
+    assert describe(11 / 15, (lo, hi), 15) == "73.33% (48.0–89.1%, 15 images)"
+    assert wilson(0, 10)[0] == 0.0 and round(wilson(10, 10)[1], 9) == 1.0 and round(wilson(10, 10)[0], 3) == 0.722
+
+
+def test_headline_intervals_cover_the_metric_and_shrink_with_more_images():
+    from visiontune.evaluation.metrics import compute_metrics
+
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (40, 400):
+        y = rng.integers(0, 4, n)
+        pred = np.where(rng.random(n) < 0.8, y, (y + 1) % 4)
+        probs = np.eye(4)[pred] * 0.7 + 0.075
+        m = compute_metrics(y, probs, ["a", "b", "c", "d"])
+        for key, value in (("top1", m["top1"]), ("macro_f1", m["macro"]["f1"]),
+                           ("balanced_accuracy", m["balanced_accuracy"])):
+            lo, hi = m["intervals"][key]
+            assert lo <= value <= hi, key
+        widths.append(m["intervals"]["top1"][1] - m["intervals"]["top1"][0])
+    assert widths[1] < widths[0] / 2
+
+
+def test_mcnemar_tells_a_real_difference_from_noise():
+    from visiontune.evaluation.intervals import mcnemar
+
+    a = np.array([True] * 90 + [False] * 10)
+    close = a.copy()
+    close[[0, 95]] = [False, True]  # one image each way: noise
+    far = a.copy()
+    far[:25] = False  # 25 images only the first gets right
+    assert not mcnemar(a, close)["significant"] and mcnemar(a, close)["p_value"] == 1.0
+    result = mcnemar(a, far)
+    assert result["significant"] and result["only_first_right"] == 25 and result["only_second_right"] == 0

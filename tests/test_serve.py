@@ -447,3 +447,12 @@ def test_a_thin_image_is_refused_fast_without_the_memory_it_would_take(full):
         assert time.monotonic() - started < 2.0
         assert "extreme aspect ratio: 300000x32" in assert_error(reply, 422, "undecodable_image")["message"]
     assert _rss_mb(full.proc.pid) - before < 200
+
+
+def test_the_page_metrics_carry_their_intervals():
+    from visiontune.serve.model import headline_metrics
+
+    shown = headline_metrics({"evaluation": {"split": "test", "images": 15, "top1": 0.7333, "macro": {"f1": 0.7},
+                                             "intervals": {"top1": [0.48, 0.891], "macro_f1": [0.5, 0.85],
+                                                           "method": "95 %"}}})
+    assert shown["intervals"] == {"top1": [0.48, 0.891], "macro_f1": [0.5, 0.85]}

@@ -186,17 +186,20 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _report_training(result, extra: str = "") -> int:
+    from visiontune.evaluation.intervals import describe
+
     m = result.metrics
     if not m:  # a process other than rank 0 of a distributed run: rank 0 reports
         return 0
     val = m.get("val", {}).get("top1")
-    test = (m.get("evaluation") or m.get("test") or {}).get("top1")
+    scored = m.get("evaluation") or {}
+    test = (scored or m.get("test") or {}).get("top1")
     budget = f", budget {m['budget']['budget_seconds']:.0f} s" if m.get("budget") else ""
     line = f"run: {result.run_dir}  ({m['train_seconds']:.0f} s{budget}{extra})"
     if val is not None:
         line += f"  val top-1 {val:.2%}"
     if test is not None:
-        line += f"  test top-1 {test:.2%}"
+        line += f"  test top-1 {describe(test, scored.get('intervals', {}).get('top1'), scored.get('images', 0))}"
     print(line)
     if result.evaluation is not None:
         print(f"report: {result.evaluation.report}")
@@ -227,15 +230,19 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from visiontune.api import evaluate
+    from visiontune.evaluation.intervals import describe
 
     result = evaluate(args.run_dir, data=args.data, root=args.root, out=args.out, allow_subset=args.allow_subset,
                       quiet=args.quiet, **overrides(args))
     m = result.metrics
-    line = f"{m['split']}: {m['images']} images  top-1 {m['top1']:.2%}"
+    ci = m.get("intervals", {})
+    line = f"{m['split']}: top-1 {describe(m['top1'], ci.get('top1'), m['images'])}"
     for k in (3, 5):
         if f"top{k}" in m:
             line += f"  top-{k} {m[f'top{k}']:.2%}"
-    line += f"  macro F1 {m['macro']['f1']:.2%}  ECE {m['ece']:.3f}"
+    f1 = ci.get("macro_f1")
+    line += f"  macro F1 {m['macro']['f1']:.2%}" + (f" ({f1[0] * 100:.1f}–{f1[1]:.1%})" if f1 else "")
+    line += f"  ECE {m['ece']:.3f}"
     print(line)
     for pair in m["most_confused"][:3]:
         print(f"  confused: {pair['true']} -> {pair['predicted']} ({pair['count']})")

@@ -14,9 +14,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from visiontune.errors import ConfigError
+from visiontune.evaluation.intervals import mcnemar
 from visiontune.evaluation.report import template
 from visiontune.evaluation.scoring import run_split
 from visiontune.files import atomic_write_text, read_json
@@ -31,6 +33,8 @@ COLUMNS = [
     ("train_seconds", "train s", "min"),
     ("parameters", "params", "min"),
     ("top1", "top-1", "max"),
+    ("top1_ci", "top-1 95 % interval", None),
+    ("vs_best", "against the best top-1 (McNemar, same images)", None),
     ("top3", "top-3", "max"),
     ("top5", "top-5", "max"),
     ("macro_f1", "macro F1", "max"),
@@ -90,7 +94,8 @@ def compare_runs(runs: list[Path], out: Path | None = None) -> Comparison:
         rows.append({"run": str(run), "backbone": meta.backbone, "train_seconds": metrics.get("train_seconds"),
                      "parameters": metrics.get("parameters"), "top1": evaluation["top1"],
                      "top3": evaluation.get("top3"), "top5": evaluation.get("top5"),
-                     "macro_f1": evaluation["macro"]["f1"], "ece": evaluation["ece"], "latency_ms": _latency(run)})
+                     "macro_f1": evaluation["macro"]["f1"], "ece": evaluation["ece"], "latency_ms": _latency(run),
+                     "top1_ci": evaluation.get("intervals", {}).get("top1")})
     if len(set(identities.values())) > 1:
         groups: dict = {}
         for run, identity in identities.items():
@@ -102,6 +107,7 @@ def compare_runs(runs: list[Path], out: Path | None = None) -> Comparison:
     differing = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
     for row, config in zip(rows, configs):
         row["settings"] = " ".join(f"{k}={config.get(k)}" for k in differing)
+    _paired_tests(runs, rows)
     best = {}
     for column, _, better in COLUMNS:
         values = [(i, r[column]) for i, r in enumerate(rows) if isinstance(r[column], (int, float))]
@@ -117,9 +123,40 @@ def compare_runs(runs: list[Path], out: Path | None = None) -> Comparison:
     return Comparison(rows, best, files)
 
 
+def _correct(run: Path) -> dict[tuple, bool]:
+    """{image: whether the run's evaluation got it right}, from its predictions.csv. An image is named by its folder,
+    file name and label: the paths themselves were written relative to wherever each evaluation ran."""
+    path = RunDir(run).predictions
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        return {(*Path(r["path"]).parts[-2:], r["true"]): r["true"] == r["predicted"] for r in csv.DictReader(fh)}
+
+
+def _paired_tests(runs: list[Path], rows: list[dict]) -> None:
+    """Each run against the best top-1 run, on the images both scored: is the difference real (p < 0.05) or noise?"""
+    leader = max(range(len(rows)), key=lambda i: rows[i]["top1"])
+    best = _correct(runs[leader])
+    for i, (run, row) in enumerate(zip(runs, rows)):
+        if i == leader:
+            row["vs_best"] = "best"
+            continue
+        mine = _correct(run)
+        shared = sorted(set(best) & set(mine))
+        if not shared:
+            row["vs_best"] = None
+            continue
+        test = mcnemar(np.array([best[k] for k in shared]), np.array([mine[k] for k in shared]))
+        verdict = "real difference" if test["significant"] else "within noise"
+        row["vs_best"] = (f"{verdict} (p = {test['p_value']:.3g}; {test['only_first_right']} vs "
+                          f"{test['only_second_right']} images only one gets right)")
+
+
 def _cell(column: str, value) -> str:
     if value is None:
         return "-"
+    if column == "top1_ci":
+        return f"{value[0] * 100:.1f}–{value[1]:.1%}"
     if column in ("top1", "top3", "top5", "macro_f1"):
         return f"{value:.2%}"
     if column == "ece":
@@ -137,7 +174,7 @@ def _csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=[c for c, _, _ in COLUMNS], lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    writer.writerows({k: ("" if v is None else _cell(k, v) if k == "top1_ci" else v) for k, v in r.items()} for r in rows)
     return buffer.getvalue()
 
 

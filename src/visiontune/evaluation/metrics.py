@@ -21,6 +21,7 @@ from sklearn.metrics import (
 )
 
 from visiontune.config import EvalConfig
+from visiontune.evaluation.intervals import BOOTSTRAP_SAMPLES, bootstrap_macro, wilson
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str], *,
@@ -49,7 +50,18 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str], *,
     calibration = reliability(y_true, probs, ece_bins)
     out["ece"] = calibration["ece"]
     out["reliability"] = calibration["bins"]
+    out["intervals"] = headline_intervals(y_true, probs, out)
     return out
+
+
+def headline_intervals(y_true: np.ndarray, probs: np.ndarray, out: dict) -> dict:
+    """95 % intervals of the headline metrics (see `intervals`): Wilson for accuracies, bootstrap otherwise."""
+    n, c = probs.shape
+    result = {k: list(wilson(round(out[k] * n), n)) for k in ("top1", "top3", "top5") if k in out}
+    boot = bootstrap_macro(y_true, probs.argmax(axis=1), c)
+    result.update({k: list(v) for k, v in boot.items()})
+    result["method"] = f"95 %: Wilson score (accuracies), percentile bootstrap over images ({BOOTSTRAP_SAMPLES}x)"
+    return result
 
 
 def per_class_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:

@@ -37,13 +37,13 @@ def model_card(run_name: str, meta_json: dict, train: dict, evaluation: dict, da
         "(the exact files are in `split.csv`).",
         "",
         f"## Metrics (on the {m['split']} split, {m['images']} images)",
-        "| metric | value |",
-        "|---|---|",
-        f"| top-1 accuracy | {_pct(m['top1'])} |",
-        *[f"| top-{k} accuracy | {_pct(m[f'top{k}'])} |" for k in (3, 5) if f"top{k}" in m],
-        f"| balanced accuracy | {_pct(m['balanced_accuracy'])} |",
-        f"| macro F1 | {_pct(m['macro']['f1'])} |",
-        f"| expected calibration error | {m['ece']:.3f} |",
+        "| metric | value | 95 % interval |",
+        "|---|---|---|",
+        f"| top-1 accuracy | {_pct(m['top1'])} | {_ci(m, 'top1')} |",
+        *[f"| top-{k} accuracy | {_pct(m[f'top{k}'])} | {_ci(m, f'top{k}')} |" for k in (3, 5) if f"top{k}" in m],
+        f"| balanced accuracy | {_pct(m['balanced_accuracy'])} | {_ci(m, 'balanced_accuracy')} |",
+        f"| macro F1 | {_pct(m['macro']['f1'])} | {_ci(m, 'macro_f1')} |",
+        f"| expected calibration error | {m['ece']:.3f} | |",
         "",
         "## Limitations",
         "- Measured on one split of one dataset; photos unlike the training ones (other cameras, lighting, "
@@ -69,3 +69,8 @@ def model_card(run_name: str, meta_json: dict, train: dict, evaluation: dict, da
         "",
     ]
     return "\n".join(lines)
+
+
+def _ci(metrics: dict, key: str) -> str:
+    interval = metrics.get("intervals", {}).get(key)
+    return f"{interval[0]:.1%}–{interval[1]:.1%}" if interval else "-"

@@ -57,15 +57,23 @@ def _num(value, digits: int = 3) -> str:
 
 def _cards(d: ReportData) -> str:
     m = d.metrics
-    cards = [("top-1", _pct(m["top1"]))]
-    cards += [(f"top-{k}", _pct(m[f"top{k}"])) for k in (3, 5) if f"top{k}" in m]
-    cards += [("balanced accuracy", _pct(m["balanced_accuracy"])), ("macro F1", _pct(m["macro"]["f1"])),
+    ci = m.get("intervals", {})
+
+    def pct(key: str, value) -> str:  # the value, and its 95 % interval below it
+        interval = ci.get(key)
+        return _pct(value) + (f"\n95 %: {interval[0] * 100:.1f}–{interval[1]:.1%}" if interval else "")
+
+    cards = [("top-1", pct("top1", m["top1"]))]
+    cards += [(f"top-{k}", pct(f"top{k}", m[f"top{k}"])) for k in (3, 5) if f"top{k}" in m]
+    cards += [("balanced accuracy", pct("balanced_accuracy", m["balanced_accuracy"])),
+              ("macro F1", pct("macro_f1", m["macro"]["f1"])),
               ("ECE", _num(m["ece"])), ("log loss", _num(m["log_loss"])),
               (f"{m['split']} images", str(m["images"]))]
     if d.train.get("train_seconds") is not None:
         cards.append(("train time", f"{d.train['train_seconds']:.0f} s"))
     return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="v">{html.escape(v)}</div><div class="k">{html.escape(k)}</div></div>'
+        f'<div class="card"><div class="v">{"<br><small>".join(html.escape(p) for p in v.split(chr(10)))}'
+        f'{"</small>" if chr(10) in v else ""}</div><div class="k">{html.escape(k)}</div></div>'
         for k, v in cards) + "</div>"
 
 

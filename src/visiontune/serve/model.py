@@ -60,6 +60,8 @@ def headline_metrics(metrics: dict) -> dict:
         macro = evaluation.get("macro") or {}
         if isinstance(macro.get("f1"), (int, float)):
             out["macro_f1"] = macro["f1"]
+        intervals = evaluation.get("intervals") or {}
+        out["intervals"] = {k: v for k, v in intervals.items() if k in out and isinstance(v, list) and len(v) == 2}
     for split in ("val", "test"):
         top1 = (metrics.get(split) or {}).get("top1")
         if isinstance(top1, (int, float)):

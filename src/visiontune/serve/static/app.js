@@ -82,7 +82,9 @@ async function loadModel() {
     if (typeof value !== "number" || (key === "test_top1" && typeof info.metrics.top1 === "number")) continue;
     const box = el("div");
     const label = key === "top1" && info.metrics.split ? `${info.metrics.split} top-1` : name;
-    box.append(el("dt", label), el("dd", key === "ece" ? value.toFixed(3) : percent(value)));
+    const ci = (info.metrics.intervals || {})[key];  // the 95 % interval, where the evaluation recorded one
+    const shown = key === "ece" ? value.toFixed(3) : percent(value);
+    box.append(el("dt", label), el("dd", ci ? `${shown} (95 %: ${percent(ci[0])}–${percent(ci[1])})` : shown));
     rows.push(box);
   }
   if (info.metrics.split && info.metrics.images) {
