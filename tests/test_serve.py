@@ -390,8 +390,8 @@ def test_engine_choice_prefers_the_int8_export(run, tmp_path):
     from visiontune.models.run_dir import RunDir
     from visiontune.serve.model import load_model
 
-    other = tmp_path / "run"
-    shutil.copytree(run, other, ignore=shutil.ignore_patterns("tensorboard"))
+    shutil.copytree(run.parent, tmp_path / "copy", ignore=shutil.ignore_patterns("tensorboard"))
+    other = tmp_path / "copy" / "run"  # with the photos beside it: split.csv's paths stay right
     fp32, int8 = RunDir(other).export_file("onnx", "fp32"), RunDir(other).export_file("onnx", "int8")
     assert exported_onnx(other, "auto") == fp32
     with pytest.raises(ConfigError, match="--precision int8"):
@@ -401,6 +401,9 @@ def test_engine_choice_prefers_the_int8_export(run, tmp_path):
     assert exported_onnx(other, "auto") == int8
     assert load_model(other, ServeConfig(max_batch=2)).engine_name == "onnx int8"
     assert load_model(other, ServeConfig(precision="fp32", max_batch=2)).engine_name == "onnx fp32"
+    visiontune.api.export(other, format="openvino", precision="int8", int8_agreement=0.5)
+    assert load_model(other, ServeConfig(max_batch=2)).engine_name == "openvino int8"  # measured the fastest
+    assert load_model(other, ServeConfig(precision="int8", max_batch=2)).engine_name == "onnx int8"
 
 
 def test_cli_serve_errors_are_one_line(cli, tmp_path):

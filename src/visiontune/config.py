@@ -309,7 +309,8 @@ class ServeConfig(Settings):
     # A run directory is served with ONNX Runtime (several times faster than PyTorch eager on a CPU) from its INT8
     # export when there is one ("auto"), else its fp32 export, else an fp32 export made in memory.
     backend: str = setting("onnx", "engine for a run directory (a model file runs on its own)", choices=BACKENDS)
-    precision: str = setting("auto", "ONNX file of a run directory: auto = export/model.int8.onnx if there, else "
+    precision: str = setting("auto", "model of a run directory: auto = export/model.int8.openvino.xml if there and "
+                                     "OpenVINO is installed (measured fastest), else export/model.int8.onnx, else "
                                      "export/model.onnx, else fp32 exported in memory", choices=SERVE_PRECISIONS)
     threads: int = setting(0, "model threads per worker (0: the cores shared among the workers)", low=0)
     decode_threads: int = setting(0, "image decoding threads per worker (0: one per core)", low=0)
