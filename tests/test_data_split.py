@@ -135,11 +135,13 @@ def test_class_sets_differing_between_given_splits_is_an_error_naming_them(tmp_p
     make_classes(root / "train", {"cat": 3, "dog": 3})
     make_classes(root / "val", {"cat": 1, "dog": 1, "fox": 1})  # fox is in val but not in train
     make_classes(root / "test", {"cat": 1})  # dog and fox are missing from test
-    with untouched(root), pytest.raises(SplitError) as exc:
+    with untouched(root), pytest.raises(DatasetError) as exc:  # the scan says so first, as `scan` itself does
         visiontune.split(root)
     message = one_line(exc)
     assert "class sets differ" in message
     assert "train lacks fox" in message and "test lacks dog, fox" in message
+    with pytest.raises(SplitError, match="train lacks fox"):  # unscanned, the split itself refuses alike
+        visiontune.split(root, check=False)
 
 
 def test_train_and_test_folders_get_val_carved_out_of_train(tmp_path, untouched, make_classes):
