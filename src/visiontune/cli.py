@@ -230,7 +230,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from visiontune.api import evaluate
-    from visiontune.evaluation.intervals import describe
+    from visiontune.evaluation.intervals import describe, span
 
     result = evaluate(args.run_dir, data=args.data, root=args.root, out=args.out, allow_subset=args.allow_subset,
                       quiet=args.quiet, **overrides(args))
@@ -241,7 +241,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if f"top{k}" in m:
             line += f"  top-{k} {m[f'top{k}']:.2%}"
     f1 = ci.get("macro_f1")
-    line += f"  macro F1 {m['macro']['f1']:.2%}" + (f" ({f1[0] * 100:.1f}–{f1[1]:.1%})" if f1 else "")
+    line += f"  macro F1 {m['macro']['f1']:.2%}" + (f" ({span(f1)})" if f1 else "")
     line += f"  ECE {m['ece']:.3f}"
     print(line)
     for pair in m["most_confused"][:3]:

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 
 from visiontune.errors import ConfigError
-from visiontune.evaluation.intervals import mcnemar
+from visiontune.evaluation.intervals import mcnemar, span
 from visiontune.evaluation.report import template
 from visiontune.evaluation.scoring import run_split
 from visiontune.files import atomic_write_text, read_json
@@ -156,7 +156,7 @@ def _cell(column: str, value) -> str:
     if value is None:
         return "-"
     if column == "top1_ci":
-        return f"{value[0] * 100:.1f}–{value[1]:.1%}"
+        return span(value)
     if column in ("top1", "top3", "top5", "macro_f1"):
         return f"{value:.2%}"
     if column == "ece":

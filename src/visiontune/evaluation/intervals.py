@@ -61,9 +61,14 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     return {"only_first_right": a_only, "only_second_right": b_only, "p_value": p, "significant": p < 0.05}
 
 
+def span(interval) -> str:
+    """An interval as people read it: "48.0–89.1%"."""
+    lo, hi = interval
+    return f"{lo * 100:.1f}–{hi:.1%}"
+
+
 def describe(value: float, interval, n: int) -> str:
-    """"73.3 % (48.0–89.1 %, 15 images)": the number as a reader should take it."""
+    """"73.33% (48.0–89.1%, 15 images)": the number as a reader should take it."""
     if not interval:
         return f"{value:.2%}"
-    lo, hi = interval
-    return f"{value:.2%} ({lo * 100:.1f}–{hi:.1%}, {n:,} images)"
+    return f"{value:.2%} ({span(interval)}, {n:,} images)"

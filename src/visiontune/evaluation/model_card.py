@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from visiontune.evaluation.intervals import span
+
 
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.1%}"
@@ -73,4 +75,4 @@ def model_card(run_name: str, meta_json: dict, train: dict, evaluation: dict, da
 
 def _ci(metrics: dict, key: str) -> str:
     interval = metrics.get("intervals", {}).get(key)
-    return f"{interval[0]:.1%}–{interval[1]:.1%}" if interval else "-"
+    return span(interval) if interval else "-"

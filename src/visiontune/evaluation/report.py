@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
+from visiontune.evaluation.intervals import span
 from visiontune.version import __version__
 
 TEMPLATES = "visiontune.evaluation.templates"
@@ -61,7 +62,7 @@ def _cards(d: ReportData) -> str:
 
     def pct(key: str, value) -> str:  # the value, and its 95 % interval below it
         interval = ci.get(key)
-        return _pct(value) + (f"\n95 %: {interval[0] * 100:.1f}–{interval[1]:.1%}" if interval else "")
+        return _pct(value) + (f"\n95 %: {span(interval)}" if interval else "")
 
     cards = [("top-1", pct("top1", m["top1"]))]
     cards += [(f"top-{k}", pct(f"top{k}", m[f"top{k}"])) for k in (3, 5) if f"top{k}" in m]

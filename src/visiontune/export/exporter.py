@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.config import SPLITS, ExportConfig
+from visiontune.config import SPLITS, ExportConfig, default_workers
 from visiontune.data.index import load_dataset
 from visiontune.data.loader import load_for_model
 from visiontune.data.transforms import normalize
@@ -137,7 +137,7 @@ def _export_openvino(run: Path, target: Path, onnx_data: bytes, reference: np.nd
     """The IR converted from the ONNX graph just checked, checked itself the same way, then written."""
     from visiontune.export import openvino
 
-    model, run_ir = openvino.compile_ir(openvino.convert(onnx_data), "the OpenVINO model", os.cpu_count() or 1)
+    model, run_ir = openvino.compile_ir(openvino.convert(onnx_data), "the OpenVINO model", default_workers(0))
     logits = np.concatenate([run_ir(b) for b in images.parity_batches()])
     if cfg.precision == "int8":
         result = parity.check_agreement("OpenVINO INT8", parity.compare(fp32_logits, logits, images.parity_labels),

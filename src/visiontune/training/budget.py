@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from visiontune.config import TrainConfig
 from visiontune.models.stages import frozen_trainable
 from visiontune.settings import override, parse_duration
-from visiontune.training.cached_recipe import training_preprocess
+from visiontune.training.cached_recipe import TopAndHead, training_preprocess
 from visiontune.training.feature_cache import FrozenFeatures, FrozenRunner, build_view_cache
 from visiontune.training.phases import augment_from
 
@@ -133,18 +133,13 @@ def measure(model: torch.nn.Module, top: torch.nn.Module | None, runner: FrozenR
     head_rate = _steps_per_second(lambda x: head(x), pooled, cfg.head_batch_size, train=True, params=head.parameters())
     if top is None or cache.boundary is None:
         return Rates(frozen, frozen, frozen, head_rate, decode_rate)
-    # One deep copy of both keeps the top stages those of the copied model (deepcopy's memo).
-    probe = copy.deepcopy(torch.nn.ModuleDict({"model": model, "top": top}))
+    probe = copy.deepcopy(TopAndHead(model, top))  # one deep copy: its top stages are those of its model
     boundary = torch.from_numpy(cache.boundary.reshape(-1, *cache.boundary.shape[2:]).astype(np.float32))
-    trained = list(probe["top"].parameters()) + list(probe["model"].get_classifier().parameters())
-
-    def forward(x):
-        return probe["model"].forward_head(probe["top"](x))
-
+    trained = list(probe.top.parameters()) + list(probe.model.get_classifier().parameters())
     probe.train()
-    train_rate = _steps_per_second(forward, boundary, cfg.batch_size, train=True, params=trained)
+    train_rate = _steps_per_second(probe, boundary, cfg.batch_size, train=True, params=trained)
     probe.eval()
-    score_rate = _steps_per_second(forward, boundary, 256, train=False, params=trained)
+    score_rate = _steps_per_second(probe, boundary, 256, train=False, params=trained)
     return Rates(frozen, train_rate, score_rate, head_rate, decode_rate)
 
 

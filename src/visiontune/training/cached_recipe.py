@@ -214,4 +214,5 @@ def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: View
               {"params": list(head.parameters()), "lr": cfg.finetune_lr}]
     run_epochs("finetune", cfg.finetune_epochs, params, len(labels), cfg, step, validate, BestState(model),
                ctx.history, cfg.batch_size, labels, model=model, checkpoint=ctx.checkpoint, resume=ctx.resume,
-               average=WeightAverage(model, cfg.ema) if cfg.ema else None)
+               # only what phase 2 trains is averaged: a pass over the frozen layers' tensors every step is wasted
+               average=WeightAverage(nn.ModuleList([top, head]), cfg.ema) if cfg.ema else None)

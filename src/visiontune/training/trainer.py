@@ -99,6 +99,8 @@ def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: 
 
 def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: float, *, data_label: str,
            root: str | None, quiet: bool, overwrite: bool, resume: bool, teacher=None) -> TrainResult:
+    if cfg.budget and d.active:  # before any work: each process would measure, and plan, on its own
+        raise ConfigError("--budget plans a run of one process; give views and epochs to a distributed run")
     seed_everything(cfg.seed, cfg.deterministic)
     if resume or not d.is_main:
         run_dir = Path(out)
@@ -141,9 +143,7 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
     decode_started = time.perf_counter()
     all_sets, images, digests = _decode(dataset, split, spec.preprocess, cfg, quiet, notes)
     plan = runner = None
-    if cfg.budget and not cfg.full_finetune:
-        if d.active:
-            raise ConfigError("--budget plans a run of one process; give views and epochs to a distributed run")
+    if cfg.budget:  # never with --full-finetune: TrainConfig refuses the pair
         decode_rate = len(images) / max(time.perf_counter() - decode_started, 1e-6)
         plan, runner = plan_budget(model, spec, cfg, images, all_sets, device, notes, time.perf_counter() - started,
                                    decode_rate)
