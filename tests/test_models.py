@@ -26,6 +26,7 @@ from visiontune.data.transforms import Augment, Preprocess, augment_crop, eval_c
 from visiontune.errors import ModelError, VisiontuneError
 from visiontune.models import ModelMeta, build_classifier, get_spec, load_bundle, save_bundle
 from visiontune.models.bundle import current_versions
+from visiontune.models.features import logits_and_features
 from visiontune.models.registry import REGISTRY
 from visiontune.models.run_dir import RunDir
 from visiontune.models.stages import frozen_trainable, stages
@@ -546,3 +547,17 @@ def test_own_weights_for_a_cnn_a_vit_and_a_mobilenet(tmp_path, name, size):
     x = torch.randn(2, 3, spec.preprocess.input_size, spec.preprocess.input_size)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), model.forward_head(top(bottom(x))), equal_nan=True)  # random BN
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet", "test_convnext"])
+def test_one_pass_gives_the_models_own_logits_and_the_features_they_come_from(name):
+    model, spec = build_classifier(name, 3, dropout=0.3, from_scratch=True)
+    torch.nn.init.normal_(model.get_classifier().weight)
+    model.train()  # dropout on: the pass must still be the deterministic eval one, and leave the mode as it was
+    x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    logits, features = logits_and_features(model, x)
+    assert model.training
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(x)).numpy()
+    assert features.shape == (2, model.get_classifier().in_features)
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
