@@ -86,6 +86,8 @@ class ModelMeta:
             field_check.number(field_check.section(extra, "calibration"), "calibration.temperature", 1e-3, 1e3)
         if "uncertainty" in extra:
             field_check.number(field_check.section(extra, "uncertainty"), "uncertainty.threshold", 0.0, 1.0)
+        if "open_set" in extra:
+            field_check.number(field_check.section(extra, "open_set"), "open_set.threshold", 0.0, 1e12)
         versions = data.get("versions", {})
         return cls(arch["backbone"], arch["timm_name"], labels, preprocess, dropout,
                    versions if isinstance(versions, dict) else {}, extra, img_size)

@@ -107,3 +107,11 @@ def node_names(model: bytes, op_type: str) -> list[str]:
     import onnx
 
     return [n.name for n in onnx.load_from_string(model).graph.node if n.op_type == op_type]
+
+
+def scoped_nodes(model: bytes, scope: str) -> list[str]:
+    """Names of the nodes a traced submodule made (`/scope/...`): e.g. the unknown score's, kept in float."""
+    import onnx
+
+    prefix = f"/{scope}/"
+    return [n.name for n in onnx.load_from_string(model).graph.node if n.name.startswith(prefix)]

@@ -31,6 +31,7 @@ class RunDir:
     SPLIT = "split.csv"  # path,label,split of every image used
     META = "model.json"  # architecture, labels, preprocessing, calibration; its presence marks a finished model
     WEIGHTS = "model.safetensors"
+    OPEN_SET = "open_set.safetensors"  # the unknown score's fit (its threshold is in model.json's "open_set")
     METRICS = "metrics.json"
     HISTORY = "history.csv"
     TENSORBOARD = "tensorboard"
@@ -62,6 +63,7 @@ class RunDir:
     split = property(lambda self: self.path / self.SPLIT)
     meta = property(lambda self: self.path / self.META)
     weights = property(lambda self: self.path / self.WEIGHTS)
+    open_set = property(lambda self: self.path / self.OPEN_SET)
     metrics = property(lambda self: self.path / self.METRICS)
     history = property(lambda self: self.path / self.HISTORY)
     tensorboard = property(lambda self: self.path / self.TENSORBOARD)
