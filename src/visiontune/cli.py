@@ -246,6 +246,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(line)
     for pair in m["most_confused"][:3]:
         print(f"  confused: {pair['true']} -> {pair['predicted']} ({pair['count']})")
+    unknown = m.get("open_set") or {}
+    if "unknown_share" in unknown:
+        chosen = (f"; threshold {unknown['threshold']:.4g} chosen on {unknown['chosen_on']}, {unknown['rule']}"
+                  if "rule" in unknown else "")
+        rejected = (f", {unknown['negatives_rejected']:.1%} of {unknown['negative_images']} negatives rejected"
+                    if "negatives_rejected" in unknown else "")
+        print(f"  unknown: {unknown['unknown_share']:.1%} of {m['split']} images{chosen}{rejected}")
     for item in m["skipped"]:
         print(f"not scored: {item['path']}: {item['reason']}", file=sys.stderr)
     for note in m.get("notes", []):

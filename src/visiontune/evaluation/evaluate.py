@@ -3,7 +3,7 @@
 Writes into the run (or, for other data, into RUN/evaluations/<data>-<split>/): metrics.json's
 "evaluation" key, classification_report.csv, predictions.csv, plots/*.png, report.html and MODEL_CARD.md.
 With calibration on, a temperature fitted on validation and the "uncertain" threshold go into model.json,
-where every later consumer (predict, export, serve) picks them up.
+where every later consumer (predict, export, serve) picks them up; so does the unknown score (`open_set.py`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from PIL import Image
 from visiontune.config import EvalConfig
 from visiontune.data.index import load_dataset
 from visiontune.data.loader import load_for_model
-from visiontune.errors import DatasetError, ImageDecodeError
-from visiontune.evaluation import plots
+from visiontune.errors import ConfigError, DatasetError, ImageDecodeError
+from visiontune.evaluation import open_set, plots
 from visiontune.evaluation.metrics import choose_uncertainty_threshold, compute_metrics, fit_temperature, reliability, roc_curves
 from visiontune.evaluation.model_card import model_card
 from visiontune.evaluation.report import ReportData, build_html
@@ -49,9 +49,15 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
     run = RunDir(run_dir)
     split = split or cfg.split
     meta = read_meta(run_dir)
-    classifier = Classifier.load(run_dir, backend=cfg.backend)
     own = data is None
+    fit_open_set = own and cfg.open_set and not run.is_ensemble  # one network's features; an ensemble has several
+    if cfg.negatives and not fit_open_set:
+        raise ConfigError(f"--negatives {cfg.negatives}: the unknown threshold is chosen when a run (not an ensemble) "
+                          f"is scored on its own split, with --open-set; drop --data or --negatives")
+    negatives = open_set.negative_files(cfg.negatives)  # a bad folder is refused before anything is written
     run_data = run_split(run_dir) if own or cfg.calibrate else None
+    unknown_fit = open_set.fit_for_run(run_dir, run_data, meta, cfg, negatives, quiet) if fit_open_set else None
+    classifier = Classifier.load(run_dir, backend=cfg.backend)
     if own:
         dataset = run_data
         selection = select(dataset, split, meta.labels, allow_subset=True)
@@ -87,6 +93,10 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
         "notes": [f"{f.path}: {f.reason}" for f in dataset.findings if f.level != "info"] + selection.notes
                  + ([calibration_note] if calibration_note else []),
     })
+    section, open_set_notes = open_set.report(unknown_fit, classifier, scored.unknown_scores)
+    metrics["notes"] += open_set_notes
+    if section:
+        metrics["open_set"] = section
 
     out_dir.mkdir(parents=True, exist_ok=True)
     target = RunDir(out_dir)

@@ -22,7 +22,8 @@ def model_card(run_name: str, meta_json: dict, train: dict, evaluation: dict, da
         "## Intended use",
         f"Classifies a photo into one of {len(labels)} classes: {', '.join(labels[:20])}"
         f"{', …' if len(labels) > 20 else ''}. It always answers with one of these classes, so an image of "
-        "anything else still gets one of them: use the `uncertain` flag (top probability below the threshold "
+        "anything else still gets one of them: use the `unknown` flag (features far from every training image, "
+        "when the model has the unknown score) and the `uncertain` flag (top probability below the threshold "
         "stored in `model.json`) to route such images to a person. Not for decisions about people.",
         "",
         "## Model",

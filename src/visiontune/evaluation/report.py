@@ -145,6 +145,10 @@ def _calibration_text(m: dict) -> str:
     if m.get("uncertainty_threshold") is not None:
         parts.append(f"Predictions whose top probability is below {m['uncertainty_threshold']:.3f} are marked "
                      f"uncertain (chosen on validation).")
+    unknown = m.get("open_set") or {}
+    if "unknown_share" in unknown:
+        parts.append(f"Images whose unknown score is above {unknown['threshold_applied']:.3f} are marked unknown: "
+                     f"{unknown['unknown_share']:.1%} of these.")
     return "<p>" + " ".join(html.escape(p) for p in parts) + "</p>"
 
 

@@ -38,6 +38,7 @@ class Scored:
     labels: np.ndarray
     logits: np.ndarray  # raw, before any temperature
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    unknown_scores: np.ndarray | None = None  # the model's open-set score per image, when it has one
 
 
 def run_split(run_dir: Path) -> Dataset:
@@ -92,7 +93,7 @@ def score(classifier, selection: Selection, cfg: EvalConfig, quiet: bool = True,
     spec = classifier.preprocess
     def views_of(image):
         return tta_views(image, spec.input_size) if tta else center_crop(image, spec.input_size)[None]
-    paths, labels, logits, skipped = [], [], [], []
+    paths, labels, logits, scores, skipped = [], [], [], [], []
     step = max(1, cfg.batch_images)
     with progress(len(selection.paths), f"score {selection.split}", quiet) as bar:
         for start in range(0, len(selection.paths), step):
@@ -107,8 +108,12 @@ def score(classifier, selection: Selection, cfg: EvalConfig, quiet: bool = True,
                 crops.append(views_of(image))
                 paths.append(chunk[k])
                 labels.append(selection.labels[start + k])
-            logits.append(classifier.view_logits(crops))
+            z, s = classifier.view_outputs(crops)
+            logits.append(z)
+            if len(z):  # a chunk of only unreadable files says nothing about the model's outputs
+                scores.append(s)
             bar.update(len(chunk))
     if not paths:
         raise DatasetError(f"{selection.source}: none of the {len(selection.paths)} {selection.split} images could be read")
-    return Scored(paths, np.array(labels, dtype=np.int64), np.concatenate(logits).astype(np.float32), skipped)
+    unknown = None if any(s is None for s in scores) else np.concatenate(scores).astype(np.float32)
+    return Scored(paths, np.array(labels, dtype=np.int64), np.concatenate(logits).astype(np.float32), skipped, unknown)

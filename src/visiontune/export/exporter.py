@@ -27,9 +27,11 @@ from visiontune.export import parity
 from visiontune.export.metadata import embed_metadata
 from visiontune.export.onnx import INPUT, serialize, to_onnx
 from visiontune.files import atomic_write_bytes, read_json, write_json
+from visiontune.models import open_set
 from visiontune.models.bundle import ModelMeta, load_bundle
 from visiontune.models.locate import require_run
 from visiontune.models.onnx_graph import open_session
+from visiontune.models.open_set_head import SCOPE, WithUnknownScore, attach, split_outputs
 from visiontune.models.run_dir import RunDir
 from visiontune.version import __version__
 
@@ -56,6 +58,9 @@ class ExportResult:
                          f"({p['accuracy_change_points']:+.2f} points)")
         else:
             line += f"max |diff| {p['max_abs_diff']:.2e}, min cosine {p['min_cosine']:.6f}"
+        if "unknown_agreement" in p:
+            line += (f"; unknown score: same decision on {p['unknown_agreement']:.2%}, "
+                     f"max |diff| {p['unknown_max_abs_diff']:.2e}")
         return line
 
 
@@ -68,6 +73,7 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
     start = time.perf_counter()
     say = (lambda msg: None) if quiet else (lambda msg: print(f"export: {msg}", file=sys.stderr, flush=True))
     model, meta = load_bundle(run)
+    model, threshold = _with_unknown_score(model, run, meta)
     metrics = RunDir(run).read_metrics()
     images = _RunImages(run, meta, cfg)
     say(f"{len(images.parity_crops)} {images.parity_split} images for the parity check")
@@ -82,8 +88,8 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
 
         data = to_torchscript(model, meta)
         result = parity.check_close("TorchScript", parity.compare(reference, _torchscript_logits(data, images),
-                                                                    images.parity_labels),
-                                    atol=cfg.fp32_atol, cosine=cfg.fp32_cosine)
+                                                                    images.parity_labels, threshold=threshold),
+                                    atol=cfg.fp32_atol, cosine=cfg.fp32_cosine, score_atol=cfg.fp32_score_atol)
         _finish(run, target, result)
         atomic_write_bytes(target, data)
         _write_label_maps(run, meta)
@@ -92,8 +98,9 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
     say("tracing to ONNX (fp32)")
     fp32 = serialize(to_onnx(model, meta.preprocess.input_size, opset=cfg.opset))
     fp32_logits = _onnx_logits(fp32, images)
-    fp32_result = parity.check_close("ONNX fp32", parity.compare(reference, fp32_logits, images.parity_labels),
-                                     atol=cfg.fp32_atol, cosine=cfg.fp32_cosine)
+    fp32_result = parity.check_close("ONNX fp32", parity.compare(reference, fp32_logits, images.parity_labels,
+                                                                 threshold=threshold),
+                                     atol=cfg.fp32_atol, cosine=cfg.fp32_cosine, score_atol=cfg.fp32_score_atol)
     if precision == "fp32":
         data, result = fp32, fp32_result
     else:
@@ -103,24 +110,28 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
             say("tracing to ONNX (fp16)")
             data = serialize(to_onnx(model, meta.preprocess.input_size, half=True, opset=cfg.opset))
             result = parity.check_cosine("ONNX fp16", parity.compare(reference, _onnx_logits(data, images),
-                                                                     images.parity_labels), cosine=cfg.fp16_cosine)
+                                                                     images.parity_labels, threshold=threshold),
+                                         cosine=cfg.fp16_cosine, score_atol=cfg.fp16_score_atol)
         else:
-            from visiontune.models.quantize import quantize_int8
+            from visiontune.models.quantize import quantize_int8, scoped_nodes
 
             calibration = images.calibration_batches()
             n_cal = sum(len(b) for b in calibration)
             say(f"calibrating INT8 on {n_cal} training images")
             data = quantize_int8(fp32, calibration, input_name=INPUT, per_channel=cfg.per_channel,
                                  quant_format=cfg.quant_format, method=cfg.calibration_method,
-                                 window=cfg.calibration_window)
-            result = parity.check_agreement("ONNX INT8", parity.compare(fp32_logits, _onnx_logits(data, images),
-                                                                        images.parity_labels), agreement=agreement)
-            result["vs_pytorch"] = parity.compare(reference, _onnx_logits(data, images), images.parity_labels)
+                                 window=cfg.calibration_window, exclude=scoped_nodes(fp32, SCOPE))
+            int8_logits = _onnx_logits(data, images)
+            result = parity.check_agreement("ONNX INT8", parity.compare(fp32_logits, int8_logits, images.parity_labels,
+                                                                        threshold=threshold),
+                                            agreement=agreement, unknown_agreement=cfg.int8_unknown_agreement)
+            result["vs_pytorch"] = parity.compare(reference, int8_logits, images.parity_labels, threshold=threshold)
             info["int8"] = {"calibration_images": n_cal, "method": cfg.calibration_method,
                             "per_channel": cfg.per_channel, "quant_format": cfg.quant_format,
                             "activations": "uint8", "weights": "int8"}
     if format == "openvino":
-        return _export_openvino(run, target, data, reference, fp32_logits, images, cfg, meta, metrics, info, start)
+        return _export_openvino(run, target, data, (reference, fp32_logits, threshold), images, cfg, meta, metrics,
+                                info, start)
     result["reference"] = "onnx fp32" if precision == "int8" else "pytorch"
     result["split"] = images.parity_split
     _finish(run, target, result)
@@ -131,21 +142,24 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
     return ExportResult(target, format, precision, result, time.perf_counter() - start, notes)
 
 
-def _export_openvino(run: Path, target: Path, onnx_data: bytes, reference: np.ndarray, fp32_logits: np.ndarray,
-                     images: "_RunImages", cfg: ExportConfig, meta: ModelMeta, metrics: dict, info: dict,
-                     start: float) -> ExportResult:
-    """The IR converted from the ONNX graph just checked, checked itself the same way, then written."""
+def _export_openvino(run: Path, target: Path, onnx_data: bytes, references: tuple, images: "_RunImages",
+                     cfg: ExportConfig, meta: ModelMeta, metrics: dict, info: dict, start: float) -> ExportResult:
+    """The IR converted from the ONNX graph just checked, checked itself the same way, then written.
+    `references`: (PyTorch's outputs, fp32 ONNX's outputs, the unknown threshold)."""
     from visiontune.export import openvino
 
+    reference, fp32_logits, threshold = references
     model, run_ir = openvino.compile_ir(openvino.convert(onnx_data), "the OpenVINO model", default_workers(0))
-    logits = np.concatenate([run_ir(b) for b in images.parity_batches()])
+    logits = _stack([run_ir(b) for b in images.parity_batches()])
     if cfg.precision == "int8":
-        result = parity.check_agreement("OpenVINO INT8", parity.compare(fp32_logits, logits, images.parity_labels),
-                                        agreement=cfg.int8_agreement)
-        result["vs_pytorch"] = parity.compare(reference, logits, images.parity_labels)
+        result = parity.check_agreement("OpenVINO INT8", parity.compare(fp32_logits, logits, images.parity_labels,
+                                                                        threshold=threshold),
+                                        agreement=cfg.int8_agreement, unknown_agreement=cfg.int8_unknown_agreement)
+        result["vs_pytorch"] = parity.compare(reference, logits, images.parity_labels, threshold=threshold)
     else:
-        result = parity.check_close("OpenVINO fp32", parity.compare(reference, logits, images.parity_labels),
-                                    atol=cfg.fp32_atol, cosine=cfg.fp32_cosine)
+        result = parity.check_close("OpenVINO fp32", parity.compare(reference, logits, images.parity_labels,
+                                                                    threshold=threshold),
+                                    atol=cfg.fp32_atol, cosine=cfg.fp32_cosine, score_atol=cfg.fp32_score_atol)
     result.update(reference="onnx fp32" if cfg.precision == "int8" else "pytorch", split=images.parity_split)
     _finish(run, target, result)
     info["parity"] = {k: v for k, v in result.items() if k != "vs_pytorch"}
@@ -221,19 +235,39 @@ def _batches(crops: np.ndarray, meta: ModelMeta) -> list[np.ndarray]:
     return [normalize(crops[i:i + _BATCH], meta.preprocess) for i in range(0, len(crops), _BATCH)]
 
 
-def _torch_logits(model, batches: list[np.ndarray]) -> np.ndarray:
+def _with_unknown_score(model, run: Path, meta: ModelMeta):
+    """(the model with the run's unknown score when it has a current one, the score's threshold or None). Without
+    one, the export's copy of model.json carries no "open_set" entry either."""
+    model = attach(model, run, meta)
+    stored = open_set.entry(meta) if isinstance(model, WithUnknownScore) else None
+    if stored is None:
+        meta.extra.pop(open_set.META_KEY, None)
+    return model, (float(stored["threshold"]) if stored else None)
+
+
+def _stack(outputs: list) -> parity.Outputs:
+    """Per-batch (logits, scores or None) -> one `parity.Outputs`."""
+    logits = np.concatenate([np.asarray(o[0], np.float32) for o in outputs])
+    scores = None if outputs and outputs[0][1] is None else np.concatenate([np.asarray(o[1], np.float32).reshape(-1)
+                                                                             for o in outputs])
+    return parity.Outputs(logits, scores)
+
+
+def _torch_logits(model, batches: list[np.ndarray]) -> parity.Outputs:
     import torch
 
     with torch.inference_mode():
-        return np.concatenate([model(torch.from_numpy(b)).float().numpy() for b in batches])
+        outputs = [split_outputs(model(torch.from_numpy(b))) for b in batches]
+    return _stack([(z.float().numpy(), None if s is None else s.float().numpy()) for z, s in outputs])
 
 
-def _onnx_logits(data: bytes, images: _RunImages) -> np.ndarray:
+def _onnx_logits(data: bytes, images: _RunImages) -> parity.Outputs:
     session = open_session(data, "the exported graph")
-    return np.concatenate([session.run(None, {INPUT: b})[0] for b in images.parity_batches()]).astype(np.float32)
+    outputs = [session.run(None, {INPUT: b}) for b in images.parity_batches()]
+    return _stack([(out[0], out[1] if len(out) > 1 else None) for out in outputs])
 
 
-def _torchscript_logits(data: bytes, images: _RunImages) -> np.ndarray:
+def _torchscript_logits(data: bytes, images: _RunImages) -> parity.Outputs:
     import io
     import warnings
 
@@ -242,8 +276,7 @@ def _torchscript_logits(data: bytes, images: _RunImages) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
         module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-    with torch.inference_mode():
-        return np.concatenate([module(torch.from_numpy(b)).float().numpy() for b in images.parity_batches()])
+    return _torch_logits(module, images.parity_batches())
 
 
 def _load_proto(data: bytes):

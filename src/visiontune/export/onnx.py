@@ -1,8 +1,9 @@
 """PyTorch -> ONNX, with everything needed to classify stored inside the file.
 
 The graph takes the normalised N x 3 x S x S float32 tensor (`data.transforms.normalize`) and returns raw
-logits; the batch axis is dynamic. Labels, preprocessing, calibration and the run's metrics go into the
-model's metadata_props as JSON, so a lone .onnx file can be loaded by `inference.Classifier`.
+logits (and `unknown_score` beside them when the model carries the open-set score); the batch axis is dynamic.
+Labels, preprocessing, calibration, the unknown threshold and the run's metrics go into the model's
+metadata_props as JSON, so a lone .onnx file can be loaded by `inference.Classifier`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from visiontune.config import ExportConfig
 from visiontune.errors import ModelError
 from visiontune.export.metadata import INPUT, OUTPUT
 from visiontune.models.onnx_graph import first_line, simplify, trace
+from visiontune.models.open_set import OUTPUT as SCORE
+from visiontune.models.open_set_head import WithUnknownScore
 from visiontune.models.static_pad import with_static_padding
 
 
@@ -24,9 +27,13 @@ class _Half(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.half()
+        for module in self.model.modules():
+            if getattr(module, "keeps_float32", False):
+                module.float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.half()).float()
+    def forward(self, x: torch.Tensor):
+        out = self.model(x.half())
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
 
 def to_onnx(model: nn.Module, input_size: int, *, half: bool = False, opset: int = ExportConfig.opset) -> onnx.ModelProto:
@@ -35,10 +42,15 @@ def to_onnx(model: nn.Module, input_size: int, *, half: bool = False, opset: int
     net = _Half(net) if half else net
     net.eval()
     try:
-        data = trace(net, torch.zeros(1, 3, input_size, input_size), [INPUT], [OUTPUT], opset=opset)
+        data = trace(net, torch.zeros(1, 3, input_size, input_size), [INPUT], output_names(model), opset=opset)
     except Exception as exc:  # an operator ONNX cannot express: name it, the user cannot fix it here
         raise ModelError(f"this architecture cannot be exported to ONNX ({first_line(exc)})") from None
     return simplify(data)
+
+
+def output_names(model: nn.Module) -> list[str]:
+    """The graph's outputs: the logits, and the unknown score when the model carries one."""
+    return [OUTPUT, SCORE] if isinstance(model, WithUnknownScore) else [OUTPUT]
 
 
 def serialize(proto: onnx.ModelProto) -> bytes:

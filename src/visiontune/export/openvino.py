@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from visiontune.errors import ModelError
+from visiontune.export.metadata import OUTPUT
 from visiontune.models.bundle import ModelMeta
 from visiontune.models.onnx_graph import first_line
+from visiontune.models.open_set import OUTPUT as SCORE
 
 RT_KEY = "visiontune"
 
@@ -33,9 +35,9 @@ def convert(onnx_bytes: bytes):
 
 
 def compile_ir(model, where: str, threads: int):
-    """(openvino.Model, batch -> logits) for an IR path or an openvino.Model, compiled for the CPU at fp32
-    precision: OpenVINO would run an fp32 model in bf16 on CPUs that have it (logits off by 0.1 on Lite0); an INT8
-    IR still runs its INT8 kernels."""
+    """(openvino.Model, batch -> (logits, unknown scores or None)) for an IR path or an openvino.Model, compiled for
+    the CPU at fp32 precision: OpenVINO would run an fp32 model in bf16 on CPUs that have it (logits off by 0.1 on
+    Lite0); an INT8 IR still runs its INT8 kernels."""
     try:
         import openvino as ov
     except ImportError:
@@ -48,10 +50,15 @@ def compile_ir(model, where: str, threads: int):
     except RuntimeError as exc:
         raise ModelError(f"{where}: not a readable OpenVINO model ({first_line(exc)[:200]})") from None
     request = compiled.create_infer_request()
+    ports = list(compiled.outputs)
+    named = {name: port for port in ports for name in port.get_names()}
+    logits_port = named.get(OUTPUT, ports[0])
+    score_port = named.get(SCORE)
 
-    def run(batch: np.ndarray) -> np.ndarray:
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         out = request.infer([np.ascontiguousarray(batch, dtype=np.float32)])
-        return np.array(next(iter(out.values())), dtype=np.float32)
+        score = None if score_port is None else np.array(out[score_port], dtype=np.float32)
+        return np.array(out[logits_port], dtype=np.float32), score
 
     return model, run
 

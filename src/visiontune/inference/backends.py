@@ -1,6 +1,9 @@
 """Engines that turn a normalised N x 3 x S x S float32 batch into N x C float32 logits, and `LoadedModel`:
 an engine together with the description (labels, preprocessing, calibration) of the model it runs.
 
+`engine(batch)` gives the logits; `engine.run(batch)` gives (logits, unknown scores), the scores None when the
+model carries no open-set score (a model made before it existed, or never evaluated).
+
 An engine knows nothing of labels or preprocessing; `LoadedModel.crop_logits` adds the preprocessing, and
 `Classifier` the rest.
 """
@@ -15,8 +18,10 @@ import numpy as np
 from visiontune.config import InferenceConfig, default_workers
 from visiontune.data.transforms import normalize
 from visiontune.errors import ModelError
+from visiontune.export.metadata import OUTPUT as LOGITS
 from visiontune.models.bundle import ModelMeta
 from visiontune.models.onnx_graph import first_line, open_session
+from visiontune.models.open_set import OUTPUT as SCORE
 from visiontune.models.run_dir import RunDir
 
 
@@ -46,6 +51,14 @@ class LoadedModel:
             return self.engine.logits(crops)
         return self.engine(normalize(crops, self.meta.preprocess))
 
+    def crop_outputs(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Like `crop_logits`, with each crop's unknown score (None when the model has none: an ensemble, or a
+        model without the score)."""
+        run = getattr(self.engine, "run", None)
+        if self.takes_crops or run is None:
+            return self.crop_logits(crops), None
+        return run(normalize(crops, self.meta.preprocess))
+
 
 class TorchBackend:
     name = "torch"
@@ -55,11 +68,16 @@ class TorchBackend:
         self.where = where
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(batch)[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
         with torch.inference_mode():
             out = self.module(torch.from_numpy(np.ascontiguousarray(batch)))
-        return out.float().numpy()
+        if isinstance(out, (tuple, list)):  # a model with the unknown score: (logits, score)
+            return out[0].float().numpy(), (out[1].float().numpy() if len(out) > 1 else None)
+        return out.float().numpy(), None
 
 
 class OnnxBackend:
@@ -74,6 +92,9 @@ class OnnxBackend:
             raise ModelError(f"{where}: expected one N x 3 x H x W image input, found "
                              f"{[(i.name, i.shape) for i in inputs]}")
         self.input_name = inputs[0].name
+        names = [o.name for o in self.session.get_outputs()]
+        # Exports name their outputs; a graph made elsewhere has its logits first.
+        self.outputs = [LOGITS if LOGITS in names else names[0]] + ([SCORE] if SCORE in names else [])
         self.threads = default_workers(threads)
 
     @property
@@ -81,8 +102,11 @@ class OnnxBackend:
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
-        return out.astype(np.float32, copy=False)
+        return self.run(batch)[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.session.run(self.outputs, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return out[0].astype(np.float32, copy=False), (out[1].astype(np.float32) if len(out) > 1 else None)
 
 
 class OpenVinoBackend:
@@ -98,6 +122,9 @@ class OpenVinoBackend:
         self.model, self._run = compile_ir(model, where, self.threads)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch)[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return self._run(batch)
 
 

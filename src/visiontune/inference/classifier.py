@@ -2,7 +2,9 @@
 
 Images reach the model through `data.loader.load_for_model`, the function training evaluates with, so a
 prediction sees exactly the pixels validation saw. Probabilities are softmax(logits / temperature), with
-the temperature and the "uncertain" threshold that evaluation stores in model.json.
+the temperature and the "uncertain" threshold that evaluation stores in model.json. A model that carries the
+open-set score (`models/open_set.py`) also says whether an image is `unknown`: far from every class it was trained
+on, by the threshold model.json stores beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from visiontune.errors import ConfigError, ImageDecodeError
 from visiontune.inference.backends import LoadedModel
 from visiontune.inference.resolve import open_model
 from visiontune.inference.voting import entropy_of, softmax
+from visiontune.models import open_set
 
 
 @dataclass
@@ -33,6 +36,8 @@ class Prediction:
     top_k: list[tuple[str, float]] = field(default_factory=list)
     entropy: float | None = None  # of the full distribution, in nats
     uncertain: bool | None = None  # top probability below the model's threshold
+    unknown: bool | None = None  # unknown score above the model's threshold; None: the model has no such score
+    unknown_score: float | None = None  # distance to the nearest trained class, in the model's feature space
     error: str | None = None
 
     @property
@@ -50,7 +55,8 @@ class Prediction:
     def to_dict(self) -> dict:
         return {"source": self.source, "label": self.label, "probability": self.probability,
                 "top_k": [{"label": name, "probability": p} for name, p in self.top_k],
-                "entropy": self.entropy, "uncertain": self.uncertain, "error": self.error}
+                "entropy": self.entropy, "uncertain": self.uncertain, "unknown": self.unknown,
+                "unknown_score": self.unknown_score, "error": self.error}
 
 
 class Classifier:
@@ -70,6 +76,8 @@ class Classifier:
         uncertainty = model.meta.extra.get("uncertainty") or {}
         self.temperature: float = model.temperature
         self.threshold: float = float(uncertainty.get("threshold", InferenceConfig.threshold))
+        stored = open_set.entry(model.meta)
+        self.unknown_threshold: float | None = float(stored["threshold"]) if stored else None
         self._explainer = None  # built on the first `explain`, kept for the next with the same method and layer
         self._explainer_key: tuple | None = None
 
@@ -96,6 +104,10 @@ class Classifier:
     # ----------------------------------------------------------------- numbers
     def logits(self, crops: np.ndarray) -> np.ndarray:
         """uint8 N x S x S x 3 eval crops (`load_for_model` output) -> float32 N x C raw logits."""
+        return self.outputs(crops)[0]
+
+    def outputs(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Like `logits`, with each crop's unknown score (float32 N; None when the model has no such score)."""
         crops = np.asarray(crops)
         if crops.ndim == 3:
             crops = crops[None]
@@ -103,22 +115,35 @@ class Classifier:
         if crops.ndim != 4 or crops.shape[1:] != (size, size, 3):
             raise ConfigError(f"expected N x {size} x {size} x 3 crops for this model, got shape {tuple(crops.shape)}")
         if len(crops) == 0:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
-        out = [self.model.crop_logits(crops[i:i + self.batch_size]) for i in range(0, len(crops), self.batch_size)]
-        return np.concatenate(out).astype(np.float32, copy=False)
+            return np.zeros((0, len(self.labels)), dtype=np.float32), None
+        out = [self.model.crop_outputs(crops[i:i + self.batch_size]) for i in range(0, len(crops), self.batch_size)]
+        scores = None if out[0][1] is None else np.concatenate([s.reshape(-1) for _, s in out]).astype(np.float32)
+        return np.concatenate([z for z, _ in out]).astype(np.float32, copy=False), scores
 
     def view_logits(self, views: Sequence[np.ndarray]) -> np.ndarray:
         """One K x S x S x 3 stack of crops per image -> float32 N x C: each image's logits averaged over its
         views (test-time augmentation, in logit space so the model's temperature applies unchanged)."""
+        return self.view_outputs(views)[0]
+
+    def view_outputs(self, views: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Like `view_logits`, with each image's unknown score: its first view's (the centre crop, which the
+        threshold was chosen on; corner crops of a known class look less typical)."""
         if not views:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
+            return np.zeros((0, len(self.labels)), dtype=np.float32), None
         counts = np.array([len(v) for v in views])
-        z = self.logits(np.concatenate(views))
-        return (np.add.reduceat(z, np.cumsum(counts) - counts, axis=0) / counts[:, None]).astype(np.float32)
+        starts = np.cumsum(counts) - counts
+        z, scores = self.outputs(np.concatenate(views))
+        logits = (np.add.reduceat(z, starts, axis=0) / counts[:, None]).astype(np.float32)
+        return logits, (None if scores is None else scores[starts])
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """softmax(logits / temperature), float32 N x C."""
         return softmax(self.logits(crops), self.temperature)
+
+    def probabilities_and_scores(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(softmax(logits / temperature), unknown scores or None), from one model call."""
+        logits, scores = self.outputs(crops)
+        return softmax(logits, self.temperature), scores
 
     # ----------------------------------------------------------------- images
     def predict(self, images: ImageSource | Sequence[ImageSource], top_k: int = InferenceConfig.top_k,
@@ -157,20 +182,24 @@ class Classifier:
     def _predict_chunk(self, items, pool, load, top_k) -> list[Prediction]:
         decode = lambda item: _try(load, item[1])  # noqa: E731
         decoded = list(pool.map(decode, items)) if pool is not None else [decode(item) for item in items]
-        probs = iter(softmax(self.view_logits([d for d in decoded if isinstance(d, np.ndarray)]), self.temperature))
+        logits, scores = self.view_outputs([d for d in decoded if isinstance(d, np.ndarray)])
+        probs = iter(softmax(logits, self.temperature))
+        scores = iter(scores if scores is not None else [None] * len(logits))
         results = []
         for (where, _), d in zip(items, decoded):
             if isinstance(d, str):
                 results.append(Prediction(where, error=d))
                 continue
-            results.append(self._prediction(where, next(probs), top_k))
+            results.append(self._prediction(where, next(probs), top_k, next(scores)))
         return results
 
-    def _prediction(self, where: str, p: np.ndarray, top_k: int) -> Prediction:
+    def _prediction(self, where: str, p: np.ndarray, top_k: int, score: float | None = None) -> Prediction:
         order = np.argsort(-p, kind="stable")[:top_k]
         top = [(self.labels[i], float(p[i])) for i in order]
         entropy = float(entropy_of(p[None])[0])
-        return Prediction(where, top, entropy, bool(top[0][1] < self.threshold))
+        score = None if score is None else float(score)
+        unknown = None if score is None or self.unknown_threshold is None else bool(score > self.unknown_threshold)
+        return Prediction(where, top, entropy, bool(top[0][1] < self.threshold), unknown, score)
 
     def _one_view(self, source: ImageSource) -> np.ndarray:
         return load_for_model(source, self.preprocess)[None]

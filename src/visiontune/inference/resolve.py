@@ -15,10 +15,12 @@ from visiontune.config import BACKENDS, SERVE_PRECISIONS, InferenceConfig
 from visiontune.errors import ConfigError, ModelError
 from visiontune.inference.backends import LoadedModel, OnnxBackend, OpenVinoBackend, TorchBackend, load_torchscript
 from visiontune.inference.ensemble import EnsembleVote
+from visiontune.models import open_set
 from visiontune.models.bundle import ModelMeta, read_meta
 from visiontune.models.locate import locate_model
 from visiontune.models.manifest import read_manifest
 from visiontune.models.onnx_graph import first_line
+from visiontune.models.open_set import OUTPUT as SCORE
 from visiontune.models.run_dir import RunDir
 
 
@@ -121,28 +123,35 @@ def _run_on_onnx(run: Path, precision: str, threads: int, spinning: bool) -> Loa
     meta = read_meta(run)  # the run's model.json is newer than any export's copy (calibration is added later)
     file = exported_onnx(run, precision)
     if file is not None:
+        from visiontune.export.metadata import read_metadata
+
         engine = OnnxBackend(file, str(file), threads, spinning=spinning)
         name = "onnx int8" if file == RunDir(run).export_file("onnx", "int8") else "onnx fp32"
+        # ... but the unknown score is inside the exported graph: its threshold must be the one of that fit.
+        meta = open_set.for_graph(meta, read_metadata(engine.metadata, str(file))[0], SCORE in engine.outputs)
     else:
         from visiontune.export.onnx import serialize, to_onnx
         from visiontune.models.bundle import load_bundle
+        from visiontune.models.open_set_head import attach
 
         model, meta = load_bundle(run)
-        engine = OnnxBackend(serialize(to_onnx(model, meta.preprocess.input_size)), f"{run} (in memory)", threads,
-                             spinning=spinning)
+        engine = OnnxBackend(serialize(to_onnx(attach(model, run, meta), meta.preprocess.input_size)),
+                             f"{run} (in memory)", threads, spinning=spinning)
         name = "onnx fp32"
     return LoadedModel(engine, meta, run, "onnx", name, RunDir(run).read_metrics())
 
 
 def _run_on_torch(run: Path, threads: int) -> LoadedModel:
     from visiontune.models.bundle import load_bundle
+    from visiontune.models.open_set_head import attach
 
     model, meta = load_bundle(run)
     if threads > 0:
         import torch
 
         torch.set_num_threads(threads)
-    return LoadedModel(TorchBackend(model, str(run)), meta, run, "torch", "pytorch fp32", RunDir(run).read_metrics())
+    return LoadedModel(TorchBackend(attach(model, run, meta), str(run)), meta, run, "torch", "pytorch fp32",
+                       RunDir(run).read_metrics())
 
 
 def _ensemble(folder: Path, backend: str | None, threads: int, batch_size: int, spinning: bool) -> LoadedModel:

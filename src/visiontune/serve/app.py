@@ -98,7 +98,7 @@ def _key_check(expected: str):
 
 def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
-    batcher = MicroBatcher(clf.probabilities, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
+    batcher = MicroBatcher(clf.probabilities_and_scores, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
                            capacity=cfg.queue_size)
     decoder = ThreadPoolExecutor(default_workers(cfg.decode_threads), thread_name_prefix="decode")
     bodies = uploads.BodyBudget(cfg.body_budget_bytes)
@@ -130,9 +130,9 @@ def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
     def top_k_of(top_k: int | None) -> int:
         return min(cfg.top_k if top_k is None else top_k, len(clf.labels))
 
-    def answer(name: str, probabilities: np.ndarray, top_k: int) -> dict:
-        # The Classifier's own top-k, entropy and "uncertain" rule, so served answers equal `predict`'s.
-        out = clf._prediction(name, probabilities, top_k).to_dict()
+    def answer(name: str, probabilities: np.ndarray, score, top_k: int) -> dict:
+        # The Classifier's own top-k, entropy, "uncertain" and "unknown" rules, so served answers equal `predict`'s.
+        out = clf._prediction(name, probabilities, top_k, score).to_dict()
         out.pop("error")
         return out
 
@@ -149,8 +149,8 @@ def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
             (upload,) = await uploads.read_images(request, cfg.max_body_bytes, cfg.body_timeout_s, 1, account)
             with batcher.reserve(1):  # a place in the queue only once the body is in: slow clients hold none
                 crop = await uploads.decode(upload, spec, cfg.max_pixels, decoder)
-                probabilities = await batcher.submit(crop[None])
-        return JSONResponse(answer(upload.name, probabilities[0], k))
+                probabilities, scores = await batcher.submit(crop[None])
+        return JSONResponse(answer(upload.name, probabilities[0], None if scores is None else scores[0], k))
 
     @v1.post("/predict/batch", openapi_extra=MANY_IMAGES, summary="Classify several images",
              description=f"Up to {cfg.max_batch_files} `file` fields. An image that cannot be read gets an "
@@ -166,7 +166,8 @@ def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
             decoded = await asyncio.gather(*(uploads.decode(f, spec, cfg.max_pixels, decoder) for f in files),
                                            return_exceptions=True)
             crops = [d for d in decoded if isinstance(d, np.ndarray)]
-            probabilities = iter(await batcher.submit(np.stack(crops)) if crops else [])
+            probabilities, scores = await batcher.submit(np.stack(crops)) if crops else ([], None)
+            probabilities, scores = iter(probabilities), iter(scores if scores is not None else [None] * len(crops))
         results = []
         for upload, d in zip(files, decoded):
             if isinstance(d, ApiError):
@@ -174,7 +175,7 @@ def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
             elif isinstance(d, BaseException):
                 raise d
             else:
-                results.append(answer(upload.name, next(probabilities), k))
+                results.append(answer(upload.name, next(probabilities), next(scores), k))
         return JSONResponse({"results": results})
 
     @v1.post("/explain", openapi_extra=ONE_IMAGE, summary="Grad-CAM overlay (PNG) of one image",

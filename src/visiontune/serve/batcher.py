@@ -94,8 +94,9 @@ class MicroBatcher:
                 pass
         self._executor.shutdown(wait=True)
 
-    async def submit(self, crops: np.ndarray) -> np.ndarray:
-        """n x S x S x 3 crops -> n rows of the model's output, computed together with other requests'."""
+    async def submit(self, crops: np.ndarray):
+        """n x S x S x 3 crops -> n rows of the model's output (of each of its outputs, when it returns a tuple),
+        computed together with other requests'."""
         assert self._queue is not None, "MicroBatcher.start() was not called"
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Item(crops, future))
@@ -143,8 +144,15 @@ class MicroBatcher:
             for item in batch:
                 end = start + len(item.crops)
                 if not item.future.done():  # a request cancelled meanwhile (graceful-shutdown timeout)
-                    item.future.set_result(out[start:end])
+                    item.future.set_result(_rows(out, start, end))
                 start = end
             # Let the answered requests run and give back their places before the next batch is
             # collected, or it would wait for them as if they were still coming.
             await asyncio.sleep(0)
+
+
+def _rows(out, start: int, end: int):
+    """Rows start:end of the model's output, or of each array of a tuple of outputs (None stays None)."""
+    if isinstance(out, tuple):
+        return tuple(None if part is None else part[start:end] for part in out)
+    return out[start:end]

@@ -45,7 +45,7 @@ def load_model(model: str | Path, cfg: ServeConfig) -> Classifier:
                     "--precision int8` makes a faster model", found.path, found.path)
     size = clf.preprocess.input_size
     for n in sorted({1, cfg.max_batch}):
-        clf.probabilities(np.zeros((n, size, size, 3), np.uint8))
+        clf.probabilities_and_scores(np.zeros((n, size, size, 3), np.uint8))
     return clf
 
 
@@ -90,6 +90,7 @@ def describe(clf: Classifier) -> dict:
         "preprocess": {**clf.preprocess.to_dict(), "resize_size": clf.preprocess.resize_size},
         "temperature": clf.temperature,
         "uncertain_below": clf.threshold,
+        "unknown_above": clf.unknown_threshold,  # null: the model has no unknown score
         "metrics": headline_metrics(clf.metrics),
         "explain": can_explain(clf),
         "versions": {"visiontune": __version__, "onnxruntime": onnxruntime.__version__,

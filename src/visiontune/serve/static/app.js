@@ -119,7 +119,12 @@ function showResult(result) {
   }));
   const summary = $("summary");
   summary.replaceChildren(document.createTextNode(`entropy ${result.entropy.toFixed(3)} nats `));
-  if (result.uncertain) summary.append(el("span", "uncertain", "badge"));
+  if (result.unknown) {
+    // Far from every class the model was trained on: the bars show only the nearest classes.
+    const badge = el("span", "unknown: not one of this model's classes", "badge unknown");
+    badge.title = `unknown score ${result.unknown_score.toFixed(2)}, above the model's threshold`;
+    summary.append(badge);
+  } else if (result.uncertain) summary.append(el("span", "uncertain", "badge"));
 }
 
 async function classify(file) {
