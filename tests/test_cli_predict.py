@@ -54,7 +54,7 @@ def test_predict_formats_on_a_folder_with_bad_files(cli, model, album, untouched
     if fmt == "csv":
         records = list(csv.DictReader(io.StringIO(done.stdout)))
         assert list(records[0]) == ["source", "label", "probability", "label_2", "probability_2", "entropy",
-                                    "uncertain", "error"]
+                                    "uncertain", "unknown", "unknown_score", "error"]
     elif fmt == "json":
         records = json.loads(done.stdout)
     else:

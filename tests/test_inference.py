@@ -104,7 +104,8 @@ def test_predict_accepts_paths_bytes_pil_and_arrays_alike(clf, unseen):
     q = clf.probabilities(load_for_model(path, clf.preprocess)[None])[0]
     assert p.entropy == pytest.approx(-sum(x * np.log(x) for x in q), abs=1e-4)
     assert p.uncertain == (p.probability < 0.5)
-    assert set(p.to_dict()) == {"source", "label", "probability", "top_k", "entropy", "uncertain", "error"}
+    assert set(p.to_dict()) == {"source", "label", "probability", "top_k", "entropy", "uncertain", "unknown",
+                                "unknown_score", "error"}
 
 
 def test_predict_reports_bad_images_per_item(fast, unseen, tmp_path):

@@ -2,7 +2,8 @@
 talked to over real sockets (no TestClient, no mocks).
 
 Two servers run for the whole module, started together:
-- `full`: the shared tiny run directory (ONNX fp32 export + PyTorch weights for Grad-CAM), no API key;
+- `full`: the shared tiny run directory, evaluated with a checkerboard as a known negative (so it has the unknown
+  score, and calls that image unknown), with its ONNX fp32 export and PyTorch weights for Grad-CAM, no API key;
 - `bare`: the run's exported .onnx file alone, with an API key, a queue of one image, a body budget of 1 MiB
   and short body and header timeouts, so 401, 409, 503 and 408 and the slow-client defences can be forced. The
   SIGTERM test stops it, so it comes last.
@@ -19,6 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -82,6 +84,11 @@ class Server:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run = copy_run(tmp_path_factory, "serve")
+    negatives = tmp_path_factory.mktemp("negatives")
+    (negatives / "checkerboard.png").write_bytes(checkerboard_png())
+    # The unknown score, which the export carries; its threshold separates the run's validation photos from the
+    # checkerboard, so that image is `unknown` (the rule and its guarantee are test_open_set's).
+    visiontune.evaluate(run, negatives=negatives, gradcam_images=0, top_losses=0)
     visiontune.api.export(run)  # export/model.onnx: the engine `full` serves, and the file `bare` serves
     return run
 
@@ -118,6 +125,19 @@ def clf(run):
     return Classifier.load(run, backend="onnx")  # export/model.onnx: the engine `full` runs
 
 
+def checkerboard_png() -> bytes:
+    yy, xx = np.mgrid[:224, :224]
+    buffer = io.BytesIO()
+    Image.fromarray((((yy // 8 + xx // 8) % 2) * 255).astype(np.uint8)).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def odd_png() -> bytes:
+    """Unlike any flower, and a negative the run's threshold was chosen against: `unknown`."""
+    return checkerboard_png()
+
+
 @pytest.fixture(scope="module")
 def jpegs(photos):
     """Real photos of the run's classes that it was not trained on."""
@@ -152,6 +172,20 @@ def test_predict_raw_body_and_multipart_answer_like_the_classifier(full, clf, jp
             assert [e["label"] for e in got["top_k"]] == [name for name, _ in expected.top_k]
             assert got["entropy"] == pytest.approx(expected.entropy, abs=1e-4)
             assert got["uncertain"] == expected.uncertain
+            assert got["unknown"] == expected.unknown and isinstance(got["unknown"], bool)
+            assert got["unknown_score"] == pytest.approx(expected.unknown_score, rel=1e-4)
+
+
+def test_an_image_unlike_every_class_is_unknown(full, bare, clf, odd_png, jpegs):
+    got = full.post("/v1/predict", odd_png, "image/png").json()
+    assert got["unknown"] is True and got["unknown_score"] > clf.unknown_threshold
+    form, kind = loadtest.multipart([("checkerboard.png", odd_png, "image/png"),
+                                     (jpegs[0].name, jpegs[0].read_bytes(), "image/jpeg")])
+    results = full.post("/v1/predict/batch", form, kind).json()["results"]
+    assert results[0]["unknown"] is True and results[1]["unknown"] == clf.predict(jpegs[0])[0].unknown
+    assert full.get("/v1/model").json()["unknown_above"] == clf.unknown_threshold
+    lone = bare.post("/v1/predict", odd_png, "image/png", headers={"X-API-Key": KEY}).json()  # the .onnx alone
+    assert lone["unknown"] is True and lone["unknown_score"] == pytest.approx(got["unknown_score"], rel=1e-4)
 
 
 def test_top_k(full, jpegs):
@@ -353,7 +387,7 @@ def test_slow_client_gets_408_and_frees_its_place(bare, jpegs):
 
 
 @needs_chromium
-def test_page_in_a_real_browser(full, clf, photos, tmp_path):
+def test_page_in_a_real_browser(full, clf, photos, odd_png, tmp_path):
     photo = photos["daisy"][10]
     expected = clf.predict(photo)[0].label
     text_file = tmp_path / "notes.txt"
@@ -371,6 +405,11 @@ def test_page_in_a_real_browser(full, clf, photos, tmp_path):
         page.wait_for_selector("#overlay:not([hidden])")
         page.wait_for_function("document.getElementById('overlay').naturalWidth === 224")
         page.screenshot(path=str(ARTIFACTS / "serve_page.png"), full_page=True)
+        odd = tmp_path / "checkerboard.png"
+        odd.write_bytes(odd_png)
+        page.set_input_files("#file", str(odd))
+        page.wait_for_selector("#summary .badge.unknown")
+        assert "not one of this model's classes" in page.locator("#summary").inner_text()
         page.set_input_files("#file", str(text_file))
         page.wait_for_selector("#error:not([hidden])")
         message = page.locator("#error").inner_text()
@@ -401,7 +440,7 @@ def test_engine_choice_prefers_the_int8_export(run, tmp_path):
     assert exported_onnx(other, "auto") == int8
     assert load_model(other, ServeConfig(max_batch=2)).engine_name == "onnx int8"
     assert load_model(other, ServeConfig(precision="fp32", max_batch=2)).engine_name == "onnx fp32"
-    visiontune.api.export(other, format="openvino", precision="int8", int8_agreement=0.5)
+    visiontune.api.export(other, format="openvino", precision="int8", int8_agreement=0.5, int8_unknown_agreement=0.5)
     assert load_model(other, ServeConfig(max_batch=2)).engine_name == "openvino int8"  # measured the fastest
     assert load_model(other, ServeConfig(precision="int8", max_batch=2)).engine_name == "onnx int8"
 
