@@ -24,6 +24,7 @@ from visiontune.settings import (
 
 BACKENDS = ("onnx", "torch")  # the engines a run directory can be scored with
 SCHEDULES = ("cosine", "onecycle", "plateau")
+HEADS = ("linear", "attention")  # what pools the final feature map: the backbone's average, or learned attention
 BALANCE = ("none", "weights", "sampler")
 AMP = ("auto", "bf16", "fp16", "off")
 SPLITS = ("train", "val", "test")
@@ -173,6 +174,9 @@ class TrainConfig(Settings):
     weight_decay: float = setting(0.01, "AdamW weight decay", low=0.0)
     label_smoothing: float = setting(0.1, "cross-entropy label smoothing", low=0.0, high=0.99)
     dropout: float = setting(0.2, "dropout before the classifier", low=0.0, high=0.99)
+    head: str = setting("linear", "what pools the final feature map before the classifier: the backbone's average "
+                                  "(linear) or a learned spatial attention map (attention: trained with the top stages "
+                                  "in phase 2 or by --full-finetune; shown by `explain`)", choices=HEADS)
     schedule: str = setting("cosine", "learning-rate schedule", choices=SCHEDULES)
     warmup_fraction: float = setting(0.1, "of each phase's steps spent warming up", **FRACTION)
     balance: str = setting("none", "for imbalanced data: class-weighted loss or balanced batches", choices=BALANCE)

@@ -15,6 +15,7 @@ from torch import nn
 
 from visiontune.config import TrainConfig
 from visiontune.data.transforms import Preprocess
+from visiontune.models.attention import head_modules
 from visiontune.models.stages import frozen_trainable
 from visiontune.training.checkpoint import Checkpoint
 from visiontune.training.distill import distill_loss, teacher_view_logits
@@ -182,7 +183,7 @@ def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: View
     views, n = train.boundary.shape[:2]
     activations = train.boundary.reshape(views * n, *train.boundary.shape[2:])
     labels = np.tile(y_train, views)
-    head = model.get_classifier()
+    head = nn.ModuleList(head_modules(model))  # the classifier, and the attention pool when there is one
     for p in list(top.parameters()) + list(head.parameters()):
         p.requires_grad_(True)
 
