@@ -65,7 +65,8 @@ def free_port() -> int:
 
 def server_settings(flags: list[str]) -> dict:
     """The ServeConfig settings among `visiontune serve` flags that choose the model and its engine."""
-    wanted = {"--backend": "backend", "--precision": "precision", "--threads": "threads", "--workers": "workers"}
+    wanted = {"--backend": "backend", "--precision": "precision", "--threads": "threads", "--workers": "workers",
+              "--streams": "streams"}
     return {wanted[flag]: (int(value) if value.isdigit() else value)
             for flag, value in zip(flags, flags[1:]) if flag in wanted}
 
@@ -100,36 +101,48 @@ def stop_server(proc: subprocess.Popen) -> dict:
 
 
 ENGINE_ALONE = """
-import json, sys, time
+import json, sys, threading, time
 import numpy as np
 from pathlib import Path
 from visiontune.config import ServeConfig, override
-from visiontune.serve.model import load_model
+from visiontune.serve.model import load_model, model_streams, model_threads
 from visiontune.serve.uploads import decode_crop
 model, batch, seconds, flags = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), json.loads(sys.argv[4])
-clf = load_model(model, override(ServeConfig(), **flags))
 bodies = [Path(p).read_bytes() for p in sys.argv[5:]]
-crops = np.stack([decode_crop(b, clf.preprocess, 10**9) for b in bodies])
-def rate(work, images_each):
+def rate(work, images_each, callers=1):
     work(0)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        work(done)
-        done += images_each
-    return done / (time.perf_counter() - start)
-def engine(k):
-    clf.probabilities(crops[[(k + i) % len(crops) for i in range(batch)]])
+    done, stop = [0] * callers, time.perf_counter() + seconds
+    def loop(i):
+        while time.perf_counter() < stop:
+            work(i * 7 + done[i])
+            done[i] += images_each
+    start = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return round(sum(done) / (time.perf_counter() - start), 1)
+out = {"batch": batch}
+for streams in sorted({1, model_threads(override(ServeConfig(), **flags))}):
+    cfg = override(ServeConfig(), **{**flags, "streams": streams})
+    clf = load_model(model, cfg)
+    crops = np.stack([decode_crop(b, clf.preprocess, 10**9) for b in bodies])
+    def engine(k):
+        clf.probabilities(crops[[(k + i) % len(crops) for i in range(batch)]])
+    out[f"{streams}_calls_at_once"] = rate(engine, batch, model_streams(cfg))
+    out["engine"] = clf.engine_name
+out["images_per_s"] = max(v for k, v in out.items() if k.endswith("_at_once"))
 def decoding(k):
     decode_crop(bodies[k % len(bodies)], clf.preprocess, 10**9)
-print(json.dumps({"engine": clf.engine_name, "batch": batch, "images_per_s": round(rate(engine, batch), 1),
-                  "decode_images_per_s_one_thread": round(rate(decoding, 1), 1)}))
+out["decode_images_per_s_one_thread"] = rate(decoding, 1)
+print(json.dumps(out))
 """
 
 
 def engine_alone(model: Path, paths: list[Path], batch: int, seconds: float, flags: dict) -> dict:
-    """The model the server would load (same choice of export and engine, same threads), alone in its own process:
-    images/s at `batch` from crops already decoded, and one thread's JPEG decode-and-crop rate. The server's
-    throughput is read against it, measured side by side in the same run."""
+    """The model the server would load (same choice of export and engine), alone in its own process: images/s at
+    `batch` from crops already decoded, both as one call at a time on every model thread and as one call per
+    thread at once; the better of the two is "the engine alone". Also one thread's JPEG decode-and-crop rate. The
+    server's throughput is read against it, measured side by side in the same run."""
     done = subprocess.run([sys.executable, "-c", ENGINE_ALONE, str(model), str(batch), str(seconds), json.dumps(flags),
                            *map(str, paths)], capture_output=True, text=True)
     if done.returncode != 0:
@@ -148,8 +161,9 @@ def markdown(result: dict) -> str:
     lines = [f"Model: `{result['model']}` ({result['engine']}), {result['clients']} clients x "
              f"{result['requests']} requests of real 224-px JPEGs (raw body), server flags `{' '.join(result['server_flags'])}`.",
              "",
-             f"The engine alone (same model, engine and threads, its own process, just before the server started): "
-             f"**{alone['images_per_s']} images/s** at batch {alone['batch']} from decoded crops; one thread decodes "
+             f"The engine alone (same model and engine, its own process, just before the server started): "
+             f"**{alone['images_per_s']} images/s** at batch {alone['batch']} from decoded crops (the better of one "
+             f"call at a time on every thread, {alone['1_calls_at_once']}, and one call per thread at once); one thread decodes "
              f"and crops {alone['decode_images_per_s_one_thread']} JPEGs/s. Served: **{load['requests_per_s']} "
              f"requests/s = {result['served_vs_engine']}x** the engine alone, p99 {load['latency_ms']['p99']} ms.",
              "",

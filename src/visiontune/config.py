@@ -317,6 +317,9 @@ class ServeConfig(Settings):
                                      "OpenVINO is installed (measured fastest), else export/model.int8.onnx, else "
                                      "export/model.onnx, else fp32 exported in memory", choices=SERVE_PRECISIONS)
     threads: int = setting(0, "model threads per worker (0: the cores shared among the workers)", low=0)
+    # Measured on 2 cores (BENCHMARKS.md "Serving"): narrow calls at once beat one wide call under a server's load.
+    streams: int = setting(0, "model calls run at once per worker, the model threads split among them (0: one per "
+                              "model thread)", low=0)
     decode_threads: int = setting(0, "image decoding threads per worker (0: one per core)", low=0)
     # Micro-batching: concurrent requests share one model call. A batch runs as soon as it is full, or when no
     # other admitted request could still join it, or after max_wait_ms.

@@ -90,12 +90,13 @@ class OpenVinoBackend:
 
     name = "openvino"
 
-    def __init__(self, model: str | Path | object, where: str, threads: int = InferenceConfig.threads):
+    def __init__(self, model: str | Path | object, where: str, threads: int = InferenceConfig.threads,
+                 streams: int = 1):
         from visiontune.export.openvino import compile_ir
 
         self.where = where
         self.threads = default_workers(threads)
-        self.model, self._run = compile_ir(model, where, self.threads)
+        self.model, self._run = compile_ir(model, where, self.threads, streams)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self._run(batch)
