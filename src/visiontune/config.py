@@ -217,16 +217,17 @@ class DoctorConfig(Settings):
     folds: int = setting(5, "out-of-fold predictions: each image is scored by a model fitted on the other folds",
                          low=2)
     # On flower_photos with 5 % of the training labels flipped, 0.1 caught the most flips among the top k (k = the
-    # number flipped): 76 % against 73 % (0.03), 72 % (0.3) and 67 % (1; these last two flag fewer than k)
+    # number flipped): 75 % against 71 % (0.03), 68 % (0.3) and 67 % (1; these last two flag fewer than k)
     # (BENCHMARKS.md "Label issues").
     l2: float = setting(0.1, "L2 penalty of the logistic regression, per image (scikit-learn's C is 1 / (l2 x "
                              "training images)); larger trusts the given labels less", above=0.0)
+    # The margin ranked no better there: the same top k at l2 0.1, 0.3 and 1, and 70.7 % against 71.4 % at 0.03.
     rank_by: str = setting("self_confidence", "order of the likely mislabelled images: the lowest out-of-fold "
                                               "probability of the given label first, or the lowest margin of the "
                                               "given label over the best other one", choices=RANKINGS)
     neighbours: int = setting(5, "outliers: mean cosine similarity to this many nearest images", low=1)
-    # On flower_photos 2 flagged 12 images, none of them a flower photo (a bus, a shop sign, a tortoise, ...); Tukey's
-    # far-out 3 flagged none, and 1.5 flagged 55 (BENCHMARKS.md "Label issues").
+    # On flower_photos 2 flagged 12 images, each one where a flower is absent or incidental (a shop sign, a bus, a
+    # tortoise, a bridge, a limousine, ...); Tukey's far-out 3 flagged none, 1.5 flagged 55 (BENCHMARKS.md).
     outlier_fence: float = setting(2.0, "outliers: a distance beyond the upper quartile plus this many interquartile "
                                         "ranges", above=0.0)
     # On flower_photos the pairs the difference hash found that show one scene had a cosine similarity of 0.83 or
