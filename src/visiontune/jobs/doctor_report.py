@@ -244,7 +244,7 @@ def _table_html(result: DoctorResult, issues: list[Issue], kind: str) -> str:
     for rank, issue in enumerate(issues, start=1):
         cells = [f"<td class='n'>{rank}</td>", f"<td>{_thumb(result, issue.index)}</td>",
                  f"<td>{html.escape(issue.path)}</td>", f"<td>{html.escape(issue.split)}</td>",
-                 f"<td class='given'>{html.escape(issue.given)}</td>"]
+                 f"<td{'' if kind == 'outlier' else ' class=given'}>{html.escape(issue.given)}</td>"]
         if kind == "outlier":
             cells += [f"<td class='n'>{-issue.score:.3f}</td>", _prob_cell(issue.given_probability)]
         else:
