@@ -14,6 +14,7 @@ from typing import Union
 from visiontune.config import (
     BenchConfig,
     DataConfig,
+    DoctorConfig,
     EnsembleConfig,
     EvalConfig,
     ExplainConfig,
@@ -61,6 +62,24 @@ def split(data: PathLike | Dataset, *, out: PathLike | None = None, root: PathLi
     if out is not None:
         result.write_csv(Path(out))
     return result, report
+
+
+def doctor(data: PathLike | Dataset, *, out: PathLike | None = None, root: PathLike | None = None,
+           overwrite: bool = False, config: DoctorConfig | None = None, quiet: bool = True, **overrides):
+    """Likely mislabelled images, outliers and differently labelled duplicates, from out-of-fold predictions on the
+    pretrained backbone's features of every image (all splits). Writes issues.csv, issues.json, issues.html and
+    fixed_manifest.csv into `out` (default: doctor/<data>-<model>, numbered if taken; never inside the data, never
+    over a folder in use without `overwrite`); no file of the data is changed.
+
+    Settings are DoctorConfig's (model=, weights=, folds=, l2=, rank_by=, cache_dir=, ...). Returns a DoctorResult
+    (out_dir, issues, summary, relabelled())."""
+    from visiontune.jobs.doctor import diagnose
+
+    cfg = override(config or DoctorConfig(), **overrides)
+    dataset = _dataset(data, root)
+    label = str(dataset.source) if isinstance(data, Dataset) else str(data)
+    out_dir = Path(out) if out is not None else default_run_dir(label, cfg.model, parent=Path("doctor"))
+    return diagnose(dataset, cfg, out_dir, data_label=label, overwrite=overwrite, quiet=quiet)
 
 
 def _dataset(data: PathLike | Dataset, root: PathLike | None) -> Dataset:

@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--out", help="CSV to write (paths relative to its folder); default: standard output")
     split.add_argument("--no-check", action="store_true", help="skip decoding every image (bad files then stay in)")
 
+    doctor = verb("doctor", "likely mislabelled images, outliers and duplicates labelled differently, from out-of-fold "
+                            "predictions on pretrained features; never changes a file", cmd_doctor, c.DoctorConfig)
+    _data(doctor)
+    doctor.add_argument("--out", help="folder for issues.csv/.json/.html and fixed_manifest.csv (default: "
+                                      "doctor/<data>-<model>, numbered if taken)")
+    doctor.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
+    doctor.add_argument("--json", action="store_true", help="print issues.json instead of the table")
+    _quiet(doctor)
+
     train = verb("train", "train a classifier and write a run directory", cmd_train, c.TrainConfig,
                  skip=("split.seed", "distill"))
     _data(train, optional=True)
@@ -163,6 +172,15 @@ def cmd_split(args: argparse.Namespace) -> int:
             print(f"note: {note}", file=log)
         if args.out:
             print(f"wrote {args.out}", file=log)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from visiontune.api import doctor
+
+    result = doctor(args.data, out=args.out, root=args.root, overwrite=args.overwrite, quiet=args.quiet or args.json,
+                    **overrides(args))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0
 
 

@@ -35,11 +35,12 @@ QUANT_FORMATS = ("qdq", "qoperator")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 SERVE_PRECISIONS = ("auto", "int8", "fp32")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+RANKINGS = ("self_confidence", "margin")  # how `doctor` orders likely mislabelled images
 API_KEY_ENV = "VISIONTUNE_API_KEY"  # where `serve` takes its API key from when none is given (kept out of `ps`)
 FRACTION = {"low": 0.0, "high": 1.0}
 
-__all__ = ["AugmentConfig", "BenchConfig", "DataConfig", "DistillConfig", "EnsembleConfig", "EvalConfig", "ExplainConfig",
-           "ExportConfig", "InferenceConfig", "ScanConfig", "ServeConfig", "SplitConfig", "TrainConfig",
+__all__ = ["AugmentConfig", "BenchConfig", "DataConfig", "DistillConfig", "DoctorConfig", "EnsembleConfig", "EvalConfig",
+           "ExplainConfig", "ExportConfig", "InferenceConfig", "ScanConfig", "ServeConfig", "SplitConfig", "TrainConfig",
            "default_workers", "from_dict", "load_yaml", "override", "save_yaml", "to_dict"]
 
 
@@ -206,6 +207,44 @@ class TrainConfig(Settings):
             raise SettingError("full_finetune", "distillation uses the cached recipe (the teacher's logits are computed "
                                                 "once per cached view); --full-finetune draws fresh augmentations "
                                                 "every epoch, so it cannot take a teacher")
+
+
+@dataclass(frozen=True)
+class DoctorConfig(Settings):
+    """`visiontune doctor`: label issues, outliers and differently labelled duplicates, from out-of-fold predictions
+    of a linear model on the pretrained backbone's centre-crop features."""
+
+    model: str = setting(TrainConfig.model, "backbone whose pretrained features are compared (registry or timm name)")
+    weights: str | None = setting(None, "backbone weights file (timm / Hugging Face safetensors or a PyTorch state "
+                                        "dict), as for train")
+    input_size: int = setting(0, "input size in pixels (0: the architecture's own)", low=0)
+    folds: int = setting(5, "out-of-fold predictions: each image is scored by a model fitted on the other folds",
+                         low=2)
+    # On flower_photos with 5 % of the training labels flipped, 0.1 caught the most flips among the top k (k = the
+    # number flipped): 75 % against 71 % (0.03), 68 % (0.3) and 67 % (1; these last two flag fewer than k)
+    # (BENCHMARKS.md "Label issues").
+    l2: float = setting(0.1, "L2 penalty of the logistic regression, per image (scikit-learn's C is 1 / (l2 x "
+                             "training images)); larger trusts the given labels less", above=0.0)
+    # The margin ranked no better there: the same top k at l2 0.1, 0.3 and 1, and 70.7 % against 71.4 % at 0.03.
+    rank_by: str = setting("self_confidence", "order of the likely mislabelled images: the lowest out-of-fold "
+                                              "probability of the given label first, or the lowest margin of the "
+                                              "given label over the best other one", choices=RANKINGS)
+    neighbours: int = setting(5, "outliers: mean cosine similarity to this many nearest images", low=1)
+    # On flower_photos 2 flagged 12 images, each one where a flower is absent or incidental (a shop sign, a bus, a
+    # tortoise, a bridge, a limousine, ...); Tukey's far-out 3 flagged none, 1.5 flagged 55 (BENCHMARKS.md).
+    outlier_fence: float = setting(2.0, "outliers: a distance beyond the upper quartile plus this many interquartile "
+                                        "ranges", above=0.0)
+    # On flower_photos the pairs the difference hash found that show one scene had a cosine similarity of 0.83 or
+    # more; its one false match (a daisy and a dandelion clock of the same layout) had 0.30.
+    duplicate_similarity: float = setting(0.8, "near-duplicates (by difference hash) count as copies of one picture "
+                                               "only when their features have at least this cosine similarity",
+                                          **FRACTION)
+    limit: int = setting(20, "issues printed in the terminal table (every one is in issues.csv)", low=0)
+    page_images: int = setting(600, "issues shown with thumbnails in issues.html", low=0)
+    seed: int = setting(0, "which images fall in which fold", low=0)
+    cache_dir: str | None = setting(None, "keep the backbone's features here to reuse across runs (a train "
+                                          "--cache-dir folder of the same data serves too)")
+    scan: ScanConfig = section(ScanConfig)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from visiontune.config import EvalConfig
 from visiontune.data.index import load_dataset
@@ -24,14 +23,12 @@ from visiontune.errors import DatasetError, ImageDecodeError
 from visiontune.evaluation import plots
 from visiontune.evaluation.metrics import choose_uncertainty_threshold, compute_metrics, fit_temperature, reliability, roc_curves
 from visiontune.evaluation.model_card import model_card
-from visiontune.evaluation.report import ReportData, build_html
+from visiontune.evaluation.report import ReportData, build_html, thumbnail_jpeg
 from visiontune.evaluation.scoring import Scored, run_split, score, select
 from visiontune.files import atomic_write_text
 from visiontune.inference.classifier import Classifier, softmax
 from visiontune.models.bundle import read_meta, update_meta
 from visiontune.models.run_dir import RunDir
-
-THUMBNAIL = 160
 
 
 @dataclass
@@ -207,7 +204,7 @@ def _draw(folder: Path, run: RunDir, m: dict, scored: Scored, probs: np.ndarray,
         predicted = int(probs[i].argmax())
         mistakes.append({"image": crop, "path": scored.paths[i], "true": labels[scored.labels[i]],
                          "predicted": labels[predicted], "probability": float(probs[i, predicted]),
-                         "jpeg": _jpeg(crop)})
+                         "jpeg": thumbnail_jpeg(crop)})
     drawn["top_losses"] = plots.gallery(mistakes, folder / "top_losses.png")
     for item in mistakes:
         del item["image"]
@@ -241,11 +238,3 @@ def _gradcam(folder: Path, run_dir: Path, scored: Scored, probs: np.ndarray, lab
         drawn[name] = grid_png(result.explanations, folder / f"{name}.png", columns=min(len(indices), 6),
                                captions=captions[:len(result.explanations)])
     return drawn
-
-
-def _jpeg(rgb: np.ndarray) -> bytes:
-    image = Image.fromarray(rgb)
-    image.thumbnail((THUMBNAIL, THUMBNAIL))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()

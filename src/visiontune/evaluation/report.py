@@ -6,15 +6,20 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import io
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from string import Template
 
+import numpy as np
+from PIL import Image
+
 from visiontune.evaluation.intervals import span
 from visiontune.version import __version__
 
 TEMPLATES = "visiontune.evaluation.templates"
+THUMBNAIL = 160  # px, the longer side of a gallery picture
 
 # (section id, title, plot names shown in it)
 PLOT_SECTIONS = [
@@ -179,9 +184,25 @@ def build_html(d: ReportData) -> str:
     config = f"<pre>{html.escape(d.config_text)}</pre>" if d.config_text else ""
     versions = ", ".join(f"{k} {v}" for k, v in d.versions.items())
     sections.append(("config", "Settings", config + (f"<p class='muted'>{html.escape(versions)}</p>" if versions else "")))
-    body = "\n".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>'
-                     for sid, title, content in sections)
-    nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
+    return render_page(d.title, d.subtitle, sections)
+
+
+def render_page(title: str, subtitle: str, sections: list[tuple[str, str, str]], extra_css: str = "") -> str:
+    """The house page: `sections` are (id, title, HTML body), each a card, all linked from the header; tables of
+    class "sortable" sort by the column clicked."""
+    body = "\n".join(f'<section id="{sid}"><h2>{html.escape(heading)}</h2>{content}</section>'
+                     for sid, heading, content in sections)
+    nav = "".join(f'<a href="#{sid}">{html.escape(heading)}</a>' for sid, heading, _ in sections)
     return Template(template("report.html")).substitute(
-        title=html.escape(d.title), subtitle=html.escape(d.subtitle), nav=nav, body=body, css=template("report.css"),
-        js=template("report.js"), version=__version__, date=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
+        title=html.escape(title), subtitle=html.escape(subtitle), nav=nav, body=body,
+        css=template("report.css") + extra_css, js=template("report.js"), version=__version__,
+        date=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
+
+
+def thumbnail_jpeg(rgb: np.ndarray, size: int = THUMBNAIL) -> bytes:
+    """A small JPEG (longer side at most `size`) for a page's gallery."""
+    image = Image.fromarray(rgb)
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()

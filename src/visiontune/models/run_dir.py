@@ -1,4 +1,5 @@
-"""The run directory: every file a run (or an ensemble, or an evaluation folder) holds, named here and only here.
+"""The run directory: every file a run (or an ensemble, or an evaluation folder) holds, named here and only here
+(and, beside it, the few files of a `doctor` folder).
 
 `visiontune train` writes a run directory and everything downstream reads only it, so its layout is the
 contract between the stages. Code asks a `RunDir` for a path (`RunDir(run).metrics`); no other module spells
@@ -142,3 +143,23 @@ def _number(text: str):
             return float(text)
         except ValueError:
             return text
+
+
+class DoctorDir:
+    """The files `visiontune doctor` writes into its folder."""
+
+    ISSUES_CSV = "issues.csv"  # one row per issue, ranked within its kind
+    ISSUES_JSON = "issues.json"  # the summary, every issue and every differently labelled duplicate group
+    ISSUES_HTML = "issues.html"  # the same, self-contained, with thumbnails
+    FIXED_MANIFEST = "fixed_manifest.csv"  # every file of the data with the suggested labels applied
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    issues_csv = property(lambda self: self.path / self.ISSUES_CSV)
+    issues_json = property(lambda self: self.path / self.ISSUES_JSON)
+    issues_html = property(lambda self: self.path / self.ISSUES_HTML)
+    fixed_manifest = property(lambda self: self.path / self.FIXED_MANIFEST)
+
+    def files(self) -> list[Path]:
+        return [self.issues_csv, self.issues_json, self.issues_html, self.fixed_manifest]
