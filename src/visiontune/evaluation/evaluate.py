@@ -21,6 +21,7 @@ from visiontune.data.index import load_dataset
 from visiontune.data.loader import load_for_model
 from visiontune.errors import DatasetError, ImageDecodeError
 from visiontune.evaluation import plots
+from visiontune.evaluation.embedding import embedding_map, map_summary
 from visiontune.evaluation.metrics import choose_uncertainty_threshold, compute_metrics, fit_temperature, reliability, roc_curves
 from visiontune.evaluation.model_card import model_card
 from visiontune.evaluation.report import ReportData, build_html, thumbnail_jpeg
@@ -84,6 +85,11 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
         "notes": [f"{f.path}: {f.reason}" for f in dataset.findings if f.level != "info"] + selection.notes
                  + ([calibration_note] if calibration_note else []),
     })
+    embedding = None
+    if cfg.map_points:
+        embedding = embedding_map(run_dir, scored.paths, scored.labels, probs, meta.labels, cfg.map_points,
+                                  chunk_images=cfg.batch_images, workers=cfg.workers, quiet=quiet)
+        metrics["embedding_map"] = map_summary(embedding)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     target = RunDir(out_dir)
@@ -105,7 +111,7 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
                  f"{_config_data(run_dir) if own else selection.source} · {classifier.backend} backend"
                  f"{' · test-time augmentation (6 views an image)' if cfg.tta else ''}",
         metrics=metrics, train=train_metrics, plots=drawn["plots"], mistakes=drawn["mistakes"], notes=notes,
-        config_text=run.read_config_text(), versions=meta.versions)
+        config_text=run.read_config_text(), versions=meta.versions, embedding=embedding)
     atomic_write_text(target.report, build_html(report))
     if own:
         card = model_card(run_dir.resolve().name, read_meta(run_dir).to_dict(), train_metrics, metrics,
