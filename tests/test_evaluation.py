@@ -92,7 +92,7 @@ def test_features_come_with_the_logits_scoring_gave(run, tmp_path):
     gone = tmp_path / "gone.jpg"
     paths = [rows[0]["path"], str(gone)] + [r["path"] for r in rows[1:]]
     model, meta = load_bundle(run.run_dir)
-    chunks = list(iter_features(model, meta.preprocess, paths, chunk_images=4))
+    chunks = list(iter_features(model, meta.preprocess, paths, chunk_images=4))  # a few images: PyTorch
     assert [[i for i, _ in c.failed] for c in chunks] == [[1], []]  # listed by position, not fatal
     assert sum((c.indices for c in chunks), []) == [0, 2, 3, 4, 5, 6]
     logits = np.concatenate([c.logits for c in chunks])
@@ -101,6 +101,12 @@ def test_features_come_with_the_logits_scoring_gave(run, tmp_path):
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)  # uncalibrated: predictions.csv's probabilities
     assert [meta.labels[i] for i in probs.argmax(1)] == [r["predicted"] for r in rows]
     assert probs.max(1) == pytest.approx([float(r["probability"]) for r in rows], abs=1e-4)
+    # Many images go through ONNX Runtime (a graph traced for the purpose): the same numbers.
+    notes = []
+    traced = list(iter_features(model, meta.preprocess, paths, chunk_images=4, onnx=True, notes=notes))
+    assert notes == [] and sum((c.indices for c in traced), []) == [0, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(np.concatenate([c.features for c in traced]), features, atol=1e-4)
+    np.testing.assert_allclose(np.concatenate([c.logits for c in traced]), logits, atol=1e-4)
 
 
 def test_tta_evaluation_scores_what_predict_tta_returns(run, cli, tmp_path):

@@ -174,7 +174,7 @@ def evaluate(run: PathLike, *, data: PathLike | None = None, root: PathLike | No
              allow_subset: bool = False, config: EvalConfig | None = None, quiet: bool = True, **overrides):
     """Score a run on its test split (or `data`) and write metrics.json, plots/, report.html, MODEL_CARD.md.
 
-    Settings are EvalConfig's (split=, calibrate=, backend=, tta=, top_losses=, ...). Returns an Evaluation
+    Settings are EvalConfig's (split=, calibrate=, backend=, tta=, top_losses=, map_points=, ...). Returns an Evaluation
     (out_dir, metrics, report).
     """
     from visiontune.evaluation.evaluate import evaluate_run

@@ -180,6 +180,8 @@ def _embedding(d: ReportData) -> str:
     legend += f'<li class="wrong-key"><span class="swatch ring"></span>wrong prediction <span class="muted">{wrong}</span></li>'
     payload = json.dumps({"classes": classes, "colours": colours, "points": points}, separators=(",", ":"))
     payload = payload.replace("</", "<\\/")  # "</" would end the script element early; "<\/" is the same JSON
+    if e.get("note"):  # e.g. the features came from PyTorch because the network could not be traced
+        text += f" ({e['note']})"
     return (f'<p>{html.escape(text)}</p><label class="muted"><input type="checkbox" id="map-only-wrong"> only the '
             f'wrong predictions</label><div class="map" id="map"><svg id="map-svg" role="group" '
             f'aria-label="embedding map of {shown} images"></svg><div class="map-tip" id="map-tip" hidden>'
