@@ -259,7 +259,7 @@ class EvalConfig(Settings):
     top_losses: int = setting(24, "worst mistakes shown in the gallery", low=0)
     gradcam_images: int = setting(6, "Grad-CAM overlays of right and of wrong predictions in the report (0: none)",
                                   low=0)
-    # Each point costs one more torch pass (ONNX Runtime gives no features) and ~2 kB of page; t-SNE grows
+    # Each point costs one more pass of the network (the ONNX export gives logits only) and ~2 kB of page; t-SNE grows
     # faster than linearly, so a sample keeps a large test set's map to seconds.
     map_points: int = setting(1000, "images on the report's embedding map (a stratified, seeded sample of those "
                                     "scored; 0: no map)", low=0)
