@@ -8,14 +8,13 @@ the extra pass of the network and the t-SNE to seconds on a large test set, and 
 from __future__ import annotations
 
 import base64
-import io
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from visiontune.evaluation.features import iter_features
+from visiontune.evaluation.report import thumbnail_jpeg
 from visiontune.models.bundle import load_bundle
 from visiontune.models.run_dir import RunDir
 
@@ -23,8 +22,8 @@ SEED = 0  # fixed, like the bootstrap intervals: the same run gives the same map
 PCA_DIMS = 50
 # t-SNE's neighbourhoods need a few points each: below this many the layout is noise, and PCA's 2-D is honest.
 TSNE_MIN_POINTS = 10
-# 64 px at quality 70 with optimised Huffman tables: ~1.4 kB (~1.9 kB in base64) a flower photo, so 1,000 points
-# add ~2 MB to the page (without the optimisation: 1.7 kB; quality 60 would save only 0.2 kB more).
+# 64 px at quality 70: ~1.4 kB (~1.9 kB in base64) a flower photo, so 1,000 points add ~2 MB to the page
+# (quality 60 would save only 0.2 kB more).
 THUMBNAIL = 64
 THUMBNAIL_QUALITY = 70
 
@@ -79,14 +78,6 @@ def _unit_box(xy: np.ndarray) -> np.ndarray:
     return (xy - (low + high) / 2) / scale + 0.5
 
 
-def thumbnail(crop: np.ndarray) -> str:
-    image = Image.fromarray(crop)
-    image.thumbnail((THUMBNAIL, THUMBNAIL))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def embedding_map(run_dir: Path, paths: list[str], true: np.ndarray, probs: np.ndarray, labels: list[str],
                   points: int, *, chunk_images: int = 256, workers: int = 0, quiet: bool = True) -> dict:
     """What the report's map section shows: `points`, the method, and a note; or only a note saying why there
@@ -102,7 +93,7 @@ def embedding_map(run_dir: Path, paths: list[str], true: np.ndarray, probs: np.n
         if chunk.indices:
             kept += [int(chosen[k]) for k in chunk.indices]
             features.append(chunk.features)
-            thumbs += [thumbnail(crop) for crop in chunk.crops]
+            thumbs += [base64.b64encode(thumbnail_jpeg(crop, THUMBNAIL, THUMBNAIL_QUALITY)).decode() for crop in chunk.crops]
     if not kept:  # every sampled image vanished since it was scored
         return {"note": "None of the sampled images could be read again, so there is no embedding map."}
     featured = time.perf_counter()
