@@ -1,4 +1,4 @@
-"""Settings: declared once in config.py, checked when made, overridden one way, and the same from YAML, the CLI
+"""Settings: declared once in the config package, checked when made, overridden one way, and the same from YAML, the CLI
 and the Python API."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`visiontune <verb>`: parses arguments, calls the Python API, prints. No logic of its own.
 
-Settings flags come from `config.py` (`cli_settings.add_settings`); the arguments declared here say what to work
+Settings flags come from the `config` package (`cli_settings.add_settings`); the arguments declared here say what to work
 on and where output goes.
 """
 
