@@ -187,7 +187,8 @@ def _embedding(d: ReportData) -> str:
             f'aria-label="embedding map of {shown} images"></svg><div class="map-tip" id="map-tip" hidden>'
             f'<div class="name"></div><div class="true"></div><div class="pred"></div></div></div>'
             f'<ul class="legend" id="map-legend">{legend}</ul>'
-            f'<script type="application/json" id="map-data">{payload}</script>')
+            f'<script type="application/json" id="map-data">{payload}</script>'
+            f'<script>{template("embedding_map.js")}</script>')
 
 
 def _calibration_text(m: dict) -> str:
@@ -236,7 +237,8 @@ def build_html(d: ReportData) -> str:
     config = f"<pre>{html.escape(d.config_text)}</pre>" if d.config_text else ""
     versions = ", ".join(f"{k} {v}" for k, v in d.versions.items())
     sections.append(("config", "Settings", config + (f"<p class='muted'>{html.escape(versions)}</p>" if versions else "")))
-    return render_page(d.title, d.subtitle, sections)
+    drawn_map = d.embedding is not None and "points" in d.embedding
+    return render_page(d.title, d.subtitle, sections, template("embedding_map.css") if drawn_map else "")
 
 
 def render_page(title: str, subtitle: str, sections: list[tuple[str, str, str]], extra_css: str = "") -> str:
