@@ -65,7 +65,7 @@ def convert(onnx_bytes: bytes, precision: str) -> bytes:
     forward = tf.function(lambda x: keras_model(x),
                           input_signature=[tf.TensorSpec(keras_model.inputs[0].shape, tf.float32, INPUT)])
     # The variables ride on a bare tf.Module: handing the converter the Keras model instead makes it serialise
-    # every layer's Python config first, which took 38 of the 40 s a Lite0 conversion took.
+    # every layer's Python config first: nearly all of the 35-40 s a Lite0 conversion took (now 2-3 s).
     holder = tf.Module()
     holder.forward, holder.weights = forward, list(keras_model.variables)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], holder)
