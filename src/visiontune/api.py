@@ -216,7 +216,8 @@ def explain(model: PathLike, images, *, target: str | None = None, out: PathLike
 
 
 def export(run: PathLike, *, config: ExportConfig | None = None, quiet: bool = True, **overrides):
-    """Write RUN/export/model[.fp16|.int8].onnx or model.torchscript.pt after its parity check passes.
+    """Write RUN/export/model[.fp16|.int8].onnx, model.torchscript.pt, model[.int8].openvino.xml or
+    model[.fp16].tflite after its parity check passes.
 
     Settings are ExportConfig's (format=, precision=, int8_agreement=, calibration_images=, ...). Returns an
     ExportResult (path, parity numbers); raises ExportError when parity fails (see export/parity.json).

@@ -102,6 +102,22 @@ class OpenVinoBackend:
         return self._run(batch)
 
 
+class TfliteBackend:
+    """A .tflite flatbuffer on LiteRT's CPU interpreter (see `export.tflite.interpreter`)."""
+
+    name = "tflite"
+
+    def __init__(self, model: str | Path | bytes, where: str, threads: int = InferenceConfig.threads):
+        from visiontune.export.tflite import interpreter
+
+        self.where = where
+        self.threads = default_workers(threads)
+        self._run = interpreter(model, where, self.threads)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch)
+
+
 def load_torchscript(path: Path) -> tuple[object, str]:
     """(scripted module, model.json text stored beside it in the archive)."""
     import warnings
