@@ -1,4 +1,4 @@
-"""Settings: declared once in config.py, checked when made, overridden one way, and the same from YAML, the CLI
+"""Settings: declared once in the config package, checked when made, overridden one way, and the same from YAML, the CLI
 and the Python API."""
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from visiontune.models.run_dir import RunDir
 from visiontune.settings import SettingError, Spec, from_dict, load_yaml, override, save_yaml, specs, to_dict, walk
 
 CONFIGS = [c.ScanConfig, c.SplitConfig, c.DataConfig, c.AugmentConfig, c.DistillConfig, c.EnsembleConfig,
-           c.TrainConfig, c.EvalConfig, c.InferenceConfig, c.ExportConfig, c.BenchConfig, c.ExplainConfig, c.ServeConfig]
+           c.TrainConfig, c.EvalConfig, c.InferenceConfig, c.ExportConfig, c.BenchConfig, c.ExplainConfig, c.ServeConfig,
+           c.DoctorConfig]
 # verb -> the config its settings flags come from
 VERBS = {"scan": c.ScanConfig, "split": c.DataConfig, "train": c.TrainConfig, "distill": c.TrainConfig,
          "evaluate": c.EvalConfig, "explain": c.ExplainConfig, "export": c.ExportConfig, "predict": c.InferenceConfig,
-         "bench": c.BenchConfig, "serve": c.ServeConfig, "ensemble": c.EnsembleConfig}
+         "bench": c.BenchConfig, "serve": c.ServeConfig, "ensemble": c.EnsembleConfig, "doctor": c.DoctorConfig}
 
 
 def bad_values(spec: Spec) -> list:
@@ -122,6 +123,7 @@ def test_contradicting_settings_are_refused():
     ("evaluate", lambda data: visiontune.evaluate(data, split="holdout")),
     ("export", lambda data: visiontune.api.export(data, precision="int4")),
     ("explain", lambda data: visiontune.api.explain(data, data, method="magic")),
+    ("doctor", lambda data: visiontune.doctor(data, folds=1)),
 ])
 def test_bad_settings_fail_before_the_data_is_looked_at(tmp_path, verb, call):
     # The data does not exist: a SettingError (not "no such folder") proves the settings were checked first.

@@ -479,3 +479,21 @@ def test_named_pipe_in_a_class_folder_does_not_hang_the_scan(tmp_path, untouched
     assert not hung, "scan blocked reading a named pipe"
     report = result["report"]
     assert report.class_counts == {"a": 2, "b": 2}
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16", "CMYK"])
+@pytest.mark.parametrize("size", [(300, 200), (180, 640), (224, 224), (60, 900)])
+def test_the_model_crop_is_the_centre_of_the_resized_image_whatever_the_mode(mode, size):
+    # `load_for_model` crops before the resized image becomes an array; it must be exactly the centre of
+    # `load_resized`'s array, which training caches (and the edge padding of a side left short).
+    from visiontune.data.loader import load_for_model, load_resized
+    from visiontune.data.transforms import Preprocess, center_crop
+
+    rgb = np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(rgb)
+    image = image.convert("I;16") if mode == "I;16" else image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF" if mode == "CMYK" else "PNG")
+    spec = Preprocess(224, 0.875, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    for source in (buffer.getvalue(), rgb):
+        np.testing.assert_array_equal(load_for_model(source, spec), center_crop(load_resized(source, spec), 224))

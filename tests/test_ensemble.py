@@ -148,6 +148,7 @@ def test_cli_evaluates_an_ensemble_and_compare_takes_it(ens, members, cli, tmp_p
     assert "test: top-1 " in done.stdout and "6 images)" in done.stdout and (ens / "report.html").is_file()
     evaluation = json.loads((ens / "metrics.json").read_text())["evaluation"]
     assert evaluation["images"] == 6 and evaluation["backend"] == "torch"
+    assert "no single feature space" in evaluation["embedding_map"]["note"]  # members' features do not share axes
     visiontune.evaluate(members[0], backend="torch", gradcam_images=0)
     comparison = visiontune.compare([members[0], ens], out=tmp_path / "cmp")
     assert [r["backbone"] for r in comparison.rows][1].startswith("ensemble of 2")

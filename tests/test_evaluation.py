@@ -17,6 +17,9 @@ from deploy_run import photos_folder
 from visiontune import samples
 from visiontune.errors import ConfigError, DatasetError, ModelError
 from visiontune.evaluation import plots
+from visiontune.evaluation.embedding import project, stratified_sample
+from visiontune.evaluation.features import iter_features
+from visiontune.models.bundle import load_bundle
 
 FAST = dict(views=1, head_epochs=3, finetune_epochs=1, seed=0, val=0.25, test=0.25)
 CLASSES = ("daisy", "roses", "tulips")
@@ -74,12 +77,36 @@ def test_report_files_agree_with_metrics(run):
 
 
 def test_torch_and_onnx_backends_score_alike(run, tmp_path):
-    torch_eval = visiontune.evaluate(run.run_dir, out=tmp_path / "torch", backend="torch", calibrate=False)
+    torch_eval = visiontune.evaluate(run.run_dir, out=tmp_path / "torch", backend="torch", calibrate=False, map_points=0)
     onnx_rows = _rows(run.run_dir / "predictions.csv")
     torch_rows = _rows(tmp_path / "torch" / "predictions.csv")
     assert [r["predicted"] for r in torch_rows] == [r["predicted"] for r in onnx_rows]
     assert [float(r["probability"]) for r in torch_rows] == pytest.approx([float(r["probability"]) for r in onnx_rows], abs=1e-4)
     assert torch_eval.metrics["backend"] == "torch"
+    # map_points=0: no embedding map, and no extra pass for it
+    assert "embedding_map" not in torch_eval.metrics and 'id="map-svg"' not in (tmp_path / "torch" / "report.html").read_text()
+
+
+def test_features_come_with_the_logits_scoring_gave(run, tmp_path):
+    rows = _rows(run.run_dir / "predictions.csv")
+    gone = tmp_path / "gone.jpg"
+    paths = [rows[0]["path"], str(gone)] + [r["path"] for r in rows[1:]]
+    model, meta = load_bundle(run.run_dir)
+    chunks = list(iter_features(model, meta.preprocess, paths, chunk_images=4))  # a few images: PyTorch
+    assert [[i for i, _ in c.failed] for c in chunks] == [[1], []]  # listed by position, not fatal
+    assert sum((c.indices for c in chunks), []) == [0, 2, 3, 4, 5, 6]
+    logits = np.concatenate([c.logits for c in chunks])
+    features = np.concatenate([c.features for c in chunks])
+    assert features.shape == (6, model.num_features) and chunks[0].crops.shape == (3, 224, 224, 3)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)  # uncalibrated: predictions.csv's probabilities
+    assert [meta.labels[i] for i in probs.argmax(1)] == [r["predicted"] for r in rows]
+    assert probs.max(1) == pytest.approx([float(r["probability"]) for r in rows], abs=1e-4)
+    # Many images go through ONNX Runtime (a graph traced for the purpose): the same numbers.
+    notes = []
+    traced = list(iter_features(model, meta.preprocess, paths, chunk_images=4, onnx=True, notes=notes))
+    assert notes == [] and sum((c.indices for c in traced), []) == [0, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(np.concatenate([c.features for c in traced]), features, atol=1e-4)
+    np.testing.assert_allclose(np.concatenate([c.logits for c in traced]), logits, atol=1e-4)
 
 
 def test_tta_evaluation_scores_what_predict_tta_returns(run, cli, tmp_path):
@@ -175,10 +202,14 @@ def test_compare_marks_the_best_and_refuses_other_splits(run, flowers, tmp_path)
 
 
 def test_cli_evaluate_and_its_errors(run, cli, tmp_path):
-    done = cli("evaluate", run.run_dir, "--out", tmp_path / "e", "--quiet")
+    done = cli("evaluate", run.run_dir, "--out", tmp_path / "e", "--quiet", "--map-points", "4")
     assert done.returncode == 0, done.stderr
     assert "test: top-1 " in done.stdout and "6 images)" in done.stdout
     assert f"report: {tmp_path / 'e' / 'report.html'}" in done.stdout
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["evaluation"]["embedding_map"]["points"] == 4
+    assert "one of 4 test images (a stratified sample of the 6 scored)" in (tmp_path / "e" / "report.html").read_text()
+    negative = cli("evaluate", run.run_dir, "--map-points", "-1")
+    assert negative.returncode == 2 and negative.stderr.count("\n") == 1 and "map" in negative.stderr
     bad = cli("evaluate", tmp_path / "nowhere")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nowhere" in bad.stderr
     one = cli("compare", run.run_dir)
@@ -218,6 +249,89 @@ def test_report_in_a_real_browser(run):
     assert not errors, errors
     assert [r for r in requests if r != url and not r.startswith("data:")] == []
     assert shot.stat().st_size > 50_000
+
+
+@needs_chromium
+def test_embedding_map_in_a_real_browser(run):
+    """One dot per scored image, coloured by true class with a legend, mistakes ringed; hovering or tabbing to a dot
+    shows its thumbnail, file name, labels and probability."""
+    summary = run.metrics["evaluation"]["embedding_map"]
+    assert summary["points"] == summary["scored"] == 6 and summary["method"].startswith("PCA to 2 dimensions")
+    rows = {Path(r["path"]).name: r for r in _rows(run.run_dir / "predictions.csv")}
+    url = (run.run_dir / "report.html").resolve().as_uri()
+    with browser_page({"width": 1280, "height": 900}) as (page, errors, requests):
+        page.goto(url)
+        assert "PCA to 2 dimensions (t-SNE needs at least" in page.locator("#embedding").inner_text()
+        dots = page.locator("#map-svg circle")
+        assert dots.count() == 6
+        legend = page.eval_on_selector_all(
+            "#map-legend li[data-c]", "items => items.map(i => [i.firstChild.nextSibling.textContent.trim(), "
+            "i.querySelector('.muted').textContent, getComputedStyle(i.querySelector('.swatch')).backgroundColor])")
+        assert [(name, count) for name, count, _ in legend] == [(c, "2") for c in CLASSES]
+        colour = {name: rgb for name, _, rgb in legend}
+        assert len(set(colour.values())) == 3
+        tip = page.locator("#map-tip")
+
+        def shown(dot) -> str:
+            """The file name the tip shows, once its labels, probability, thumbnail and the dot's look are checked."""
+            assert tip.is_visible()
+            name = tip.locator(".name").inner_text()
+            row = rows[name]
+            assert tip.locator(".true").inner_text() == f"true: {row['true']}"
+            percent = round(float(row["probability"]) * 100)
+            assert tip.locator(".pred").inner_text() == f"predicted: {row['predicted']} ({percent} %)"
+            assert page.evaluate("document.querySelector('#map-tip img').naturalWidth") == 64
+            assert dot.evaluate("d => getComputedStyle(d).fill") == colour[row["true"]]
+            assert ("wrong" in dot.get_attribute("class")) == (row["true"] != row["predicted"])
+            return name
+
+        page.evaluate("document.getElementById('map').scrollIntoView({block: 'center'})")  # clear of the sticky header
+        dots.last.hover()  # drawn last, so no other dot covers it
+        shown(dots.last)
+        dots.first.focus()
+        seen = {shown(dots.first)}
+        for _ in range(5):
+            page.keyboard.press("Tab")  # every dot is reachable from the keyboard
+            seen.add(shown(page.locator("#map-svg circle:focus")))
+        assert set(seen) == set(rows)
+        page.evaluate("document.activeElement.blur()")
+        ring = dict(page.eval_on_selector_all("#map-svg circle", "ds => ds.map(d => [d.getAttribute('aria-label')"
+                                                                  ".split(':')[0], getComputedStyle(d).stroke])"))
+        wrong = [n for n, r in rows.items() if r["true"] != r["predicted"]]
+        assert wrong, "the tiny run makes mistakes on its test images, so the ring is shown"
+        assert {n for n, stroke in ring.items() if stroke == "rgb(17, 17, 17)"} == set(wrong)
+        page.locator("#map-only-wrong").check()
+        assert sum(dots.nth(i).is_visible() for i in range(6)) == len(wrong)
+        page.locator("#map-only-wrong").uncheck()
+        dots.last.hover()
+        page.screenshot(path=str(ARTIFACTS / "embedding_map.png"))
+    assert not errors, errors
+    assert [r for r in requests if r != url and not r.startswith("data:")] == []
+
+
+def test_map_sample_is_stratified_and_seeded():
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 9 + [3] * 1)
+    chosen = stratified_sample(labels, 20)
+    assert len(chosen) == 20 and list(chosen) == sorted(set(chosen.tolist()))
+    assert np.bincount(labels[chosen], minlength=4).tolist() == [11, 6, 2, 1]  # every class, then in proportion
+    assert list(stratified_sample(labels, 20)) == list(chosen)  # the same seed, the same sample
+    assert list(stratified_sample(labels, 500)) == list(range(100))
+
+
+def test_tsne_keeps_clusters_apart():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, (3, 64))
+    features = np.concatenate([c + rng.normal(0, 1, (15, 64)) for c in centres])
+    xy, method = project(features)
+    assert method.startswith("t-SNE (perplexity 14.7)") and xy.shape == (45, 2)
+    assert xy.min() >= 0 and xy.max() <= 1
+    truth = np.repeat([0, 1, 2], 15)
+    distance = ((xy[:, None] - xy[None]) ** 2).sum(-1) + np.eye(45) * 1e9
+    assert (truth[distance.argmin(1)] == truth).all()  # every point's nearest neighbour is in its own cluster
+    few, method = project(features[:4])
+    assert method.startswith("PCA") and few.shape == (4, 2)
+    one, _ = project(features[:1])
+    assert one.tolist() == [[0.5, 0.5]]
 
 
 def test_a_split_csv_row_whose_file_vanished_is_noted(run, flowers, tmp_path, cli):

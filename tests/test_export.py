@@ -195,6 +195,15 @@ def test_openvino_fp32_and_int8_export_load_predict_and_bench(run, exported, pho
 
     assert [e.engine_name for e in engines_for(run, threads=1)] == [
         "pytorch fp32", "onnx fp32", "onnx int8", "openvino fp32", "openvino int8"]
+    # A server's model streams: two calls at once, each on its own infer request, give each its own answer.
+    from concurrent.futures import ThreadPoolExecutor
+
+    streamed = Classifier.load(int8.path, threads=1, streams=2)
+    batches = [np.stack([load_for_model(i, streamed.preprocess) for i in images[k:k + 2]]) for k in (0, 2)] * 4
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(streamed.logits, batches))
+    for batch, got in zip(batches, together):
+        np.testing.assert_allclose(got, streamed.logits(batch), atol=1e-5)
 
 
 def test_an_openvino_file_without_its_weights_is_one_line(run, exported, tmp_path, photos, cli):

@@ -100,6 +100,19 @@ def test_every_engine_and_export_makes_the_same_decision(run, strange, known, ph
         np.testing.assert_allclose([p.unknown_score for p in got], [p.unknown_score for p in reference], atol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_the_tflite_export_carries_the_score_as_its_second_output(run, strange, known, photos, precision):
+    pytest.importorskip("onnx2tf")
+    images = [strange, known, *photos["roses"][8:10]]
+    reference = Classifier.load(run).predict(images)
+    result = visiontune.api.export(run, format="tflite", precision=precision)
+    assert result.parity["passed"] and "unknown_max_abs_diff" in result.parity
+    got = Classifier.load(result.path).predict(images)
+    assert [p.unknown for p in got] == [p.unknown for p in reference]
+    np.testing.assert_allclose([p.unknown_score for p in got], [p.unknown_score for p in reference],
+                               atol=1e-4 if precision == "fp32" else 0.01)
+
+
 def test_int8_keeps_the_score_in_float_and_records_its_agreement(run, strange, known):
     result = visiontune.api.export(run, precision="int8", int8_agreement=0.5, int8_unknown_agreement=0.5)
     record = json.loads((run / "export" / "parity.json").read_text())["model.int8.onnx"]

@@ -498,3 +498,39 @@ def test_the_page_metrics_carry_their_intervals():
                                              "intervals": {"top1": [0.48, 0.891], "macro_f1": [0.5, 0.85],
                                                            "method": "95 %"}}})
     assert shown["intervals"] == {"top1": [0.48, 0.891], "macro_f1": [0.5, 0.85]}
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_the_batcher_runs_up_to_streams_batches_at_once_and_answers_each_its_rows(streams):
+    import asyncio
+    import threading
+
+    from visiontune.serve.batcher import MicroBatcher
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def infer(crops):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.15)
+        with lock:
+            running[0] -= 1
+        return crops[:, 0, 0, :1].astype(np.float32) * 2
+
+    async def main():
+        batcher = MicroBatcher(infer, max_batch=1, max_wait_ms=0, capacity=8, streams=streams)
+        batcher.start()
+        try:
+            async def one(value):
+                with batcher.reserve(1):
+                    return await batcher.submit(np.full((1, 2, 2, 3), value, np.uint8))
+
+            return await asyncio.gather(*(one(v) for v in range(4)))
+        finally:
+            await batcher.stop()
+
+    answers = asyncio.run(main())
+    assert [float(a[0, 0]) for a in answers] == [0.0, 2.0, 4.0, 6.0]
+    assert most[0] == streams

@@ -4,7 +4,7 @@ The verbs live in `visiontune.api` (one function per CLI verb); the ones whose n
 too. Serving is `from visiontune.serve import serve` (FastAPI and uvicorn load only for serving).
 """
 
-from visiontune.api import bench, compare, distill, ensemble, evaluate, predict, scan, split, train
+from visiontune.api import bench, compare, distill, doctor, ensemble, evaluate, predict, scan, split, train
 from visiontune.data.index import load_dataset
 from visiontune.version import __version__
 
@@ -18,5 +18,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'visiontune' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "Classifier", "Prediction", "bench", "compare", "distill", "ensemble", "evaluate",
+__all__ = ["__version__", "Classifier", "Prediction", "bench", "compare", "distill", "doctor", "ensemble", "evaluate",
            "load_dataset", "predict", "scan", "split", "train"]

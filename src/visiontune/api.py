@@ -14,6 +14,7 @@ from typing import Union
 from visiontune.config import (
     BenchConfig,
     DataConfig,
+    DoctorConfig,
     EnsembleConfig,
     EvalConfig,
     ExplainConfig,
@@ -61,6 +62,24 @@ def split(data: PathLike | Dataset, *, out: PathLike | None = None, root: PathLi
     if out is not None:
         result.write_csv(Path(out))
     return result, report
+
+
+def doctor(data: PathLike | Dataset, *, out: PathLike | None = None, root: PathLike | None = None,
+           overwrite: bool = False, config: DoctorConfig | None = None, quiet: bool = True, **overrides):
+    """Likely mislabelled images, outliers and differently labelled duplicates, from out-of-fold predictions on the
+    pretrained backbone's features of every image (all splits). Writes issues.csv, issues.json, issues.html and
+    fixed_manifest.csv into `out` (default: doctor/<data>-<model>, numbered if taken; never inside the data, never
+    over a folder in use without `overwrite`); no file of the data is changed.
+
+    Settings are DoctorConfig's (model=, weights=, folds=, l2=, rank_by=, cache_dir=, ...). Returns a DoctorResult
+    (out_dir, issues, summary, relabelled())."""
+    from visiontune.jobs.doctor import diagnose
+
+    cfg = override(config or DoctorConfig(), **overrides)
+    dataset = _dataset(data, root)
+    label = str(dataset.source) if isinstance(data, Dataset) else str(data)
+    out_dir = Path(out) if out is not None else default_run_dir(label, cfg.model, parent=Path("doctor"))
+    return diagnose(dataset, cfg, out_dir, data_label=label, overwrite=overwrite, quiet=quiet)
 
 
 def _dataset(data: PathLike | Dataset, root: PathLike | None) -> Dataset:
@@ -155,7 +174,7 @@ def evaluate(run: PathLike, *, data: PathLike | None = None, root: PathLike | No
              allow_subset: bool = False, config: EvalConfig | None = None, quiet: bool = True, **overrides):
     """Score a run on its test split (or `data`) and write metrics.json, plots/, report.html, MODEL_CARD.md.
 
-    Settings are EvalConfig's (split=, calibrate=, backend=, tta=, top_losses=, ...). Returns an Evaluation
+    Settings are EvalConfig's (split=, calibrate=, backend=, tta=, top_losses=, map_points=, ...). Returns an Evaluation
     (out_dir, metrics, report).
     """
     from visiontune.evaluation.evaluate import evaluate_run
@@ -197,7 +216,8 @@ def explain(model: PathLike, images, *, target: str | None = None, out: PathLike
 
 
 def export(run: PathLike, *, config: ExportConfig | None = None, quiet: bool = True, **overrides):
-    """Write RUN/export/model[.fp16|.int8].onnx or model.torchscript.pt after its parity check passes.
+    """Write RUN/export/model[.fp16|.int8].onnx, model.torchscript.pt, model[.int8].openvino.xml or
+    model[.fp16].tflite after its parity check passes.
 
     Settings are ExportConfig's (format=, precision=, int8_agreement=, calibration_images=, ...). Returns an
     ExportResult (path, parity numbers); raises ExportError when parity fails (see export/parity.json).

@@ -1,6 +1,6 @@
 """`visiontune <verb>`: parses arguments, calls the Python API, prints. No logic of its own.
 
-Settings flags come from `config.py` (`cli_settings.add_settings`); the arguments declared here say what to work
+Settings flags come from the `config` package (`cli_settings.add_settings`); the arguments declared here say what to work
 on and where output goes.
 """
 
@@ -43,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet(split)
     split.add_argument("--out", help="CSV to write (paths relative to its folder); default: standard output")
     split.add_argument("--no-check", action="store_true", help="skip decoding every image (bad files then stay in)")
+
+    doctor = verb("doctor", "likely mislabelled images, outliers and duplicates labelled differently, from out-of-fold "
+                            "predictions on pretrained features; never changes a file", cmd_doctor, c.DoctorConfig)
+    _data(doctor)
+    doctor.add_argument("--out", help="folder for issues.csv/.json/.html and fixed_manifest.csv (default: "
+                                      "doctor/<data>-<model>, numbered if taken)")
+    doctor.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
+    doctor.add_argument("--json", action="store_true", help="print issues.json instead of the table")
+    _quiet(doctor)
 
     train = verb("train", "train a classifier and write a run directory", cmd_train, c.TrainConfig,
                  skip=("split.seed", "distill"))
@@ -166,6 +175,15 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from visiontune.api import doctor
+
+    result = doctor(args.data, out=args.out, root=args.root, overwrite=args.overwrite, quiet=args.quiet or args.json,
+                    **overrides(args))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
 # --- train, distill, ensemble -------------------------------------------------------------------------------
 
 
@@ -231,6 +249,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from visiontune.api import evaluate
     from visiontune.evaluation.intervals import describe, span
+    from visiontune.evaluation.open_set import summary as open_set_summary
 
     result = evaluate(args.run_dir, data=args.data, root=args.root, out=args.out, allow_subset=args.allow_subset,
                       quiet=args.quiet, **overrides(args))
@@ -246,13 +265,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(line)
     for pair in m["most_confused"][:3]:
         print(f"  confused: {pair['true']} -> {pair['predicted']} ({pair['count']})")
-    unknown = m.get("open_set") or {}
-    if "unknown_share" in unknown:
-        chosen = (f"; threshold {unknown['threshold']:.4g} chosen on {unknown['chosen_on']}, {unknown['rule']}"
-                  if "rule" in unknown else "")
-        rejected = (f", {unknown['negatives_rejected']:.1%} of {unknown['negative_images']} negatives rejected"
-                    if "negatives_rejected" in unknown else "")
-        print(f"  unknown: {unknown['unknown_share']:.1%} of {m['split']} images{chosen}{rejected}")
+    if unknown := open_set_summary(m):
+        print(f"  {unknown}")
     for item in m["skipped"]:
         print(f"not scored: {item['path']}: {item['reason']}", file=sys.stderr)
     for note in m.get("notes", []):

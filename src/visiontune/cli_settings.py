@@ -1,4 +1,4 @@
-"""The CLI's settings flags, generated from the declarations in `config.py`: one flag per setting, grouped by
+"""The CLI's settings flags, generated from the declarations in the `config` package: one flag per setting, grouped by
 section, typed and checked as the setting is; a flag the user does not give changes nothing."""
 
 from __future__ import annotations

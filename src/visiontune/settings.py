@@ -1,4 +1,4 @@
-"""How a setting is declared, checked, overridden and stored; `config.py` declares the settings themselves.
+"""How a setting is declared, checked, overridden and stored; the `config` package declares the settings themselves.
 
 A setting is a dataclass field made with `setting(...)`: its default, help text, CLI flag, allowed values and
 range travel together, so the CLI, the validation and the YAML files all read them from the one declaration.

@@ -51,10 +51,14 @@ _SIGNATURES = [
 class Decoded:
     """A decoded image and what had to be done to make it RGB (each note is one short phrase)."""
 
-    array: np.ndarray  # H x W x 3, uint8
+    image: Image.Image  # RGB: resized and cropped as it is, it costs no array round trip (copies) first
     size: tuple[int, int]  # (width, height) at full resolution, after EXIF orientation
     format: str
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def array(self) -> np.ndarray:  # H x W x 3, uint8
+        return np.asarray(self.image, dtype=np.uint8)
 
 
 def read_bytes(path: Union[str, Path]) -> bytes:
@@ -117,7 +121,7 @@ def decode_full(
     if isinstance(source, np.ndarray):
         rgb = _array_to_rgb(source, where or "array")
         check_shape(*_array_size(source), where or "array", max_pixels, max_aspect)
-        return Decoded(rgb, _array_size(source), "array")
+        return Decoded(Image.fromarray(rgb), _array_size(source), "array")
     if isinstance(source, Image.Image):
         where = where or "image"
         return _decode_pil(source, draft=None, max_pixels=max_pixels, max_aspect=max_aspect, where=where)
@@ -206,16 +210,16 @@ def _describe_mode(mode: str) -> str:
     return names.get(mode, mode)
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
+def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
-        return np.asarray(image, dtype=np.uint8)
+        return image
     if mode in _SIXTEEN_BIT_MODES or mode == "I":
         # Pillow's own convert() clips 16-bit values at 255; scale the full range instead.
         values = np.asarray(image, dtype=np.float32)
         peak = 65535.0 if (mode in _SIXTEEN_BIT_MODES or values.max() > 255) else 255.0
         grey = np.clip(values * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
         mode = "RGBA"
@@ -223,8 +227,8 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         # Transparent pixels carry arbitrary colour; put them on white, as a viewer would show them.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _array_size(array: np.ndarray) -> tuple[int, int]:

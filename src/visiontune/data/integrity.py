@@ -79,6 +79,12 @@ class ScanReport:
     leaks: list[list[int]] = field(default_factory=list)
     problems: list[tuple[int, str]] = field(default_factory=list)  # (file index, why it is unusable)
     unusable_reason: str | None = None  # set when the dataset cannot be trained on as it is
+    digests: np.ndarray | None = None  # content digest per file (rows of uint64; zeros where unusable)
+
+    def digest(self, i: int) -> str:
+        """File i's content digest in hex: the one the decoder gives (`load_all`), so the view cache's keys can be
+        made from the scan, before anything is decoded."""
+        return self.digests[i].tobytes().hex()
 
     @property
     def class_counts(self) -> dict[str, int]:
@@ -166,7 +172,8 @@ def scan_dataset(dataset: Dataset, cfg: ScanConfig = ScanConfig(), quiet: bool =
     near = dedup.near_groups(hashes, usable, cfg.near_duplicate_distance, exact)
     leaks = _leaking_groups(dataset, exact + near)
     findings.extend(_duplicate_findings(dataset, exact, near, leaks))
-    report = ScanReport(dataset, usable, widths, heights, dict(sorted(formats.items())), [], exact, near, leaks, problems)
+    report = ScanReport(dataset, usable, widths, heights, dict(sorted(formats.items())), [], exact, near, leaks, problems,
+                        digests=digests)
     findings.extend(_class_findings(dataset, usable))
     report.findings = sort_findings(findings)
     report.unusable_reason = unusable_reason(dataset, usable)

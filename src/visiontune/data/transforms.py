@@ -50,16 +50,35 @@ def resample(name: str) -> Image.Resampling:
     return _RESAMPLE.get(name, Image.Resampling.BICUBIC)
 
 
-def resize_shorter(rgb: np.ndarray, size: int, interpolation: str) -> np.ndarray:
-    h, w = rgb.shape[:2]
+def resize_shorter(rgb: np.ndarray | Image.Image, size: int, interpolation: str) -> np.ndarray:
+    """uint8 H x W x 3 (from an array or an RGB PIL image) with the shorter side at `size`."""
+    if isinstance(rgb, np.ndarray):
+        h, w = rgb.shape[:2]
+        if _shorter_at(w, h, size) == (w, h):
+            return rgb
+        rgb = Image.fromarray(rgb)
+    return np.asarray(resize_shorter_image(rgb, size, interpolation))
+
+
+def resize_shorter_image(image: Image.Image, size: int, interpolation: str) -> Image.Image:
+    target = _shorter_at(*image.size, size)
+    return image if target == image.size else image.resize(target, resample(interpolation))
+
+
+def _shorter_at(w: int, h: int, size: int) -> tuple[int, int]:
     scale = size / min(h, w)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    if (new_w, new_h) == (w, h):
-        return rgb
-    return np.asarray(Image.fromarray(rgb).resize((new_w, new_h), resample(interpolation)))
+    return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+def center_crop(rgb: np.ndarray | Image.Image, size: int) -> np.ndarray:
+    """The centre size x size of a uint8 array or RGB PIL image; a PIL image is cropped before it becomes an array,
+    so only the crop is copied (the same pixels as cropping its array)."""
+    if isinstance(rgb, Image.Image):
+        w, h = rgb.size
+        if h >= size and w >= size:
+            top, left = (h - size) // 2, (w - size) // 2
+            return np.asarray(rgb.crop((left, top, left + size, top + size)))
+        rgb = np.asarray(rgb)
     h, w = rgb.shape[:2]
     if h < size or w < size:  # an odd aspect ratio can leave one side short after the resize: pad by edge
         pad_h, pad_w = max(0, size - h), max(0, size - w)

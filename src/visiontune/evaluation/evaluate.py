@@ -15,23 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from visiontune.config import EvalConfig
 from visiontune.data.index import load_dataset
 from visiontune.data.loader import load_for_model
 from visiontune.errors import ConfigError, DatasetError, ImageDecodeError
 from visiontune.evaluation import open_set, plots
+from visiontune.evaluation.embedding import embedding_map, map_summary
 from visiontune.evaluation.metrics import choose_uncertainty_threshold, compute_metrics, fit_temperature, reliability, roc_curves
 from visiontune.evaluation.model_card import model_card
-from visiontune.evaluation.report import ReportData, build_html
+from visiontune.evaluation.report import ReportData, build_html, thumbnail_jpeg
 from visiontune.evaluation.scoring import Scored, run_split, score, select
 from visiontune.files import atomic_write_text
 from visiontune.inference.classifier import Classifier, softmax
 from visiontune.models.bundle import read_meta, update_meta
 from visiontune.models.run_dir import RunDir
-
-THUMBNAIL = 160
 
 
 @dataclass
@@ -97,6 +95,11 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
     metrics["notes"] += open_set_notes
     if section:
         metrics["open_set"] = section
+    embedding = None
+    if cfg.map_points:
+        embedding = embedding_map(run_dir, scored.paths, scored.labels, probs, meta.labels, cfg.map_points,
+                                  chunk_images=cfg.batch_images, workers=cfg.workers, quiet=quiet)
+        metrics["embedding_map"] = map_summary(embedding)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     target = RunDir(out_dir)
@@ -118,7 +121,7 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
                  f"{_config_data(run_dir) if own else selection.source} · {classifier.backend} backend"
                  f"{' · test-time augmentation (6 views an image)' if cfg.tta else ''}",
         metrics=metrics, train=train_metrics, plots=drawn["plots"], mistakes=drawn["mistakes"], notes=notes,
-        config_text=run.read_config_text(), versions=meta.versions)
+        config_text=run.read_config_text(), versions=meta.versions, embedding=embedding)
     atomic_write_text(target.report, build_html(report))
     if own:
         card = model_card(run_dir.resolve().name, read_meta(run_dir).to_dict(), train_metrics, metrics,
@@ -217,7 +220,7 @@ def _draw(folder: Path, run: RunDir, m: dict, scored: Scored, probs: np.ndarray,
         predicted = int(probs[i].argmax())
         mistakes.append({"image": crop, "path": scored.paths[i], "true": labels[scored.labels[i]],
                          "predicted": labels[predicted], "probability": float(probs[i, predicted]),
-                         "jpeg": _jpeg(crop)})
+                         "jpeg": thumbnail_jpeg(crop)})
     drawn["top_losses"] = plots.gallery(mistakes, folder / "top_losses.png")
     for item in mistakes:
         del item["image"]
@@ -251,11 +254,3 @@ def _gradcam(folder: Path, run_dir: Path, scored: Scored, probs: np.ndarray, lab
         drawn[name] = grid_png(result.explanations, folder / f"{name}.png", columns=min(len(indices), 6),
                                captions=captions[:len(result.explanations)])
     return drawn
-
-
-def _jpeg(rgb: np.ndarray) -> bytes:
-    image = Image.fromarray(rgb)
-    image.thumbnail((THUMBNAIL, THUMBNAIL))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()

@@ -1,6 +1,6 @@
 """The unknown score, fitted when a run is evaluated on its own split.
 
-Pooled features (the run's PyTorch model, centre crops) of a seeded sample of the train split, at most
+Pooled features (the run's network, centre crops) of a seeded sample of the train split, at most
 `open_set_images` a class, are the reference set (`models/open_set.fit_knn`). The threshold is then chosen on the
 validation split: the score below which `open_set_accept` of the validation images fall, or, given a folder of known
 negatives, the score that best separates validation images from them (Youden's J). The fit goes into the run's
@@ -16,16 +16,12 @@ import numpy as np
 
 from visiontune.config import EvalConfig, TrainConfig
 from visiontune.data.index import Dataset, walk_files
-from visiontune.data.loader import load_all
-from visiontune.data.parallel import progress
-from visiontune.data.transforms import center_crop, normalize
 from visiontune.errors import DatasetError
+from visiontune.evaluation.features import ONNX_MIN_IMAGES, feature_runner, iter_features
 from visiontune.evaluation.scoring import select
 from visiontune.models import open_set
 from visiontune.models.bundle import ModelMeta, update_meta
 from visiontune.models.run_dir import RunDir
-
-_BATCH = 32
 
 
 @dataclass
@@ -57,15 +53,15 @@ def fit_for_run(run_dir: Path, run_data: Dataset, meta: ModelMeta, cfg: EvalConf
         val = select(run_data, "val", meta.labels, allow_subset=True)
     except DatasetError:
         return _none("no unknown score: the run has no train or no validation images to fit and threshold it on")
-    features = _Features(run_dir, meta, cfg, quiet)
+    rng = np.random.default_rng(_seed(run_dir))
+    picked = _per_class(train.labels, cfg.open_set_images, rng)
+    features = _Features(run_dir, meta, cfg, quiet, len(negatives) + len(picked) + len(val.paths))
     neg_x = None
     if negatives:  # first: unreadable negatives are refused before the longer passes
         neg_x = features.of(negatives, "unknown score: negatives")
         if len(neg_x) == 0:
             raise DatasetError(f"--negatives {cfg.negatives}: none of its {len(negatives)} files could be read as an "
                                f"image")
-    rng = np.random.default_rng(_seed(run_dir))
-    picked = _per_class(train.labels, cfg.open_set_images, rng)
     train_x = features.of([train.paths[i] for i in picked], "unknown score: train")
     val_x = features.of(val.paths, "unknown score: val")
     if len(val_x) == 0 or len(train_x) < 2:
@@ -88,7 +84,7 @@ def fit_for_run(run_dir: Path, run_data: Dataset, meta: ModelMeta, cfg: EvalConf
         notes.append(f"the unknown threshold was chosen on only {len(val_x)} validation images: it is rough")
     open_set.save_fit(run_dir, fit)
     update_meta(run_dir, **{open_set.META_KEY: entry})
-    return Fitted(entry, notes)
+    return Fitted(entry, notes + features.notes)
 
 
 def _none(note: str) -> Fitted:
@@ -110,6 +106,18 @@ def report(fitted: Fitted | None, classifier, scores: np.ndarray | None) -> tupl
     return out, notes
 
 
+def summary(evaluation: dict) -> str | None:
+    """One line for people on the unknown score of an evaluation (metrics.json's "evaluation"), or None."""
+    unknown = evaluation.get("open_set") or {}
+    if "unknown_share" not in unknown:
+        return None
+    chosen = (f"; threshold {unknown['threshold']:.4g} chosen on {unknown['chosen_on']}, {unknown['rule']}"
+              if "rule" in unknown else "")
+    rejected = (f", {unknown['negatives_rejected']:.1%} of {unknown['negative_images']} negatives rejected"
+                if "negatives_rejected" in unknown else "")
+    return f"unknown: {unknown['unknown_share']:.1%} of {evaluation['split']} images{chosen}{rejected}"
+
+
 def _seed(run_dir: Path) -> int:
     try:
         return RunDir(run_dir).read_config()[2].seed
@@ -127,26 +135,20 @@ def _per_class(labels: np.ndarray, limit: int, rng: np.random.Generator) -> np.n
 
 
 class _Features:
-    """Pooled features of image files through the run's PyTorch model (centre crop, as evaluation scores)."""
+    """Pooled features of image files through the run's network (centre crop, as evaluation scores), all lists
+    through one runner: ONNX Runtime when the fit sees enough images to repay tracing (see `evaluation.features`)."""
 
-    def __init__(self, run_dir: Path, meta: ModelMeta, cfg: EvalConfig, quiet: bool):
+    def __init__(self, run_dir: Path, meta: ModelMeta, cfg: EvalConfig, quiet: bool, images: int):
         from visiontune.models.bundle import load_bundle
 
-        self.model, _ = load_bundle(run_dir)
+        model, _ = load_bundle(run_dir)
+        self.notes: list[str] = []
+        self.runner = feature_runner(model, meta.preprocess, images >= ONNX_MIN_IMAGES, self.notes)
         self.spec, self.cfg, self.quiet = meta.preprocess, cfg, quiet
 
     def of(self, paths: list[str], what: str) -> np.ndarray:
         """N x D features of the readable ones among `paths` (unreadable files are left out)."""
-        from visiontune.models.features import logits_and_features
-
-        features = []
-        step = max(1, self.cfg.batch_images)
-        with progress(len(paths), what, self.quiet) as bar:
-            for start in range(0, len(paths), step):
-                decoded = load_all(paths[start:start + step], self.spec, workers=self.cfg.workers, quiet=True)
-                ok = [k for k, image in enumerate(decoded.images) if image is not None]
-                crops = np.stack([center_crop(decoded.images[k], self.spec.input_size) for k in ok]) if ok else None
-                for b in range(0, len(ok), _BATCH):
-                    features.append(logits_and_features(self.model, normalize(crops[b:b + _BATCH], self.spec))[1])
-                bar.update(len(decoded.images))
-        return np.concatenate(features) if features else np.zeros((0, 0), np.float32)
+        chunks = [chunk.features for chunk in iter_features(None, self.spec, paths, chunk_images=self.cfg.batch_images,
+                                                             workers=self.cfg.workers, quiet=self.quiet, desc=what,
+                                                             runner=self.runner) if len(chunk.indices)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)

@@ -18,6 +18,7 @@ from torch import nn
 from visiontune.config import EXPLAIN_METHODS as METHODS
 from visiontune.data.transforms import Preprocess, normalize
 from visiontune.errors import ConfigError, ModelError
+from visiontune.models.attention import attention_pool
 
 
 def _cam_class(method: str):
@@ -50,6 +51,7 @@ class Explanation:
     method: str = "gradcam"
     layer: str = ""
     source: str = ""
+    attention: np.ndarray | None = None  # float32 H x W, 0..1: where an attention head pooled (None: no such head)
 
 
 def _feature_output(model: nn.Module, size: int) -> tuple[list[tuple[str, nn.Module, torch.Size]], torch.Size]:
@@ -136,6 +138,7 @@ class Explainer:
         self.method = method
         self.cam_class = _cam_class(method)
         self.layer = find_target_layer(self.model, preprocess.input_size, layer)
+        self.attention = attention_pool(self.model)
 
     def target_index(self, target: str | int | None) -> int | None:
         if target is None or isinstance(target, (int, np.integer)):
@@ -145,9 +148,10 @@ class Explainer:
                               f"{', …' if len(self.labels) > 10 else ''})")
         return self.labels.index(target)
 
-    def heatmaps(self, crops: np.ndarray, targets: list[int | None]) -> tuple[np.ndarray, np.ndarray]:
-        """(N x H x W heat maps in 0..1, N x C probabilities) for uint8 crops; a None target is the top class.
-        One forward and one backward pass: the probabilities come from the CAM's own forward."""
+    def heatmaps(self, crops: np.ndarray, targets: list[int | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(N x H x W heat maps in 0..1, N x C probabilities, N x H x W attention maps in 0..1 or None) for uint8
+        crops; a None target is the top class. One forward and one backward pass: the probabilities (and the
+        attention head's map) come from the CAM's own forward."""
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         x = torch.from_numpy(normalize(crops, self.preprocess))
@@ -159,6 +163,10 @@ class Explainer:
         cam = self.cam_class(model=self.model, target_layers=[self.layer.module], **kwargs)
         if hasattr(cam, "batch_size"):
             cam.batch_size = 32  # Score-CAM's masked forward passes, per batch
+        seen: list[torch.Tensor] = []  # the attention map of the first forward (Score-CAM runs many more)
+        hook = self.attention.register_forward_hook(
+            lambda pool, inputs, _out: seen.append(pool.weights(inputs[0]).detach()) if not seen else None
+        ) if self.attention is not None else None
         try:
             chosen = None if targets[0] is None else [ClassifierOutputTarget(c) for c in targets]
             maps = cam(input_tensor=x, targets=chosen)
@@ -168,20 +176,32 @@ class Explainer:
             cam.activations_and_grads.release()
             cam.outputs = None
             self.model.zero_grad(set_to_none=True)
-        return np.nan_to_num(maps.astype(np.float32)), probs
+            if hook is not None:
+                hook.remove()
+        attention = _upsampled(seen[0], crops.shape[1:3]) if seen else None
+        return np.nan_to_num(maps.astype(np.float32)), probs, attention
 
     def explain(self, crops: np.ndarray, targets: list[int | None] | None = None, *, top_k: int = 3,
                 sources: list[str] | None = None) -> list[Explanation]:
         targets = targets if targets is not None else [None] * len(crops)
-        maps, probs = self.heatmaps(crops, targets)
+        maps, probs, attention = self.heatmaps(crops, targets)
         out = []
         for i, crop in enumerate(crops):
             order = np.argsort(-probs[i])[:top_k]
             target = int(probs[i].argmax()) if targets[i] is None else targets[i]
             out.append(Explanation(crop, maps[i], overlay(crop, maps[i]), self.labels[target],
                                    [(self.labels[j], float(probs[i, j])) for j in order], self.method,
-                                   self.layer.name, sources[i] if sources else ""))
+                                   self.layer.name, sources[i] if sources else "",
+                                   attention[i] if attention is not None else None))
         return out
+
+
+def _upsampled(weights: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """N x h x w attention weights -> N x H x W at the crop's size, each scaled to a maximum of 1 (the weights sum
+    to 1 over the positions, so their raw scale only says how many positions there are)."""
+    maps = torch.nn.functional.interpolate(weights[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    peak = maps.flatten(1).max(dim=1).values.clamp_min(1e-12)
+    return (maps / peak[:, None, None]).numpy().astype(np.float32)
 
 
 def overlay(crop: np.ndarray, heatmap: np.ndarray, image_weight: float = 0.55) -> np.ndarray:

@@ -7,19 +7,22 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from visiontune.explain.gradcam import Explanation
+from visiontune.explain.gradcam import Explanation, overlay
 
 DPI = 110
 
 
 def explanation_png(e: Explanation, path: Path) -> Path:
-    fig = Figure(figsize=(9.6, 3.3))
-    left, middle, right = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.1], "wspace": 0.55})
-    left.imshow(e.image)
-    left.set_title("input (as the model sees it)", fontsize=9)
-    middle.imshow(e.overlay)
-    middle.set_title(f"{e.method} for '{e.target}' ({e.layer})", fontsize=9)
-    for ax in (left, middle):
+    """Input, the class map, the attention head's map when the model has one, and the top predictions."""
+    pictures = [(e.image, "input (as the model sees it)"), (e.overlay, f"{e.method} for '{e.target}' ({e.layer})")]
+    if e.attention is not None:
+        pictures.append((overlay(e.image, e.attention), "attention head: where it pools"))
+    fig = Figure(figsize=(3.2 * (len(pictures) + 1), 3.3))
+    *axes, right = fig.subplots(1, len(pictures) + 1,
+                                gridspec_kw={"width_ratios": [1] * len(pictures) + [1.1], "wspace": 0.55})
+    for ax, (picture, title) in zip(axes, pictures):
+        ax.imshow(picture)
+        ax.set_title(title, fontsize=9)
         ax.axis("off")
     names = [label for label, _ in e.predictions][::-1]
     values = [p for _, p in e.predictions][::-1]

@@ -1,1 +1,1 @@
-"""Export a trained run: ONNX (fp32, fp16, INT8) and TorchScript, each checked against PyTorch."""
+"""Export a trained run: ONNX (fp32, fp16, INT8), TorchScript, OpenVINO and TFLite, each checked against PyTorch."""

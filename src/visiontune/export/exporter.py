@@ -70,6 +70,10 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
     cfg = config or ExportConfig()
     format, precision, agreement = cfg.format, cfg.precision, cfg.int8_agreement
     run = require_run(run, "export")
+    if format == "tflite":
+        from visiontune.export.tflite import require_converter
+
+        require_converter(str(run))
     start = time.perf_counter()
     say = (lambda msg: None) if quiet else (lambda msg: print(f"export: {msg}", file=sys.stderr, flush=True))
     model, meta = load_bundle(run)
@@ -101,6 +105,9 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
     fp32_result = parity.check_close("ONNX fp32", parity.compare(reference, fp32_logits, images.parity_labels,
                                                                  threshold=threshold),
                                      atol=cfg.fp32_atol, cosine=cfg.fp32_cosine, score_atol=cfg.fp32_score_atol)
+    if format == "tflite":
+        return _export_tflite(run, target, fp32, fp32_result, (reference, threshold), images, cfg, meta, metrics, info,
+                              start, say)
     if precision == "fp32":
         data, result = fp32, fp32_result
     else:
@@ -169,6 +176,36 @@ def _export_openvino(run: Path, target: Path, onnx_data: bytes, references: tupl
     openvino.save(model, target, meta, metrics, info)
     _write_label_maps(run, meta)
     return ExportResult(target, "openvino", cfg.precision, result, time.perf_counter() - start)
+
+
+def _export_tflite(run: Path, target: Path, onnx_fp32: bytes, onnx_result: dict, references: tuple,
+                   images: "_RunImages", cfg: ExportConfig, meta: ModelMeta, metrics: dict, info: dict, start: float,
+                   say) -> ExportResult:
+    """The flatbuffer converted from the fp32 ONNX graph just checked (fp16 too starts from it), run on LiteRT's
+    interpreter and checked against PyTorch the way ONNX is, then written with its metadata.
+    `references`: (PyTorch's outputs, the unknown threshold)."""
+    from visiontune.export import tflite
+
+    reference, threshold = references
+    if not onnx_result["passed"]:
+        _finish(run, target, dict(onnx_result, stage="fp32 ONNX graph the TFLite model is converted from"))
+    say(f"converting to TFLite ({cfg.precision})")
+    data = tflite.convert(onnx_fp32, cfg.precision)
+    run_tflite = tflite.interpreter(data, "the TFLite model", default_workers(0))
+    compared = parity.compare(reference, _stack([run_tflite(b) for b in images.parity_batches()]),
+                              images.parity_labels, threshold=threshold)
+    if cfg.precision == "fp16":
+        result = parity.check_cosine("TFLite fp16", compared, cosine=cfg.fp16_cosine, score_atol=cfg.fp16_score_atol)
+    else:
+        result = parity.check_close("TFLite fp32", compared, atol=cfg.fp32_atol, cosine=cfg.fp32_cosine,
+                                    score_atol=cfg.fp32_score_atol)
+    result.update(reference="pytorch", split=images.parity_split)
+    _finish(run, target, result)
+    info.update(parity=result, input="float32 N x S x S x 3 (NHWC), normalised as in model.preprocess")
+    info["versions"].update(tflite.versions())
+    atomic_write_bytes(target, tflite.embed(data, meta, metrics, info))
+    _write_label_maps(run, meta)
+    return ExportResult(target, "tflite", cfg.precision, result, time.perf_counter() - start)
 
 
 def _write_label_maps(run: Path, meta: ModelMeta) -> None:

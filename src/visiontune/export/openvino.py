@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,11 @@ def convert(onnx_bytes: bytes):
         return ov.convert_model(str(source))
 
 
-def compile_ir(model, where: str, threads: int):
+def compile_ir(model, where: str, threads: int, streams: int = 1):
     """(openvino.Model, batch -> (logits, unknown scores or None)) for an IR path or an openvino.Model, compiled for
     the CPU at fp32 precision: OpenVINO would run an fp32 model in bf16 on CPUs that have it (logits off by 0.1 on
-    Lite0); an INT8 IR still runs its INT8 kernels."""
+    Lite0); an INT8 IR still runs its INT8 kernels. `streams` calls may run at once (from as many threads), each on
+    `threads`."""
     try:
         import openvino as ov
     except ImportError:
@@ -46,16 +48,20 @@ def compile_ir(model, where: str, threads: int):
     core = ov.Core()
     try:
         model = core.read_model(str(model)) if isinstance(model, (str, Path)) else model
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads * streams, "NUM_STREAMS": streams,
+                                                     "INFERENCE_PRECISION_HINT": "f32"})
     except RuntimeError as exc:
         raise ModelError(f"{where}: not a readable OpenVINO model ({first_line(exc)[:200]})") from None
-    request = compiled.create_infer_request()
     ports = list(compiled.outputs)
     named = {name: port for port in ports for name in port.get_names()}
     logits_port = named.get(OUTPUT, ports[0])
     score_port = named.get(SCORE)
+    local = threading.local()  # an infer request serves one call at a time: one per calling thread
 
     def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        request = getattr(local, "request", None)
+        if request is None:
+            request = local.request = compiled.create_infer_request()
         out = request.infer([np.ascontiguousarray(batch, dtype=np.float32)])
         score = None if score_port is None else np.array(out[score_port], dtype=np.float32)
         return np.array(out[logits_port], dtype=np.float32), score

@@ -114,12 +114,32 @@ class OpenVinoBackend:
 
     name = "openvino"
 
-    def __init__(self, model: str | Path | object, where: str, threads: int = InferenceConfig.threads):
+    def __init__(self, model: str | Path | object, where: str, threads: int = InferenceConfig.threads,
+                 streams: int = 1):
         from visiontune.export.openvino import compile_ir
 
         self.where = where
         self.threads = default_workers(threads)
-        self.model, self._run = compile_ir(model, where, self.threads)
+        self.model, self._run = compile_ir(model, where, self.threads, streams)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch)[0]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return self._run(batch)
+
+
+class TfliteBackend:
+    """A .tflite flatbuffer on LiteRT's CPU interpreter (see `export.tflite.interpreter`)."""
+
+    name = "tflite"
+
+    def __init__(self, model: str | Path | bytes, where: str, threads: int = InferenceConfig.threads):
+        from visiontune.export.tflite import interpreter
+
+        self.where = where
+        self.threads = default_workers(threads)
+        self._run = interpreter(model, where, self.threads)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self._run(batch)[0]

@@ -91,14 +91,14 @@ class Classifier:
     @classmethod
     def load(cls, path: str | Path, backend: str | None = None, *, precision: str = "fp32",
              threads: int = InferenceConfig.threads, batch_size: int = InferenceConfig.batch_size,
-             spinning: bool = True) -> "Classifier":
+             spinning: bool = True, streams: int = 1) -> "Classifier":
         """A run directory, an ensemble directory, a .onnx file or a TorchScript file (see `resolve.open_model`).
 
         backend: "torch" or "onnx". Defaults: "onnx" for a .onnx file, "torch" for a run directory (where
         "onnx" uses its export at `precision` if present, else exports fp32 in memory).
         """
         model = open_model(path, backend, precision=precision, threads=threads, batch_size=batch_size,
-                           spinning=spinning)
+                           spinning=spinning, streams=streams)
         return cls(model, batch_size=batch_size)
 
     # ----------------------------------------------------------------- numbers

@@ -13,7 +13,14 @@ import numpy as np
 
 from visiontune.config import BACKENDS, SERVE_PRECISIONS, InferenceConfig
 from visiontune.errors import ConfigError, ModelError
-from visiontune.inference.backends import LoadedModel, OnnxBackend, OpenVinoBackend, TorchBackend, load_torchscript
+from visiontune.inference.backends import (
+    LoadedModel,
+    OnnxBackend,
+    OpenVinoBackend,
+    TfliteBackend,
+    TorchBackend,
+    load_torchscript,
+)
 from visiontune.inference.ensemble import EnsembleVote
 from visiontune.models import open_set
 from visiontune.models.bundle import ModelMeta, read_meta
@@ -26,12 +33,14 @@ from visiontune.models.run_dir import RunDir
 
 def open_model(path: str | Path, backend: str | None = None, *, precision: str = "fp32",
                threads: int = InferenceConfig.threads, batch_size: int = InferenceConfig.batch_size,
-               spinning: bool = True) -> LoadedModel:
-    """Open a run directory, an ensemble directory, a .onnx, a TorchScript or an OpenVINO (.xml) file.
+               spinning: bool = True, streams: int = 1) -> LoadedModel:
+    """Open a run directory, an ensemble directory, a .onnx, a TorchScript, an OpenVINO (.xml) or a .tflite file.
 
     backend: "torch" or "onnx"; default: the file's own engine, "torch" for a run directory. A run directory on
     "onnx" runs its export (precision "fp32", "int8", or "auto": INT8 when exported, else fp32), or an fp32
-    export made in memory when it has none. `spinning=False`: idle ONNX Runtime threads sleep (a server)."""
+    export made in memory when it has none. `spinning=False`: idle ONNX Runtime threads sleep (a server).
+    `threads` serve one call; `streams` calls may run at once from as many threads (a server's model streams:
+    ONNX Runtime sessions take concurrent calls as they are, OpenVINO is compiled for them)."""
     if backend is not None and backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if precision not in SERVE_PRECISIONS:
@@ -46,7 +55,9 @@ def open_model(path: str | Path, backend: str | None = None, *, precision: str =
             raise ConfigError(f"{found.path}: a TorchScript file runs with backend 'torch' only")
         return _torchscript(found.path)
     if found.kind == "openvino":  # its own engine, whatever backend a run directory would use
-        return _openvino_file(found.path, threads)
+        return _openvino_file(found.path, threads, streams)
+    if found.kind == "tflite":
+        return _tflite_file(found.path, threads)
     if found.kind == "ensemble":
         return _ensemble(found.path, backend, threads, batch_size, spinning)
     if backend == "onnx":
@@ -65,10 +76,10 @@ def _onnx_file(path: Path, threads: int, spinning: bool) -> LoadedModel:
     return LoadedModel(engine, meta, path, "onnx", f"onnx {precision}", metrics)
 
 
-def _openvino_file(path: Path, threads: int) -> LoadedModel:
+def _openvino_file(path: Path, threads: int, streams: int) -> LoadedModel:
     from visiontune.export.openvino import read_rt_info
 
-    engine = OpenVinoBackend(path, str(path), threads)
+    engine = OpenVinoBackend(path, str(path), threads, streams)
     data, metrics, _ = read_rt_info(engine.model, str(path))
     if not data:
         raise ModelError(f"{path}: an OpenVINO model, but not a visiontune one (no model description in its rt_info); "
@@ -77,6 +88,20 @@ def _openvino_file(path: Path, threads: int) -> LoadedModel:
     check_output_width(engine, meta, path)
     precision = "int8" if ".int8" in path.suffixes else "fp32"
     return LoadedModel(engine, meta, path, "openvino", f"openvino {precision}", metrics)
+
+
+def _tflite_file(path: Path, threads: int) -> LoadedModel:
+    from visiontune.export.tflite import read_metadata
+
+    data, metrics, _ = read_metadata(path.read_bytes(), str(path))
+    if not data:
+        raise ModelError(f"{path}: a TFLite model, but not a visiontune one (no model description in its metadata); "
+                         f"export it with `visiontune export RUN --format tflite`")
+    meta = ModelMeta.from_dict(data, f"{path} (metadata)")
+    engine = TfliteBackend(path, str(path), threads)
+    check_output_width(engine, meta, path)
+    precision = "fp16" if ".fp16" in path.suffixes else "fp32"
+    return LoadedModel(engine, meta, path, "tflite", f"tflite {precision}", metrics)
 
 
 def _torchscript(path: Path) -> LoadedModel:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from visiontune.config import HEADS
 from visiontune.data.transforms import INTERPOLATIONS, Preprocess
 from visiontune.errors import ModelError
 from visiontune.files import atomic_write_bytes, atomic_write_text
@@ -37,6 +38,7 @@ class ModelMeta:
     versions: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     img_size: int | None = None  # the input size the architecture was built for, when it is built per size (ViT)
+    head: str = "linear"  # "attention": the backbone's pool is a `SpatialAttentionPool` (models/attention.py)
 
     @property
     def num_classes(self) -> int:
@@ -48,7 +50,8 @@ class ModelMeta:
             "format_version": FORMAT_VERSION,
             "architecture": {"backbone": self.backbone, "timm_name": self.timm_name,
                              "num_classes": self.num_classes, "dropout": self.dropout,
-                             **({"img_size": self.img_size} if self.img_size else {})},
+                             **({"img_size": self.img_size} if self.img_size else {}),
+                             **({"head": self.head} if self.head != "linear" else {})},
             "id2label": {str(i): name for i, name in enumerate(self.labels)},
             "preprocess": self.preprocess.to_dict(),
             "versions": self.versions,
@@ -75,6 +78,7 @@ class ModelMeta:
         img_size = arch.get("img_size")
         if img_size is not None:
             img_size = field_check.number(arch, "architecture.img_size", 16, 4096, integer=True)
+        head = field_check.choice({"head": arch.get("head", "linear")}, "architecture.head", HEADS)
         for key in ("backbone", "timm_name"):
             if not isinstance(arch.get(key), str) or not arch[key]:
                 field_check.fail(f"architecture.{key}", "missing or not a name")
@@ -90,7 +94,7 @@ class ModelMeta:
             field_check.number(field_check.section(extra, "open_set"), "open_set.threshold", 0.0, 1e12)
         versions = data.get("versions", {})
         return cls(arch["backbone"], arch["timm_name"], labels, preprocess, dropout,
-                   versions if isinstance(versions, dict) else {}, extra, img_size)
+                   versions if isinstance(versions, dict) else {}, extra, img_size, head)
 
 
 MAX_LABELS = 100_000  # beyond any classifier this tool trains; 2 million would allocate gigabytes before failing
@@ -209,6 +213,10 @@ def load_bundle(folder: Path) -> tuple[nn.Module, ModelMeta]:
         raise ModelError(f"{RunDir(folder).meta}: architecture {meta.timm_name!r} is unknown to this timm "
                          f"({timm.__version__}); the model was made with timm {meta.versions.get('timm', '?')}")
     model = create_architecture(meta.timm_name, meta.num_classes, meta.dropout, meta.img_size)
+    if meta.head == "attention":
+        from visiontune.models.attention import attach_attention
+
+        attach_attention(model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -6,17 +6,20 @@ from pathlib import Path
 
 from torch import nn
 
+from visiontune.models.attention import attach_attention
 from visiontune.models.registry import BackboneSpec, get_spec
 from visiontune.models.weights import create_pretrained
 
 
 def build_classifier(model_name: str, num_classes: int, *, dropout: float, weights: Path | None = None,
                      from_scratch: bool = False, allow_download: bool = False,
-                     input_size: int = 0) -> tuple[nn.Module, BackboneSpec]:
+                     input_size: int = 0, head: str = "linear") -> tuple[nn.Module, BackboneSpec]:
     """A timm model whose head (timm's own: pool -> dropout -> linear) has `num_classes` outputs.
 
     timm's uniform API then gives every part training needs: `forward_features` (feature map),
-    `forward_head(x, pre_logits=True)` (pooled features) and `get_classifier()` (the linear layer).
+    `forward_head(x, pre_logits=True)` (pooled features) and `get_classifier()` (the linear layer). With
+    head "attention" the pool is a learned spatial attention (models/attention.py), added after the pretrained
+    weights are loaded (they have none for it).
     """
     spec = get_spec(model_name).at_size(input_size)
     model, spec = create_pretrained(spec, num_classes, dropout, weights=weights, from_scratch=from_scratch,
@@ -27,6 +30,8 @@ def build_classifier(model_name: str, num_classes: int, *, dropout: float, weigh
     if isinstance(classifier, nn.Linear):
         nn.init.zeros_(classifier.weight)
         nn.init.zeros_(classifier.bias)
+    if head == "attention":
+        attach_attention(model)
     return model, spec
 
 

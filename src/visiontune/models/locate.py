@@ -1,4 +1,4 @@
-"""What a model path is: a run directory, an ensemble directory, an ONNX, TorchScript or OpenVINO file.
+"""What a model path is: a run directory, an ensemble directory, an ONNX, TorchScript, OpenVINO or TFLite file.
 
 Decided here once; `inference.resolve` loads what this finds, and explain, serve and bench ask it too.
 """
@@ -14,7 +14,8 @@ from visiontune.models.run_dir import RunDir
 ONNX_SUFFIXES = (".onnx",)
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".jit")
 OPENVINO_SUFFIXES = (".xml",)  # an OpenVINO IR: the .xml, its weights in the .bin beside it
-KINDS = ("run", "ensemble", "onnx", "torchscript", "openvino")
+TFLITE_SUFFIXES = (".tflite",)
+KINDS = ("run", "ensemble", "onnx", "torchscript", "openvino", "tflite")
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,13 @@ def _file_kind(path: Path) -> str:
         return "torchscript"
     if suffix in OPENVINO_SUFFIXES:
         return "openvino"
+    if suffix in TFLITE_SUFFIXES:
+        return "tflite"
     with open(path, "rb") as fh:
-        head = fh.read(4)
-    return "torchscript" if head == b"PK\x03\x04" else "onnx"  # TorchScript archives are zip files
+        head = fh.read(8)
+    if head[4:8] == b"TFL3":  # a TFLite flatbuffer's file identifier
+        return "tflite"
+    return "torchscript" if head[:4] == b"PK\x03\x04" else "onnx"  # TorchScript archives are zip files
 
 
 def require_run(path: str | Path, why: str) -> Path:

@@ -1,4 +1,5 @@
-"""The run directory: every file a run (or an ensemble, or an evaluation folder) holds, named here and only here.
+"""The run directory: every file a run (or an ensemble, or an evaluation folder) holds, named here and only here
+(and, beside it, the few files of a `doctor` folder).
 
 `visiontune train` writes a run directory and everything downstream reads only it, so its layout is the
 contract between the stages. Code asks a `RunDir` for a path (`RunDir(run).metrics`); no other module spells
@@ -21,7 +22,8 @@ HISTORY_COLUMNS = ["phase", "epoch", "train_loss", "train_acc", "val_loss", "val
 # (format, precision) -> the file `visiontune export` writes under export/
 EXPORT_FILES = {("onnx", "fp32"): "model.onnx", ("onnx", "fp16"): "model.fp16.onnx", ("onnx", "int8"): "model.int8.onnx",
                 ("torchscript", "fp32"): "model.torchscript.pt",
-                ("openvino", "fp32"): "model.openvino.xml", ("openvino", "int8"): "model.int8.openvino.xml"}
+                ("openvino", "fp32"): "model.openvino.xml", ("openvino", "int8"): "model.int8.openvino.xml",
+                ("tflite", "fp32"): "model.tflite", ("tflite", "fp16"): "model.fp16.tflite"}
 
 
 class RunDir:
@@ -144,3 +146,23 @@ def _number(text: str):
             return float(text)
         except ValueError:
             return text
+
+
+class DoctorDir:
+    """The files `visiontune doctor` writes into its folder."""
+
+    ISSUES_CSV = "issues.csv"  # one row per issue, ranked within its kind
+    ISSUES_JSON = "issues.json"  # the summary, every issue and every differently labelled duplicate group
+    ISSUES_HTML = "issues.html"  # the same, self-contained, with thumbnails
+    FIXED_MANIFEST = "fixed_manifest.csv"  # every file of the data with the suggested labels applied
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    issues_csv = property(lambda self: self.path / self.ISSUES_CSV)
+    issues_json = property(lambda self: self.path / self.ISSUES_JSON)
+    issues_html = property(lambda self: self.path / self.ISSUES_HTML)
+    fixed_manifest = property(lambda self: self.path / self.FIXED_MANIFEST)
+
+    def files(self) -> list[Path]:
+        return [self.issues_csv, self.issues_json, self.issues_html, self.fixed_manifest]

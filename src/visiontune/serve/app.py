@@ -29,7 +29,7 @@ from visiontune.inference import Classifier
 from visiontune.serve import docs, errors, uploads
 from visiontune.serve.batcher import MicroBatcher
 from visiontune.serve.errors import ApiError
-from visiontune.serve.model import can_explain, describe
+from visiontune.serve.model import can_explain, describe, model_streams
 from visiontune.version import __version__
 
 log = logging.getLogger("visiontune.serve")
@@ -99,7 +99,7 @@ def _key_check(expected: str):
 def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
     batcher = MicroBatcher(clf.probabilities_and_scores, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
-                           capacity=cfg.queue_size)
+                           capacity=cfg.queue_size, streams=model_streams(cfg))
     decoder = ThreadPoolExecutor(default_workers(cfg.decode_threads), thread_name_prefix="decode")
     bodies = uploads.BodyBudget(cfg.body_budget_bytes)
     explainer = ThreadPoolExecutor(1, thread_name_prefix="explain")  # Grad-CAM is heavy: one at a time

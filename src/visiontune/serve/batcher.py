@@ -6,9 +6,12 @@ no place), and the reservation is held until its answer is ready. A reservation 
 connect; the bodies being received are bounded apart, in bytes (`uploads.BodyBudget`).
 
 One worker task feeds the model: it takes the first waiting item, then keeps collecting until the batch
-is full, or until no other admitted request could still join (they are all in this batch), or until
-`max_wait_ms` has passed. The model runs on its own thread, so the event loop keeps accepting, reading and
-decoding the next requests meanwhile; those form the next batch.
+is full, or until no other admitted request could still join (they are all in this batch or already at the
+model), or until `max_wait_ms` has passed. The model runs on its own threads, up to `streams` batches at once
+(each engine call on its share of the cores), so the event loop keeps accepting, reading and decoding the next
+requests meanwhile; those form the next batch. Several narrow calls at once beat one wide call here: a call
+spread over every core waits at each layer for its slowest thread, and on a server the decoding threads and the
+event loop take cores from it all the time (BENCHMARKS.md, "Serving").
 """
 
 from __future__ import annotations
@@ -55,15 +58,19 @@ class Reservation:
 
 class MicroBatcher:
     def __init__(self, infer: Callable[[np.ndarray], np.ndarray], *, max_batch: int, max_wait_ms: float,
-                 capacity: int):
+                 capacity: int, streams: int = 1):
         self._infer = infer
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self.capacity = max(1, capacity)
+        self.streams = max(1, streams)
         self._reserved = 0
+        self._at_model = 0  # images of the batches being computed
         self._queue: asyncio.Queue[_Item] | None = None
         self._worker: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._slots: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(max_workers=self.streams, thread_name_prefix="model")
         self.batches = 0  # model calls made, and the images they took (how well batching works)
         self.images = 0
 
@@ -83,13 +90,16 @@ class MicroBatcher:
 
     def start(self) -> None:
         self._queue = asyncio.Queue()  # bounded by the reservations, not by maxsize: put never blocks
+        self._slots = asyncio.Semaphore(self.streams)
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        for task in [self._worker, *self._running]:
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._worker
+                await task
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=True)
@@ -109,8 +119,8 @@ class MicroBatcher:
         deadline = loop.time() + self.max_wait
         while size < self.max_batch:
             if self._queue.empty():
-                # Everything admitted is already here: waiting would only add latency.
-                if self._reserved <= size:
+                # Everything admitted is already here or at the model: waiting would only add latency.
+                if self._reserved - self._at_model <= size:
                     break
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -126,18 +136,29 @@ class MicroBatcher:
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
+            await self._slots.acquire()  # a stream is free: the next batch forms while the others compute
+            try:
+                batch = await self._collect()
+            except BaseException:
+                self._slots.release()
+                raise
+            size = sum(len(item.crops) for item in batch)
+            self._at_model += size
+            task = asyncio.get_running_loop().create_task(self._compute(batch, size))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _compute(self, batch: list[_Item], size: int) -> None:
+        try:
             crops = np.concatenate([item.crops for item in batch])
             try:
-                out = await loop.run_in_executor(self._executor, self._infer, crops)
+                out = await asyncio.get_running_loop().run_in_executor(self._executor, self._infer, crops)
             except Exception as exc:  # the requests report it; the worker keeps serving
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
-                await asyncio.sleep(0)
-                continue
+                return
             self.batches += 1
             self.images += len(crops)
             start = 0
@@ -149,6 +170,9 @@ class MicroBatcher:
             # Let the answered requests run and give back their places before the next batch is
             # collected, or it would wait for them as if they were still coming.
             await asyncio.sleep(0)
+        finally:
+            self._at_model -= size
+            self._slots.release()
 
 
 def _rows(out, start: int, end: int):

@@ -25,6 +25,12 @@ def model_threads(cfg: ServeConfig) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
 
 
+def model_streams(cfg: ServeConfig) -> int:
+    """Model calls a worker runs at once (each on model_threads // streams threads)."""
+    threads = model_threads(cfg)
+    return min(cfg.streams, threads) if cfg.streams > 0 else threads
+
+
 def load_model(model: str | Path, cfg: ServeConfig) -> Classifier:
     """A run directory (its OpenVINO INT8 export when there is one and OpenVINO is installed, else its ONNX
     export: see ServeConfig.precision), an ensemble, a .onnx, TorchScript or OpenVINO file, loaded and warmed up
@@ -38,8 +44,10 @@ def load_model(model: str | Path, cfg: ServeConfig) -> Classifier:
             and importlib.util.find_spec("openvino") is not None):
         # Measured faster than ONNX Runtime's INT8 on this machine (BENCHMARKS.md "ORT vs OpenVINO"), same graph.
         found, backend = locate_model(openvino_int8), None
+    streams = model_streams(cfg)
     clf = Classifier.load(found.path, backend, precision=cfg.precision if found.kind == "run" else "fp32",
-                          threads=model_threads(cfg), batch_size=cfg.max_batch, spinning=False)
+                          threads=model_threads(cfg) // streams, batch_size=cfg.max_batch, spinning=False,
+                          streams=streams)
     if str(getattr(clf.engine, "where", "")).endswith("(in memory)"):
         log.warning("%s has no ONNX export: serving fp32 exported in memory; `visiontune export %s "
                     "--precision int8` makes a faster model", found.path, found.path)

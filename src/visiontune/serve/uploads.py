@@ -12,8 +12,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from visiontune.data.loader import load_resized
-from visiontune.data.transforms import Preprocess, center_crop
+from visiontune.data.loader import load_for_model
+from visiontune.data.transforms import Preprocess
 from visiontune.errors import ImageDecodeError
 from visiontune.serve.errors import ApiError
 
@@ -162,7 +162,7 @@ async def read_images(request: Request, max_bytes: int, timeout_s: float, max_fi
 
 def decode_crop(data: bytes, spec: Preprocess, max_pixels: int) -> np.ndarray:
     """The crop the model sees: the same decode, resize and centre crop as training and `predict`."""
-    return center_crop(load_resized(data, spec, max_pixels), spec.input_size)
+    return load_for_model(data, spec, max_pixels)
 
 
 def decode_error(name: str, exc: ImageDecodeError) -> ApiError:

@@ -5,8 +5,6 @@ activations."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,10 +13,19 @@ from torch import nn
 
 from visiontune.config import TrainConfig
 from visiontune.data.transforms import Preprocess
+from visiontune.models.attention import head_modules
 from visiontune.models.stages import frozen_trainable
 from visiontune.training.checkpoint import Checkpoint
 from visiontune.training.distill import distill_loss, teacher_view_logits
-from visiontune.training.feature_cache import DiskCache, FrozenFeatures, FrozenRunner, ViewCache, build_view_cache, cache_key
+from visiontune.training.feature_cache import (
+    DiskCache,
+    FrozenFeatures,
+    FrozenRunner,
+    ViewCache,
+    build_view_cache,
+    view_cache_key,
+    weights_identity,
+)
 from visiontune.training.loops import batch_rng, make_loss, optimizer_step, run_epochs
 from visiontune.training.phases import BestState, PhaseContext, Score, Sets, WeightAverage, augment_from
 
@@ -30,14 +37,6 @@ def training_preprocess(spec: Preprocess, cfg: TrainConfig) -> Preprocess:
     if not cfg.train_size or cfg.train_size == spec.input_size:
         return spec
     return dataclasses.replace(spec, input_size=cfg.train_size)
-
-
-def _weights_identity(cfg: TrainConfig, spec) -> str:
-    if cfg.from_scratch:
-        return f"scratch:{cfg.seed}"
-    if cfg.weights:
-        return f"file:{hashlib.blake2b(Path(cfg.weights).read_bytes(), digest_size=16).hexdigest()}"
-    return f"pretrained:{spec.timm_name}"
 
 
 def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digests: list[str], sets: Sets,
@@ -52,6 +51,7 @@ def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digest
         p.requires_grad_(False)
     model.eval()
     aug = augment_from(cfg)
+    weights = weights_identity(spec.timm_name, cfg.weights, cfg.from_scratch, cfg.seed)
     runners: dict[int, FrozenRunner] = {}  # by input size, built on first use: cached views need no frozen pass
     split_at = cfg.trainable_stages if parts else 0
     train_spec = training_preprocess(spec.preprocess, cfg)
@@ -61,9 +61,7 @@ def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digest
     def cache(indices: np.ndarray, views: int, pre, desc: str) -> ViewCache | None:
         if not len(indices):
             return None
-        key = cache_key(files=[digests[i] for i in indices], weights=_weights_identity(cfg, spec),
-                        preprocess=pre.to_dict(), split_at=split_at, views=views,
-                        augment=aug if views > 1 else None, seed=cfg.seed if views > 1 else None)
+        key = view_cache_key([digests[i] for i in indices], weights, pre, split_at, views, aug, cfg.seed)
         found = disk.load(key)
         if found is not None:
             return found
@@ -182,7 +180,7 @@ def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: View
     views, n = train.boundary.shape[:2]
     activations = train.boundary.reshape(views * n, *train.boundary.shape[2:])
     labels = np.tile(y_train, views)
-    head = model.get_classifier()
+    head = nn.ModuleList(head_modules(model))  # the classifier, and the attention pool when there is one
     for p in list(top.parameters()) + list(head.parameters()):
         p.requires_grad_(True)
 

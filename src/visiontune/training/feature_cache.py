@@ -106,7 +106,7 @@ class ViewCache:
     pooled: np.ndarray  # views x n x F, float32
 
 
-def view_crop(image: np.ndarray, view: int, index: int, seed: int, spec: Preprocess, aug: Augment) -> np.ndarray:
+def view_crop(image: np.ndarray, view: int, index: int, seed: int, spec: Preprocess, aug: Augment | None) -> np.ndarray:
     """View 0 is the plain centre crop (what evaluation sees); view v > 0 is augmentation v of image `index`.
 
     The generator is seeded by (seed, view, index), so a view is the same whatever the batch or worker order.
@@ -118,7 +118,7 @@ def view_crop(image: np.ndarray, view: int, index: int, seed: int, spec: Preproc
 
 
 def build_view_cache(images: list[np.ndarray], indices: np.ndarray, views: int, runner: FrozenRunner,
-                     spec: Preprocess, aug: Augment, seed: int, *, desc: str, quiet: bool) -> ViewCache:
+                     spec: Preprocess, aug: Augment | None, seed: int, *, desc: str, quiet: bool) -> ViewCache:
     """Run `views` views (0 = centre, then augmentations) of images[indices] through the frozen layers."""
     jobs = [(v, int(i)) for v in range(views) for i in indices]
     position = {int(i): k for k, i in enumerate(indices)}
@@ -153,6 +153,23 @@ def cache_key(**parts) -> str:
     preprocessing, split point, views, augmentation, seed): change any of them and the key changes."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def weights_identity(timm_name: str, weights: str | None = None, from_scratch: bool = False, seed: int = 0) -> str:
+    """What the backbone's weights are, for cache keys: a file by its content, timm's pretrained ones by name."""
+    if from_scratch:
+        return f"scratch:{seed}"
+    if weights:
+        return f"file:{hashlib.blake2b(Path(weights).read_bytes(), digest_size=16).hexdigest()}"
+    return f"pretrained:{timm_name}"
+
+
+def view_cache_key(digests: list[str], weights: str, spec: Preprocess, split_at: int, views: int, aug: Augment | None,
+                   seed: int) -> str:
+    """The key of the views of the files with content `digests`, in that order. With one view (the centre crop,
+    no augmentation) neither the augmentation nor the seed matters, so they stay out of the key."""
+    return cache_key(files=list(digests), weights=weights, preprocess=spec.to_dict(), split_at=split_at, views=views,
+                     augment=aug if views > 1 else None, seed=seed if views > 1 else None)
 
 
 class DiskCache:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
+import types
 
 from visiontune.files import atomic_write_text
 from visiontune.models.run_dir import HISTORY_COLUMNS, RunDir
@@ -20,6 +21,10 @@ class History:
 
     def _tensorboard(self):
         if self._writer is None:
+            # TensorBoard imports TensorFlow when it is installed (the tflite extra brings it), which cost 6 s and
+            # a screen of C++ notes at the first epoch; its event writer needs only TensorBoard's own stub, and
+            # this module name is TensorBoard's switch for it.
+            sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.run.tensorboard))

@@ -115,7 +115,8 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
     # The model first: a wrong name or missing weights should fail before minutes of decoding.
     model, spec = build_classifier(cfg.model, len(dataset.classes), dropout=cfg.dropout,
                                    weights=Path(cfg.weights) if cfg.weights else None,
-                                   from_scratch=cfg.from_scratch, allow_download=cfg.download, input_size=cfg.input_size)
+                                   from_scratch=cfg.from_scratch, allow_download=cfg.download, input_size=cfg.input_size,
+                                   head=cfg.head)
     notes.append(describe_preprocess(spec))
     model.to(device)
 
@@ -176,7 +177,7 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
         return TrainResult(run_dir, None, {}, history.rows, notes)
 
     meta = ModelMeta(spec.name, spec.timm_name, list(dataset.classes), spec.preprocess, cfg.dropout, current_versions(),
-                     img_size=spec.img_size)
+                     img_size=spec.img_size, head=cfg.head)
     save_bundle(run_dir, model.cpu().eval(), meta)
     metrics = {
         "model": spec.name,
