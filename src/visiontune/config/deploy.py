@@ -165,14 +165,16 @@ class ServeConfig(Settings):
                                      "OpenVINO is installed (measured fastest), else export/model.int8.onnx, else "
                                      "export/model.onnx, else fp32 exported in memory", choices=SERVE_PRECISIONS)
     threads: int = setting(0, "model threads per worker (0: the cores shared among the workers)", low=0)
-    # Measured on 2 cores, quiet (BENCHMARKS.md "model streams"): 2 streams served 255 requests/s at p99 119.5 ms
-    # against 238 at p99 101 ms for 1; the default keeps the tail latency.
+    # Measured on 2 cores, quiet, batches of 8 (BENCHMARKS.md "Serving, quiet"): 2 streams served 239-262 requests/s
+    # at p99 91-106 ms against 255-278 at p99 86-97 ms for 1.
     streams: int = setting(1, "model calls run at once per worker, the model threads split among them (0: one per "
                               "model thread)", low=0)
     decode_threads: int = setting(0, "image decoding threads per worker (0: one per core)", low=0)
     # Micro-batching: concurrent requests share one model call. A batch runs as soon as it is full, or when no
     # other admitted request could still join it, or after max_wait_ms.
-    max_batch: int = setting(16, "images per model call", low=1)
+    # 8, not 16: three runs each, alternating (16 clients, OpenVINO INT8, 2 cores), 265 against 256 requests/s at a
+    # p99 of 89-101 against 91-106 ms; 4 lost throughput (243). The engine is measured fastest per image at 8 too.
+    max_batch: int = setting(8, "images per model call", low=1)
     max_wait_ms: float = setting(5.0, "longest a request waits for a batch to fill", low=0.0)
     # Bodies being received hold no place in the queue (a slow client must not starve the others); their memory
     # is bounded apart, in bytes, by body_budget_mb.
