@@ -34,7 +34,7 @@ from machine import describe, save_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
-DEFAULT_RUN = ROOT.parent / "main" / "bench" / "out" / "sbs" / "new-flower_photos"
+DEFAULT_RUN = ROOT / "bench" / "out" / "sbs" / "new-flower_photos"
 # oxford102 classes left out of the unseen set: flower_photos' five, and flowers a person (or the model) could
 # fairly call one of them: daisy-like composites and single dahlias, dandelion-like yellow composites, roses and
 # rose-like camellias, sunflower-like rudbeckias, and flowers named or shaped like tulips.

@@ -190,6 +190,13 @@ def test_threshold_rules():
     assert open_set.separating_threshold(val, np.array([2.0, 3.0])) == 1.0  # everything in, every negative out
 
 
+def test_the_default_dimensions_are_one_a_class_and_at_least_16(run):
+    assert json.loads((run / "model.json").read_text())["open_set"]["dims"] == 16  # 3 classes
+    features = np.random.default_rng(0).normal(size=(200, 64)).astype(np.float32)
+    assert open_set.fit_knn(features, open_set.auto_dims(40)).dims == 40
+    assert open_set.fit_knn(features[:10], open_set.auto_dims(40)).dims == 9  # 10 points span 9 directions
+
+
 def test_a_bad_negatives_folder_is_one_line_and_changes_nothing(run, cli, untouched, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -49,9 +49,9 @@ class EvalConfig(Settings):
     # 50, 100, 200, 400 a class gave AUROC 0.78, 0.79, 0.83, 0.84 on that benchmark; each image is one forward pass.
     open_set_images: int = setting(200, "training images per class the unknown score compares with (a seeded sample: "
                                         "their features take one pass of the model)", low=1)
-    # Measured on flower_photos against unseen oxford102 flowers: AUROC 0.83 at 16, 32 and 64 alike; at 16 every one
-    # of 24 synthetic images was flagged, 88 % at 32, 67 % at 64 (BENCHMARKS.md, "A real unknown").
-    open_set_dims: int = setting(16, "principal components of the features the distance is measured in", low=1)
+    # 0: at least 16, and at least one a class (`models.open_set.auto_dims`, measured on both benchmark datasets).
+    open_set_dims: int = setting(0, "principal components of the features the distance is measured in (0: as many "
+                                    "as the model has classes, at least 16)", low=0)
     open_set_accept: float = setting(0.95, "share of validation images the unknown threshold accepts (when no "
                                            "--negatives are given)", low=0.5, high=1.0)
     negatives: str | None = setting(None, "a folder of images of none of the model's classes: the unknown threshold "

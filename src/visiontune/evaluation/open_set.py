@@ -66,7 +66,7 @@ def fit_for_run(run_dir: Path, run_data: Dataset, meta: ModelMeta, cfg: EvalConf
     val_x = features.of(val.paths, "unknown score: val")
     if len(val_x) == 0 or len(train_x) < 2:
         return _none("no unknown score: too few readable train or validation images")
-    fit = open_set.fit_knn(train_x, cfg.open_set_dims)
+    fit = open_set.fit_knn(train_x, cfg.open_set_dims or open_set.auto_dims(len(meta.labels)))
     val_scores = fit.score(val_x)
     entry = {"method": open_set.METHOD, "fingerprint": fit.fingerprint, "dims": fit.dims, "fitted_on": "train",
              "train_images": int(len(train_x)), "val_images": int(len(val_x))}
