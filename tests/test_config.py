@@ -137,11 +137,13 @@ def test_cli_refuses_a_bad_setting_in_one_line_within_seconds(cli):
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "schedule" in done.stderr
     done = cli("train", "flowers-mini", "--views", "-1")
     assert done.returncode == 2 and done.stderr.strip() == "visiontune: error: --views: -1 is below 0, the least it can be"
+    done = cli("train", "flowers-mini", "--no-such-flag")
+    assert done.returncode == 2 and done.stderr.strip() == "visiontune: error: unrecognized arguments: --no-such-flag"
     done = cli("train", "flowers-mini", "--min-per-split", "0", "--val", "0.7", "--test", "0.3")
     assert done.returncode == 2 and "--val" in done.stderr and "nothing to train on" in done.stderr
     done = cli("train", "flowers-mini", "--resume", "runs/x")
     assert done.returncode == 2 and "give no others" in done.stderr
-    assert time.perf_counter() - started < 20  # four processes, each well under 5 s
+    assert time.perf_counter() - started < 25  # five processes, each well under 5 s
 
 
 @pytest.mark.slow

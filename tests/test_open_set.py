@@ -190,6 +190,15 @@ def test_threshold_rules():
     assert open_set.separating_threshold(val, np.array([2.0, 3.0])) == 1.0  # everything in, every negative out
 
 
+def test_no_open_set_removes_a_score_an_earlier_evaluation_fitted(run, strange, tmp_path):
+    shutil.copytree(run.parent, tmp_path / "copy", ignore=shutil.ignore_patterns("export"))  # photos beside the run
+    copy = tmp_path / "copy" / run.name
+    visiontune.evaluate(copy, open_set=False, map_points=0, **QUICK)
+    assert "open_set" not in json.loads((copy / "model.json").read_text())
+    assert not (copy / "open_set.safetensors").exists() and (run / "open_set.safetensors").is_file()
+    assert Classifier.load(copy).predict([strange])[0].unknown is None
+
+
 def test_the_default_dimensions_are_one_a_class_and_at_least_16(run):
     assert json.loads((run / "model.json").read_text())["open_set"]["dims"] == 16  # 3 classes
     features = np.random.default_rng(0).normal(size=(200, 64)).astype(np.float32)

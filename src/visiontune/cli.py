@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", default="explanations", help="folder for the PNGs (default %(default)s)")
     explain.add_argument("--grid", action="store_true", help="one gallery image (grid.<method>.png) instead of one PNG per image")
 
-    export = verb("export", "write RUN/export/model.onnx (fp32, fp16, int8) or TorchScript, checked against PyTorch",
+    export = verb("export", "write RUN/export/: ONNX, OpenVINO, TFLite or TorchScript, checked against PyTorch",
                   cmd_export, c.ExportConfig)
     export.add_argument("run_dir", metavar="RUN", help="a run directory")
     _quiet(export)
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--format", choices=FORMATS, default=FORMATS[0], help="default %(default)s")
     predict.add_argument("--out", help="write the predictions to this file instead of the terminal")
 
-    bench = verb("bench", "latency and throughput of PyTorch, ONNX fp32 and ONNX INT8 on this machine", cmd_bench,
+    bench = verb("bench", "latency and throughput of a model's engines (PyTorch, ONNX, OpenVINO) here", cmd_bench,
                  c.BenchConfig)
     bench.add_argument("model", help="a run directory (every engine it has) or one model file")
     bench.add_argument("--image", help="JPEG for the end-to-end timing (default: a sample photo)")

@@ -15,7 +15,8 @@ class Parser(argparse.ArgumentParser):
     """Usage mistakes in one line, exit 2, as every other user error."""
 
     def error(self, message: str):
-        print(f"visiontune {self.prog.split()[-1]}: error: {message}", file=sys.stderr)
+        where = self.prog.split()[-1]  # the verb, or the program itself before a verb was read
+        print(f"visiontune{'' if where == 'visiontune' else ' ' + where}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

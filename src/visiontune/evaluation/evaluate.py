@@ -55,6 +55,8 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
     negatives = open_set.negative_files(cfg.negatives)  # a bad folder is refused before anything is written
     run_data = run_split(run_dir) if own or cfg.calibrate else None
     unknown_fit = open_set.fit_for_run(run_dir, run_data, meta, cfg, negatives, quiet) if fit_open_set else None
+    if own and not cfg.open_set and not run.is_ensemble:
+        unknown_fit = open_set.Fitted({}, open_set.forget(run_dir))
     classifier = Classifier.load(run_dir, backend=cfg.backend)
     if own:
         dataset = run_data

@@ -87,6 +87,21 @@ def fit_for_run(run_dir: Path, run_data: Dataset, meta: ModelMeta, cfg: EvalConf
     return Fitted(entry, notes + features.notes)
 
 
+def forget(run_dir: Path) -> list[str]:
+    """Remove the run's unknown score (model.json's entry and its fit): `evaluate --no-open-set` on a run evaluated
+    before, so that no engine keeps applying a score the user turned off. Exports made earlier keep their own."""
+    from visiontune.models.bundle import read_meta, write_meta
+
+    meta = read_meta(run_dir)
+    had = meta.extra.pop(open_set.META_KEY, None) is not None
+    if had:
+        write_meta(run_dir, meta)
+    fit = RunDir(run_dir).open_set
+    had |= fit.is_file()
+    fit.unlink(missing_ok=True)
+    return ["the unknown score fitted by an earlier evaluation was removed (--no-open-set)"] if had else []
+
+
 def _none(note: str) -> Fitted:
     return Fitted({}, [note])
 

@@ -133,6 +133,10 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
                                                                         threshold=threshold),
                                             agreement=agreement, unknown_agreement=cfg.int8_unknown_agreement)
             result["vs_pytorch"] = parity.compare(reference, int8_logits, images.parity_labels, threshold=threshold)
+            if n_cal < cfg.calibration_images:  # every training image calibrated already: more cannot be had
+                result["hint"] = (f"; calibration already saw all {n_cal} training images, and on {result['images']} "
+                                  f"test images one disagreement is {1 / max(result['images'], 1):.1%}: "
+                                  f"--int8-agreement sets the bar (accuracies of both are in parity.json)")
             info["int8"] = {"calibration_images": n_cal, "method": cfg.calibration_method,
                             "per_channel": cfg.per_channel, "quant_format": cfg.quant_format,
                             "activations": "uint8", "weights": "int8"}

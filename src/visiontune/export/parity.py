@@ -103,7 +103,7 @@ def raise_if_failed(name: str, result: dict, where: str) -> None:
               if (result[key] > bound if key in _UPPER_BOUNDS else result[key] < bound)]
     if result.get("unknown_missing"):
         failed.append("the unknown score is missing from the export's outputs")
-    hint = ("; more --calibration-images may help (accuracies of both are in parity.json)"
+    hint = (result.get("hint") or "; more --calibration-images may help (accuracies of both are in parity.json)"
             if "top1_agreement" in result["thresholds"] else "")
     raise ExportError(f"{where}: {name} failed its parity check against the reference on {result['images']} images: "
                       f"{'; '.join(failed)}; nothing was written (details in parity.json){hint}")
