@@ -56,15 +56,12 @@ def known_manifest(source: Path, share: float, seed: int, target: Path) -> tuple
 
 def features(run: Path, sets: dict[str, list[str]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{set: (logits, pooled features)} through the run's network, one traced graph for all sets."""
-    from visiontune.evaluation.features import feature_runner, iter_features
-    from visiontune.models.bundle import load_bundle
+    from visiontune.evaluation.features import RunNetwork
 
-    model, meta = load_bundle(run)
-    runner = feature_runner(model, meta.preprocess, True, [])
+    network = RunNetwork(run)
     out = {}
     for name, paths in sets.items():
-        chunks = [c for c in iter_features(None, meta.preprocess, paths, runner=runner, desc=name, quiet=False)
-                  if len(c.indices)]
+        chunks = [c for c in network.iter(paths, onnx=True, desc=name, quiet=False) if len(c.indices)]
         out[name] = (np.concatenate([c.logits for c in chunks]), np.concatenate([c.features for c in chunks]))
     return out
 

@@ -18,7 +18,7 @@ from visiontune import samples
 from visiontune.errors import ConfigError, DatasetError, ModelError
 from visiontune.evaluation import plots
 from visiontune.evaluation.embedding import project, stratified_sample
-from visiontune.evaluation.features import iter_features
+from visiontune.evaluation.features import RunNetwork, iter_features
 from visiontune.models.bundle import load_bundle
 
 FAST = dict(views=1, head_epochs=3, finetune_epochs=1, seed=0, val=0.25, test=0.25)
@@ -107,6 +107,11 @@ def test_features_come_with_the_logits_scoring_gave(run, tmp_path):
     assert notes == [] and sum((c.indices for c in traced), []) == [0, 2, 3, 4, 5, 6]
     np.testing.assert_allclose(np.concatenate([c.features for c in traced]), features, atol=1e-4)
     np.testing.assert_allclose(np.concatenate([c.logits for c in traced]), logits, atol=1e-4)
+    # One evaluation's passes share the run's network: loaded once, each engine made once, the same numbers.
+    network = RunNetwork(run.run_dir)
+    assert network.runner(True, []) is network.runner(True, []) and network.runner(False, []) is not None
+    shared = list(network.iter(paths, onnx=True, chunk_images=4))
+    np.testing.assert_allclose(np.concatenate([c.features for c in shared]), features, atol=1e-4)
 
 
 def test_tta_evaluation_scores_what_predict_tta_returns(run, cli, tmp_path):

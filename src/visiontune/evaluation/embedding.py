@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.evaluation.features import iter_features
+from visiontune.evaluation.features import RunNetwork
 from visiontune.evaluation.report import thumbnail_jpeg
-from visiontune.models.bundle import load_bundle
 from visiontune.models.run_dir import RunDir
 
 SEED = 0  # fixed, like the bootstrap intervals: the same run gives the same map
@@ -79,17 +78,19 @@ def _unit_box(xy: np.ndarray) -> np.ndarray:
 
 
 def embedding_map(run_dir: Path, paths: list[str], true: np.ndarray, probs: np.ndarray, labels: list[str],
-                  points: int, *, chunk_images: int = 256, workers: int = 0, quiet: bool = True) -> dict:
+                  points: int, *, chunk_images: int = 256, workers: int = 0, quiet: bool = True,
+                  network: RunNetwork | None = None) -> dict:
     """What the report's map section shows: `points`, the method, and a note; or only a note saying why there
-    is no map. `paths`, `true` and `probs` are the scored images, their label ids and (calibrated) probabilities."""
+    is no map. `paths`, `true` and `probs` are the scored images, their label ids and (calibrated) probabilities.
+    `network`: the run's, when the evaluation already loaded it."""
     if RunDir(run_dir).is_ensemble:
         return {"note": "An ensemble has no single feature space, so there is no embedding map."}
     started = time.perf_counter()
     chosen = stratified_sample(true, points)
-    model, meta = load_bundle(run_dir)
+    network = network or RunNetwork(run_dir)
     kept, features, thumbs, notes = [], [], [], []
-    for chunk in iter_features(model, meta.preprocess, [paths[i] for i in chosen], chunk_images=chunk_images,
-                               workers=workers, quiet=quiet, desc="map features", notes=notes):
+    for chunk in network.iter([paths[i] for i in chosen], chunk_images=chunk_images, workers=workers, quiet=quiet,
+                              desc="map features", notes=notes):
         if chunk.indices:
             kept += [int(chosen[k]) for k in chunk.indices]
             features.append(chunk.features)

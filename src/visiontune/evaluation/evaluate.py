@@ -22,6 +22,7 @@ from visiontune.data.loader import load_for_model
 from visiontune.errors import ConfigError, DatasetError, ImageDecodeError
 from visiontune.evaluation import open_set, plots
 from visiontune.evaluation.embedding import embedding_map, map_summary
+from visiontune.evaluation.features import RunNetwork
 from visiontune.evaluation.metrics import choose_uncertainty_threshold, compute_metrics, fit_temperature, reliability, roc_curves
 from visiontune.evaluation.model_card import model_card
 from visiontune.evaluation.report import ReportData, build_html, thumbnail_jpeg
@@ -54,7 +55,9 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
                           f"is scored on its own split, with --open-set; drop --data or --negatives")
     negatives = open_set.negative_files(cfg.negatives)  # a bad folder is refused before anything is written
     run_data = run_split(run_dir) if own or cfg.calibrate else None
-    unknown_fit = open_set.fit_for_run(run_dir, run_data, meta, cfg, negatives, quiet) if fit_open_set else None
+    network = RunNetwork(run_dir)  # loaded when a feature pass first needs it, then shared by the fit and the map
+    unknown_fit = (open_set.fit_for_run(run_dir, run_data, meta, cfg, negatives, quiet, network) if fit_open_set
+                   else None)
     if own and not cfg.open_set and not run.is_ensemble:
         unknown_fit = open_set.Fitted({}, open_set.forget(run_dir))
     classifier = Classifier.load(run_dir, backend=cfg.backend)
@@ -100,7 +103,7 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
     embedding = None
     if cfg.map_points:
         embedding = embedding_map(run_dir, scored.paths, scored.labels, probs, meta.labels, cfg.map_points,
-                                  chunk_images=cfg.batch_images, workers=cfg.workers, quiet=quiet)
+                                  chunk_images=cfg.batch_images, workers=cfg.workers, quiet=quiet, network=network)
         metrics["embedding_map"] = map_summary(embedding)
 
     out_dir.mkdir(parents=True, exist_ok=True)

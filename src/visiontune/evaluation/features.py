@@ -11,6 +11,7 @@ a chunk at a time, so memory stays flat however many are asked for.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from visiontune.data.loader import load_all
 from visiontune.data.parallel import progress
 from visiontune.data.transforms import Preprocess, center_crop, normalize
+from visiontune.models.bundle import ModelMeta, load_bundle
 from visiontune.models.features import logits_and_features
 from visiontune.training.feature_cache import FrozenFeatures, FrozenRunner
 
@@ -78,3 +80,37 @@ def iter_features(model, spec: Preprocess, paths: list[str], *, chunk_images: in
                                    np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), failures)
             bar.update(len(chunk))
 
+
+class RunNetwork:
+    """A run's network for feature passes, loaded once and traced at most once, however many passes share it (an
+    evaluation's unknown-score fit and embedding map): loading takes a second and tracing several."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self._bundle: tuple | None = None
+        self._runners: dict[bool, tuple[Callable, list[str]]] = {}
+
+    @property
+    def meta(self) -> ModelMeta:
+        return self._loaded()[1]
+
+    def runner(self, onnx: bool, notes: list[str]) -> Callable[[np.ndarray], tuple]:
+        """`feature_runner` of this network, made on first use; what making it noted goes into every caller's `notes`."""
+        if onnx not in self._runners:
+            made: list[str] = []
+            self._runners[onnx] = (feature_runner(self._loaded()[0], self.meta.preprocess, onnx, made), made)
+        run, made = self._runners[onnx]
+        notes.extend(made)
+        return run
+
+    def iter(self, paths: list[str], *, onnx: bool | None = None, notes: list[str] | None = None,
+             **kwargs) -> Iterator[FeatureChunk]:
+        """`iter_features` over `paths` through this network (`onnx`: None chooses by the number of images)."""
+        chosen = len(paths) >= ONNX_MIN_IMAGES if onnx is None else onnx
+        run = self.runner(chosen, notes if notes is not None else [])
+        return iter_features(None, self.meta.preprocess, paths, runner=run, **kwargs)
+
+    def _loaded(self) -> tuple:
+        if self._bundle is None:
+            self._bundle = load_bundle(self.run_dir)
+        return self._bundle

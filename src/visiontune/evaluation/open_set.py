@@ -17,7 +17,7 @@ import numpy as np
 from visiontune.config import EvalConfig, TrainConfig
 from visiontune.data.index import Dataset, walk_files
 from visiontune.errors import DatasetError
-from visiontune.evaluation.features import ONNX_MIN_IMAGES, feature_runner, iter_features
+from visiontune.evaluation.features import ONNX_MIN_IMAGES, RunNetwork, iter_features
 from visiontune.evaluation.scoring import select
 from visiontune.models import open_set
 from visiontune.models.bundle import ModelMeta, update_meta
@@ -44,9 +44,9 @@ def negative_files(folder: str | Path | None) -> list[str]:
 
 
 def fit_for_run(run_dir: Path, run_data: Dataset, meta: ModelMeta, cfg: EvalConfig, negatives: list[str],
-                quiet: bool = True) -> Fitted:
+                quiet: bool = True, network: RunNetwork | None = None) -> Fitted:
     """Fit, choose the threshold, store both; an empty entry (and the reason in `notes`) when the run cannot
-    have one."""
+    have one. `network`: the run's, when the evaluation already loaded it."""
     notes: list[str] = []
     try:
         train = select(run_data, "train", meta.labels, allow_subset=True)
@@ -55,7 +55,7 @@ def fit_for_run(run_dir: Path, run_data: Dataset, meta: ModelMeta, cfg: EvalConf
         return _none("no unknown score: the run has no train or no validation images to fit and threshold it on")
     rng = np.random.default_rng(_seed(run_dir))
     picked = _per_class(train.labels, cfg.open_set_images, rng)
-    features = _Features(run_dir, meta, cfg, quiet, len(negatives) + len(picked) + len(val.paths))
+    features = _Features(network or RunNetwork(run_dir), cfg, quiet, len(negatives) + len(picked) + len(val.paths))
     neg_x = None
     if negatives:  # first: unreadable negatives are refused before the longer passes
         neg_x = features.of(negatives, "unknown score: negatives")
@@ -153,13 +153,10 @@ class _Features:
     """Pooled features of image files through the run's network (centre crop, as evaluation scores), all lists
     through one runner: ONNX Runtime when the fit sees enough images to repay tracing (see `evaluation.features`)."""
 
-    def __init__(self, run_dir: Path, meta: ModelMeta, cfg: EvalConfig, quiet: bool, images: int):
-        from visiontune.models.bundle import load_bundle
-
-        model, _ = load_bundle(run_dir)
+    def __init__(self, network: RunNetwork, cfg: EvalConfig, quiet: bool, images: int):
         self.notes: list[str] = []
-        self.runner = feature_runner(model, meta.preprocess, images >= ONNX_MIN_IMAGES, self.notes)
-        self.spec, self.cfg, self.quiet = meta.preprocess, cfg, quiet
+        self.runner = network.runner(images >= ONNX_MIN_IMAGES, self.notes)
+        self.spec, self.cfg, self.quiet = network.meta.preprocess, cfg, quiet
 
     def of(self, paths: list[str], what: str) -> np.ndarray:
         """N x D features of the readable ones among `paths` (unreadable files are left out)."""
