@@ -20,7 +20,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    # surrogateescape: a file name that is not UTF-8 (held by Python as surrogates) is written as its own
+    # bytes, so the path in a prediction CSV is the file's, not a crash.
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def write_json(path: str | Path, data) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import io
 import os
 import stat
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from visiontune.config import ScanConfig
 from visiontune.errors import ImageDecodeError
@@ -124,7 +125,8 @@ def decode_full(
         return Decoded(Image.fromarray(rgb), _array_size(source), "array")
     if isinstance(source, Image.Image):
         where = where or "image"
-        return _decode_pil(source, draft=None, max_pixels=max_pixels, max_aspect=max_aspect, where=where)
+        with unreadable_as_decode_error(where):
+            return _decode_pil(source, draft=None, max_pixels=max_pixels, max_aspect=max_aspect, where=where)
     if isinstance(source, (str, Path)):
         where = where or str(source)
         data = read_bytes(source)
@@ -135,13 +137,31 @@ def decode_full(
         raise TypeError(f"cannot decode an image from {type(source).__name__}")
     if not data:
         raise ImageDecodeError(where, "zero-byte file")
+    with unreadable_as_decode_error(where):
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageDecodeError(where, describe_non_image(data)) from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageDecodeError(where, f"corrupt image header ({exc})") from None
+        return _decode_pil(image, draft=draft, max_pixels=max_pixels, max_aspect=max_aspect, where=where)
+
+
+@contextmanager
+def unreadable_as_decode_error(where: str) -> Iterator[None]:
+    """Whatever a decoder raises on one file's bytes becomes that file's ImageDecodeError.
+
+    Pillow's plugins raise nearly any type on hostile input (struct.error from an EXIF tag of the wrong type,
+    SyntaxError from a TIFF page with no known mode, TypeError, IndexError, MemoryError...): listing the types
+    has missed some before, and one of them escaping stops a whole scan, training run or server request.
+    """
     try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageDecodeError(where, describe_non_image(data)) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(where, f"corrupt image header ({exc})") from None
-    return _decode_pil(image, draft=draft, max_pixels=max_pixels, max_aspect=max_aspect, where=where)
+        yield
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see above: the type says nothing about a bug here, the bytes do
+        text = " ".join(str(exc).split())[:160]
+        raise ImageDecodeError(where, f"unreadable image ({type(exc).__name__}{': ' + text if text else ''})") from None
 
 
 def decode(source: ImageSource, *, draft: int | None = None, max_pixels: int = ScanConfig.max_pixels) -> np.ndarray:
@@ -170,8 +190,10 @@ def _decode_pil(image: Image.Image, *, draft: int | None, max_pixels: int, max_a
     if image.mode in ("RGB", "RGBA") and image.tile and ";16" in str(image.tile[0].args):
         notes.append(f"converted from 16-bit {image.mode} to 8-bit RGB")
     fmt = image.format or "unknown"
-    frames = getattr(image, "n_frames", 1)
-    if frames > 1:
+    frames = _frame_count(image)
+    if frames is None:
+        notes.append("multi-frame with an unreadable later frame: first frame used")
+    elif frames > 1:
         notes.append(f"multi-frame ({frames} frames): first frame used")
     orientation = _exif_orientation(image)
     if draft and fmt == "JPEG":
@@ -180,8 +202,10 @@ def _decode_pil(image: Image.Image, *, draft: int | None, max_pixels: int, max_a
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(where, f"truncated or corrupt ({exc})") from None
-    if orientation not in (None, 1):
-        image = ImageOps.exif_transpose(image)
+    if orientation in _ORIENTATION_TRANSPOSE:
+        # Not ImageOps.exif_transpose: it writes the EXIF block back, and a tag of the wrong type in it
+        # (a LONG where a SHORT belongs) then raises struct.error on a photo whose pixels are fine.
+        image = image.transpose(_ORIENTATION_TRANSPOSE[orientation])
         notes.append(f"EXIF orientation {orientation} applied")
         if orientation in (5, 6, 7, 8):
             width, height = height, width
@@ -195,11 +219,38 @@ def _decode_pil(image: Image.Image, *, draft: int | None, max_pixels: int, max_a
     return Decoded(rgb, (width, height), fmt, notes)
 
 
-def _exif_orientation(image: Image.Image) -> int | None:
+# EXIF orientation -> the transpose that shows the image upright (the table ImageOps.exif_transpose uses).
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _frame_count(image: Image.Image) -> int | None:
+    """How many frames (pages) the file holds; None when counting them failed on a later one (a TIFF whose
+    second page has no known mode): the first is then still decoded, as for any multi-frame file."""
     try:
-        return image.getexif().get(0x0112)
+        return getattr(image, "n_frames", 1)
+    except Exception:  # noqa: BLE001 - any plugin error on a later frame; the first is checked when loaded
+        image.seek(0)
+        return None
+
+
+# A camera's EXIF fits in one 64 KiB JPEG segment; a PNG eXIf chunk has no bound, and parsing megabytes of
+# tags costs seconds of CPU for the one number read from it.
+_MAX_EXIF_BYTES = 1 << 20
+
+
+def _exif_orientation(image: Image.Image) -> int | None:
+    raw = image.info.get("exif")
+    if isinstance(raw, (bytes, bytearray)) and len(raw) > _MAX_EXIF_BYTES:
+        return None
+    try:
+        value = image.getexif().get(0x0112)
     except Exception:  # a malformed EXIF block must not make a good image unreadable
         return None
+    return value if isinstance(value, int) else None  # a tag of the wrong type (text, several values): ignored
 
 
 def _describe_mode(mode: str) -> str:

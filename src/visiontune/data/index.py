@@ -176,13 +176,27 @@ def walk_files(folder: Path, findings: list[Finding], dataset_root: Path | None 
             except OSError:
                 is_dir = False
             reason = _link_reason(entry, is_dir, base, inside_root) if entry.is_symlink() else None
+            reason = reason or _name_reason(entry.name)
             if reason:
-                findings.append(Finding("warning", entry.path, reason))
+                findings.append(Finding("warning", printable_path(entry.path), reason))
             elif is_dir:
                 subdirs.append(child)
             else:
                 yield child
         stack.extend(reversed(subdirs))
+
+
+def _name_reason(name: str) -> str | None:
+    """Why a name is left out: one that is not valid UTF-8 (a Latin-1 `caf\\xe9.jpg` from an old archive) cannot be
+    written to split.csv, model.json or a prediction file and read back as the same path."""
+    if printable_path(name) == name:
+        return None
+    return "name is not valid UTF-8: skipped (rename it, e.g. with `convmv -f latin1 -t utf8`)"
+
+
+def printable_path(path: str) -> str:
+    """`path` with any byte that is not UTF-8 shown as \\xNN: safe to print and to write as text."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _link_reason(entry: os.DirEntry, is_dir: bool, base: str, inside_root: str | None) -> str | None:
@@ -201,6 +215,9 @@ def _class_folders(root: Path, findings: list[Finding]) -> list[str]:
             entries = sorted(it, key=lambda e: natural_key(e.name))
     except OSError as exc:
         raise DatasetError(f"{root}: cannot list folder ({exc.strerror or exc})") from None
+    for entry in [e for e in entries if not is_hidden(e.name) and _name_reason(e.name)]:
+        findings.append(Finding("warning", printable_path(entry.path), _name_reason(entry.name)))
+    entries = [e for e in entries if not _name_reason(e.name)]
     loose = [e.name for e in entries if not is_hidden(e.name) and not e.is_dir()]
     if loose:
         manifests = [n for n in loose if n.lower().endswith(MANIFEST_SUFFIXES)]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from visiontune.config import ScanConfig
-from visiontune.data.decode import ImageSource, decode_full, read_bytes
+from visiontune.data.decode import ImageSource, decode_full, describe_source, read_bytes, unreadable_as_decode_error
 from visiontune.data.parallel import parallel_map
 from visiontune.data.transforms import Preprocess, center_crop, resize_shorter, resize_shorter_image
 from visiontune.errors import ImageDecodeError
@@ -28,8 +28,9 @@ def load_for_model(source: ImageSource, spec: Preprocess, max_pixels: int = Scan
 
 
 def _resized_image(source: ImageSource, spec: Preprocess, max_pixels: int):
-    image = decode_full(source, draft=spec.resize_size, max_pixels=max_pixels).image  # path, bytes, PIL or array
-    return resize_shorter_image(image, spec.resize_size, spec.interpolation)
+    decoded = decode_full(source, draft=spec.resize_size, max_pixels=max_pixels)  # path, bytes, PIL or array
+    with unreadable_as_decode_error(describe_source(source, 0)):  # a resize can still run out of memory
+        return resize_shorter_image(decoded.image, spec.resize_size, spec.interpolation)
 
 
 @dataclass

@@ -21,7 +21,10 @@ def expand(paths: Iterable[str | Path]) -> tuple[list[str], list[tuple[str, str]
         text = str(item)
         path = Path(text)
         if path.is_dir():
-            found = [str(path / rel) for rel in walk_files(path, [])]
+            findings = []
+            found = [str(path / rel) for rel in walk_files(path, findings)]
+            # A name left out (not UTF-8, a link out of the folder) is listed among the files not predicted.
+            missing.extend((f.path, f.reason) for f in findings)
             if not found:
                 raise DatasetError(f"{path}: empty folder (no files to predict, hidden ones aside)")
             files.extend(found)
