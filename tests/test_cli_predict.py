@@ -80,7 +80,11 @@ def test_predict_globs_single_files_out_file_and_backends(cli, model, album, pho
     assert [r["source"] for r in records[:3]] == [*sorted(str(p) for p in (album / "garden").glob("*.jpg")),
                                                   str(photos["roses"][11])]
     refused = cli("predict", model, album, "--out", album / "park" / "out.csv")
-    assert refused.returncode == 2 and "one of the inputs" in refused.stderr
+    assert refused.returncode == 2 and "inside the input folder" in refused.stderr
+    before = (run / "model.json").read_bytes()
+    refused = cli("predict", run, photos["roses"][11], "--format", "json", "--out", run / "model.json")
+    assert refused.returncode == 2 and "inside the input folder" in refused.stderr and "Traceback" not in refused.stderr
+    assert (run / "model.json").read_bytes() == before  # the run it reads is whole
 
 
 @pytest.mark.parametrize("case", ["not a model", "truncated onnx", "empty folder", "only bad images"])

@@ -28,6 +28,7 @@ from visiontune.data.index import Dataset, load_dataset
 from visiontune.data.integrity import ScanReport, scan_dataset
 from visiontune.data.split import Split, split_dataset
 from visiontune.errors import ConfigError, DatasetError, SplitError
+from visiontune.files import refuse_output_over_inputs
 from visiontune.models.run_dir import RunDir, read_train_config
 
 PathLike = Union[str, Path]
@@ -98,6 +99,14 @@ def _refuse_to_overwrite_input(dataset: Dataset, out: Path) -> None:
         raise SplitError(f"{out}: that is one of the dataset's own files; write the split somewhere else")
 
 
+def data_inputs(dataset: Dataset) -> list[Path]:
+    """What an output must not overwrite, lie inside or hold: the dataset's folder, or a manifest and every folder
+    its images lie in (a run beside the manifest, in the same folder, is fine)."""
+    if dataset.layout != "manifest":
+        return [dataset.root]
+    return [dataset.source, *sorted({dataset.abspath(i).parent for i in range(len(dataset))})]
+
+
 def default_run_dir(data: PathLike, model: str, parent: Path = Path("runs")) -> Path:
     """runs/<dataset>-<model>, numbered when taken, so a new run never lands on an old one."""
     name = Path(str(data)).stem if Path(str(data)).suffix else Path(str(data)).name
@@ -137,8 +146,12 @@ def _train(data: PathLike | Dataset, cfg: TrainConfig, out: PathLike | None, roo
            quiet: bool, run_name: str | None = None):
     from visiontune.training.trainer import train_dataset
 
+    if out is not None and not isinstance(data, Dataset):  # before the teacher is loaded or a file indexed
+        refuse_output_over_inputs(out, [data, *([root] if root else [])], folder=True, what="write the run")
     teacher = _teacher(cfg)
     dataset = _dataset(data, root)
+    if out is not None:
+        refuse_output_over_inputs(out, data_inputs(dataset), folder=True, what="write the run")
     label = str(dataset.source) if isinstance(data, Dataset) else str(data)
     run_dir = Path(out) if out is not None else default_run_dir(label, run_name or cfg.model)
     result = train_dataset(dataset, cfg, run_dir, data_label=label, root=str(root) if root else None,
@@ -180,6 +193,8 @@ def evaluate(run: PathLike, *, data: PathLike | None = None, root: PathLike | No
     from visiontune.evaluation.evaluate import evaluate_run
 
     cfg = override(config or EvalConfig(), **overrides)
+    if out is not None and data is not None:  # the report's plots/ in a class folder would read as a class
+        refuse_output_over_inputs(out, [data, *([root] if root else [])], folder=False, what="write the evaluation")
     if RunDir(run).is_ensemble:  # Grad-CAM needs one network's gradients; an ensemble has several
         cfg = override(cfg, gradcam_images=0)
     return evaluate_run(Path(run), data=data, root=root, split=cfg.split, out=Path(out) if out else None,
@@ -204,8 +219,11 @@ def explain(model: PathLike, images, *, target: str | None = None, out: PathLike
     from visiontune.inference.sources import expand
 
     cfg = override(config or ExplainConfig(), **overrides)
-    explainer = load_explainer(model, cfg.method, cfg.layer)
     sources = images if isinstance(images, (list, tuple)) else [images]
+    if out is not None:  # PNGs written into a folder of photos would be explained (and trained on) next time
+        refuse_output_over_inputs(out, [model, *(s for s in sources if isinstance(s, (str, Path)))], folder=False,
+                                  what="write the explanations")
+    explainer = load_explainer(model, cfg.method, cfg.layer)
     missing = []
     if all(isinstance(s, (str, Path)) for s in sources):
         sources, missing = expand(sources)

@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from visiontune import config as c
 from visiontune.cli_settings import Parser, add_settings, flag_of, overrides
-from visiontune.errors import ConfigError, VisiontuneError
+from visiontune.errors import VisiontuneError
 from visiontune.settings import SettingError
 from visiontune.version import __version__
 
@@ -322,13 +321,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import io
 
     from visiontune.api import predict
-    from visiontune.files import atomic_write_text
+    from visiontune.files import atomic_write_text, refuse_output_over_inputs
     from visiontune.inference import output
 
     settings = overrides(args)
     cfg = c.override(c.InferenceConfig(), **settings)  # checked before any output file is considered
-    if args.out:
-        _refuse_input_as_output(Path(args.out), args.paths)
+    if args.out:  # the model too: `--out RUN/model.json` once destroyed the run it read
+        refuse_output_over_inputs(args.out, [args.model, *args.paths], folder=False, what="write the predictions")
     results = predict(args.model, args.paths, config=cfg)
     buffer = io.StringIO()
     output.write(results, buffer, args.format, cfg.top_k)
@@ -345,15 +344,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote {len(results) - len(failed)} prediction(s) to {args.out}", file=sys.stderr)
     return 0
-
-
-def _refuse_input_as_output(out: Path, paths: list[str]) -> None:
-    target = out.resolve()
-    for p in paths:
-        given = Path(p).resolve()
-        if target == given or given in target.parents:
-            raise ConfigError(f"--out {out}: that is one of the inputs (or inside an input folder); "
-                              f"write the predictions somewhere else")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterable
+
+from visiontune.errors import ConfigError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -37,3 +40,22 @@ def read_json(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def refuse_output_over_inputs(out: str | Path, inputs: Iterable[str | Path], *, folder: bool, what: str) -> None:
+    """Raise ConfigError, before any work, when writing `out` could overwrite or change a user's input: `out` is
+    an input, lies inside an input folder, or (a `folder` of outputs) holds an input. `train DATA --out DATA` once
+    overwrote the user's own split.csv and config.yaml and left plots/ reading as a class; `predict RUN ... --out
+    RUN/model.json` destroyed the run. Links are resolved, so another name for the same place is caught too."""
+    target = Path(os.path.realpath(out))
+    for given in inputs:
+        source = Path(os.path.realpath(given))
+        if target == source:
+            reason = "that is one of the inputs"
+        elif source in target.parents and source.is_dir():
+            reason = f"that lies inside the input folder {given}"
+        elif folder and target in source.parents:
+            reason = f"that folder holds the input {given}"
+        else:
+            continue
+        raise ConfigError(f"--out {out}: {reason}; {what} somewhere else (no file was changed)")
