@@ -5,10 +5,12 @@ Every file visiontune writes (run directory, exports, manifests, predictions) go
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from visiontune.errors import ConfigError
 
@@ -59,3 +61,39 @@ def refuse_output_over_inputs(out: str | Path, inputs: Iterable[str | Path], *, 
         else:
             continue
         raise ConfigError(f"--out {out}: {reason}; {what} somewhere else (no file was changed)")
+
+
+@contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (a hidden file in the folder being written) for the block, or raise
+    ConfigError at once when another process holds it: two `train --resume` of one run would each overwrite the
+    other's checkpoints. The kernel drops the lock when its holder dies (even by kill -9), so no stale lock
+    outlives a process; the file is removed on release."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"{path.parent}: {what} is being written by process {holder}; wait for it to "
+                              f"finish (or stop it), or give another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its last holder removed the file between our open and our lock: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        try:
+            os.unlink(path)  # while still held, so no one can lock this file after it is gone
+        except FileNotFoundError:
+            pass
+        os.close(fd)

@@ -51,6 +51,7 @@ class RunDir:
     ID2LABEL = "id2label.json"  # under export/, beside every exported model: output index -> label
     LABEL2ID = "label2id.json"  # and label -> output index
     ENSEMBLE = "ensemble.json"  # an ensemble directory's members and weights
+    LOCK = ".visiontune.lock"  # held (and holding its writer's pid) while a process trains into the run
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -78,6 +79,7 @@ class RunDir:
     checkpoint = property(lambda self: self.path / self.CHECKPOINT)
     cache = property(lambda self: self.path / self.CACHE)
     export = property(lambda self: self.path / self.EXPORT)
+    lock = property(lambda self: self.path / self.LOCK)
     parity = property(lambda self: self.path / self.EXPORT / self.PARITY)
     id2label = property(lambda self: self.path / self.EXPORT / self.ID2LABEL)
     label2id = property(lambda self: self.path / self.EXPORT / self.LABEL2ID)

@@ -7,6 +7,7 @@ bundle and metrics.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 import shutil
@@ -24,7 +25,7 @@ from visiontune.data.integrity import scan_dataset
 from visiontune.data.loader import load_all
 from visiontune.data.split import Split, split_dataset
 from visiontune.errors import ConfigError, DatasetError
-from visiontune.files import atomic_write_text
+from visiontune.files import atomic_write_text, exclusive_lock
 from visiontune.models.bundle import ModelMeta, current_versions, save_bundle
 from visiontune.models.classifier import build_classifier, count_parameters
 from visiontune.models.run_dir import RunDir
@@ -85,8 +86,10 @@ def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: 
     created = not Path(out).exists()
     d = distributed.setup()
     try:
-        return _train(dataset, cfg, out, d, started, data_label=data_label, root=root, quiet=quiet or not d.is_main,
-                      overwrite=overwrite, resume=resume, teacher=teacher)
+        # Rank 0 alone writes the run folder, so it alone locks it; a second train of the folder stops here.
+        with exclusive_lock(RunDir(out).lock, "this run") if d.is_main else contextlib.nullcontext():
+            return _train(dataset, cfg, out, d, started, data_label=data_label, root=root,
+                          quiet=quiet or not d.is_main, overwrite=overwrite, resume=resume, teacher=teacher)
     except BaseException:
         # A run that failed before its first checkpoint leaves nothing behind in a folder it made (nothing to
         # resume, and an empty run folder would look like a result).
