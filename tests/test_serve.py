@@ -491,6 +491,53 @@ def test_a_thin_image_is_refused_fast_without_the_memory_it_would_take(full):
     assert _rss_mb(full.proc.pid) - before < 200
 
 
+def test_a_body_over_the_limit_is_a_413_that_clients_sending_it_whole_receive(full):
+    """http.client and `requests` send the whole body before reading: closed at once, the server's socket answered
+    the rest with a reset, and they got "connection reset" / "broken pipe" instead of the 413's JSON."""
+    import http.client
+
+    requests = pytest.importorskip("requests")
+    body = b"\xff\xd8" + bytes(60 << 20)
+    connection = http.client.HTTPConnection(HOST, full.port, timeout=REPLY_TIMEOUT)
+    connection.request("POST", "/v1/predict", body=body, headers={"Content-Type": "image/jpeg"})
+    reply = connection.getresponse()
+    assert reply.status == 413 and json.loads(reply.read())["error"]["code"] == "payload_too_large"
+    connection.close()
+    sent = requests.post(f"{full.url}/v1/predict", data=body, headers={"Content-Type": "image/jpeg"},
+                         timeout=REPLY_TIMEOUT)
+    assert sent.status_code == 413 and sent.json()["error"]["code"] == "payload_too_large"
+    chunks = (bytes(1 << 20) for _ in range(60))  # no length: refused while reading
+    sent = requests.post(f"{full.url}/v1/predict", data=chunks, headers={"Content-Type": "image/jpeg"},
+                         timeout=REPLY_TIMEOUT)
+    assert sent.status_code == 413 and sent.json()["error"]["code"] == "payload_too_large"
+    sent = requests.post(f"{full.url}/v1/predict", files={"file": ("big.tif", b"II*\0" + bytes(12 << 20), "image/tiff")},
+                         timeout=REPLY_TIMEOUT)
+    assert sent.status_code == 413 and "limit" in sent.json()["error"]["message"]
+
+
+def test_hostile_files_and_fuzzed_images_get_an_answer_never_a_500(full, jpegs):
+    """Issue 25's hostile files, then 60 seeded mutations of a real photo in six formats, through the server."""
+    import random
+
+    from hostile_images import fuzz_seeds, hostile_files, mutate
+
+    for name, data in hostile_files().items():
+        body, kind = loadtest.multipart([(name, data, "application/octet-stream")])
+        reply = full.post("/v1/predict", body, kind)
+        assert reply.status == 200, (name, reply.body[:300])  # each still holds a usable first image
+    statuses: dict[int, int] = {}
+    for fmt, data in fuzz_seeds(jpegs[0].read_bytes()).items():
+        rng = random.Random(f"serve-{fmt}")
+        for _ in range(10):
+            reply = full.post("/v1/predict", mutate(data, rng), "application/octet-stream")
+            statuses[reply.status] = statuses.get(reply.status, 0) + 1
+            if reply.status != 200:
+                assert_error(reply, reply.status)
+                assert reply.status in (415, 422), reply.body[:300]
+    assert statuses.get(200) and statuses.get(422), statuses
+    assert full.post("/v1/predict", jpegs[0].read_bytes()).status == 200
+
+
 def test_the_page_metrics_carry_their_intervals():
     from visiontune.serve.model import headline_metrics
 

@@ -43,19 +43,63 @@ def _uvicorn_config(app, cfg: ServeConfig, **extra):
                             lifespan="on", timeout_graceful_shutdown=cfg.graceful_timeout_s, server_header=False,
                             http=HeaderTimeoutHTTP, **extra)
     config.header_timeout_s = cfg.header_timeout_s  # read by HeaderTimeoutHTTP (travels to worker processes too)
+    config.linger_s = cfg.body_timeout_s
     return config
+
+
+# Most bytes of a refused body read and thrown away after the answer, before the connection is cut anyway.
+_LINGER_BYTES = 256 << 20
+
+
+class _LingeringTransport:
+    """The connection's transport as uvicorn's request cycle sees it: its close() lingers (see HeaderTimeoutHTTP)."""
+
+    def __init__(self, transport, protocol: "HeaderTimeoutHTTP"):
+        self._transport = transport
+        self._protocol = protocol
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._protocol.close_lingering()
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self._transport.is_closing()
 
 
 class HeaderTimeoutHTTP(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol (httptools, the fast parser it picks by itself), closing a connection whose
     request headers have not all arrived `header_timeout_s` after its first byte (or after it opened): uvicorn
     itself waits for headers forever, so a thousand clients trickling header bytes (slowloris) would hold a
-    thousand connections."""
+    thousand connections.
+
+    And closing a connection whose request body is still arriving (a 413) as a lingering close: the answer is
+    sent, the sending side shut, and the rest of the body read and dropped (up to `linger_s` and _LINGER_BYTES)
+    before the socket closes. Closed at once, the kernel answers the unread bytes with a reset, and a client that
+    sends its whole body before reading (Python's http.client and `requests`) got "connection reset" or "broken
+    pipe" instead of the 413's JSON.
+    """
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         self.header_timeout_s = getattr(config, "header_timeout_s", ServeConfig.header_timeout_s)
+        self.linger_s = getattr(config, "linger_s", ServeConfig.body_timeout_s)
         self.header_timer = None
+        self.lingering = False
+        self.linger_left = _LINGER_BYTES
+
+    def close_lingering(self) -> None:
+        transport = self.transport._transport
+        body_unread = self.cycle is not None and self.cycle.more_body and not self.cycle.disconnected
+        if self.lingering or not body_unread or transport.is_closing() or not transport.can_write_eof():
+            transport.close()
+            return
+        self.lingering = True
+        self._disarm()
+        transport.resume_reading()  # uvicorn pauses reading while a body waits for the app
+        transport.write_eof()  # after the answer already written: the client reads it, then our end
+        self.loop.call_later(self.linger_s, transport.close)
 
     def _awaiting_headers(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
@@ -76,9 +120,20 @@ class HeaderTimeoutHTTP(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self.transport = _LingeringTransport(transport, self)
         self._arm()
 
+    def eof_received(self):
+        if self.lingering:  # the client sent the rest of its body, and has read our answer or will
+            self.transport._transport.close()
+        return None
+
     def data_received(self, data: bytes) -> None:
+        if self.lingering:  # the rest of a refused body: dropped unparsed
+            self.linger_left -= len(data)
+            if self.linger_left < 0:
+                self.transport._transport.close()
+            return
         if self._awaiting_headers():
             self._arm()  # a request starts on a kept-alive connection: its headers are timed too
         super().data_received(data)
