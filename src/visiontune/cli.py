@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 from visiontune import config as c
 from visiontune.cli_settings import Parser, add_settings, flag_of, overrides
@@ -371,6 +373,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so temporaries are removed on the way out; Python
+    # would otherwise die at once and leave them. `serve` puts its own graceful handler in place of this one.
+    if threading.current_thread() is threading.main_thread():  # the only thread a handler can be set from
+        signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
     try:
         return args.run(args)
     except SettingError as exc:  # named by its flag: that is what the user typed

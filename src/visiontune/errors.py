@@ -34,3 +34,7 @@ class ConfigError(VisiontuneError):
 
 class ExportError(VisiontuneError):
     """An export cannot be made or does not match the model it came from (parity check failed)."""
+
+
+class DiskFullError(VisiontuneError):
+    """A write failed for lack of space (or quota); the message names the file and what is still intact."""

@@ -5,23 +5,112 @@ Every file visiontune writes (run directory, exports, manifests, predictions) go
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from visiontune.errors import ConfigError
+from visiontune.errors import ConfigError, DiskFullError
+
+
+def temporary_name(path: str | Path, suffix: str = ".tmp") -> Path:
+    """Where `path` is written before its rename. The pid keeps two processes writing the same file (a distributed
+    run, two exports) off each other's temporary, and lets `remove_stale_temporaries` tell a dead writer's."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}{suffix}")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The pid keeps two processes writing the same file (a distributed run, two exports) off each other's temp file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException as exc:  # a full disk, a Ctrl-C: no half-written temporary left behind
+        full = is_disk_full(exc, path.parent)
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise disk_full(path, f"{path.name} is as it was before" if path.exists() else "nothing was written") \
+                from None
+        raise
+
+
+def is_disk_full(exc: BaseException, where: str | Path | None = None) -> bool:
+    """No space left (or over quota). safetensors reports it as its own error type with the OS's words, and numpy
+    as a short write with no errno at all: then the free space left where it wrote (`where`) decides."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+        return True
+    if where is not None and isinstance(exc, OSError):
+        try:
+            return shutil.disk_usage(where).free < (1 << 20)
+        except OSError:
+            return False
+    return False
+
+
+def disk_full(path: str | Path, intact: str) -> DiskFullError:
+    return DiskFullError(f"{path}: no space left on the device while writing it; {intact}. Free some space "
+                         f"(`df -h {Path(path).parent}`) and run the command again")
+
+
+@contextmanager
+def staging_folder(target: str | Path) -> Iterator[Path]:
+    """A folder beside `target` for files that are renamed into place (an IR's .xml and .bin), removed whatever
+    happens; named like `temporary_name`, so a killed writer's is removed by `remove_stale_temporaries`."""
+    folder = temporary_name(target, ".tmpdir")
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    except BaseException as exc:
+        if is_disk_full(exc, folder):
+            raise disk_full(target, f"{Path(target).name} is as it was before") from None
+        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp(dir)?$")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporaries in `folder` whose writer is no longer running (killed with -9, or by a power cut):
+    left there, they would hold disk space forever. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if not match or _running(int(match.group(1))):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            Path(entry.path).unlink(missing_ok=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -26,7 +26,7 @@ from visiontune.errors import ExportError, ImageDecodeError
 from visiontune.export import parity
 from visiontune.export.metadata import embed_metadata
 from visiontune.export.onnx import INPUT, serialize, to_onnx
-from visiontune.files import atomic_write_bytes, read_json, write_json
+from visiontune.files import atomic_write_bytes, read_json, remove_stale_temporaries, write_json
 from visiontune.models import open_set
 from visiontune.models.bundle import ModelMeta, load_bundle
 from visiontune.models.locate import require_run
@@ -70,6 +70,7 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
     cfg = config or ExportConfig()
     format, precision, agreement = cfg.format, cfg.precision, cfg.int8_agreement
     run = require_run(run, "export")
+    remove_stale_temporaries(RunDir(run).export)  # left by an export killed with -9
     if format == "tflite":
         from visiontune.export.tflite import require_converter
 
@@ -94,8 +95,7 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
         result = parity.check_close("TorchScript", parity.compare(reference, _torchscript_logits(data, images),
                                                                     images.parity_labels, threshold=threshold),
                                     atol=cfg.fp32_atol, cosine=cfg.fp32_cosine, score_atol=cfg.fp32_score_atol)
-        _finish(run, target, result)
-        atomic_write_bytes(target, data)
+        _finish(run, target, result, lambda: atomic_write_bytes(target, data))
         _write_label_maps(run, meta)
         return ExportResult(target, format, precision, result, time.perf_counter() - start, notes)
 
@@ -148,7 +148,7 @@ def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bo
     _finish(run, target, result)
     info["parity"] = {k: v for k, v in result.items() if k != "vs_pytorch"}
     proto = embed_metadata(_load_proto(data), meta, metrics, info)
-    atomic_write_bytes(target, serialize(proto))
+    _finish(run, target, result, lambda: atomic_write_bytes(target, serialize(proto)))
     _write_label_maps(run, meta)
     return ExportResult(target, format, precision, result, time.perf_counter() - start, notes)
 
@@ -177,7 +177,7 @@ def _export_openvino(run: Path, target: Path, onnx_data: bytes, references: tupl
     import openvino as ov
 
     info["versions"]["openvino"] = ov.__version__
-    openvino.save(model, target, meta, metrics, info)
+    _finish(run, target, result, lambda: openvino.save(model, target, meta, metrics, info))
     _write_label_maps(run, meta)
     return ExportResult(target, "openvino", cfg.precision, result, time.perf_counter() - start)
 
@@ -207,7 +207,7 @@ def _export_tflite(run: Path, target: Path, onnx_fp32: bytes, onnx_result: dict,
     _finish(run, target, result)
     info.update(parity=result, input="float32 N x S x S x 3 (NHWC), normalised as in model.preprocess")
     info["versions"].update(tflite.versions())
-    atomic_write_bytes(target, tflite.embed(data, meta, metrics, info))
+    _finish(run, target, result, lambda: atomic_write_bytes(target, tflite.embed(data, meta, metrics, info)))
     _write_label_maps(run, meta)
     return ExportResult(target, "tflite", cfg.precision, result, time.perf_counter() - start)
 
@@ -326,8 +326,14 @@ def _load_proto(data: bytes):
     return onnx.load_from_string(data)
 
 
-def _finish(run: Path, target: Path, result: dict) -> None:
-    """Record the result in parity.json (kept per file), then refuse to go on if it failed."""
+def _finish(run: Path, target: Path, result: dict, write=None) -> None:
+    """Refuse to go on if the check failed, recording why in parity.json (kept per file). A passed check is
+    recorded only by the call with `write`, after `write()` has put the file in place: a "passed" for a model
+    never written (killed or out of disk space on the way) sent users looking for a file that was not there."""
+    if result["passed"]:
+        if write is None:
+            return
+        write()
     path = RunDir(run).parity
     record = read_json(path)
     record[target.name] = result

@@ -18,6 +18,7 @@ import numpy as np
 
 from visiontune.errors import ModelError
 from visiontune.export.metadata import OUTPUT
+from visiontune.files import staging_folder
 from visiontune.models.bundle import ModelMeta
 from visiontune.models.onnx_graph import first_line
 from visiontune.models.open_set import OUTPUT as SCORE
@@ -75,9 +76,8 @@ def save(model, target: Path, meta: ModelMeta, metrics: dict, info: dict) -> Non
 
     for key, value in (("model", meta.to_dict()), ("metrics", metrics), ("export", info)):
         model.set_rt_info(json.dumps(value), [RT_KEY, key])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        staged = Path(tmp) / target.name
+    with staging_folder(target) as tmp:  # removed even on failure, and after a kill -9 by the next export
+        staged = tmp / target.name
         ov.save_model(model, str(staged), compress_to_fp16=False)
         os.replace(staged.with_suffix(".bin"), target.with_suffix(".bin"))
         os.replace(staged, target)

@@ -69,7 +69,8 @@ def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digest
             runners[pre.input_size] = FrozenRunner(FrozenFeatures(model, bottom, top), pre, ctx.device, ctx.notes)
         built = build_view_cache(images, indices, views, runners[pre.input_size], pre, aug, cfg.seed, desc=desc,
                                  quiet=ctx.quiet)
-        disk.save(key, built)
+        if not disk.save(key, built):
+            ctx.notes.append(f"{desc}: not kept in {disk.folder} for the next run (no space left on the device)")
         return built
 
     if train_spec != spec.preprocess:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import ConfigError
+from visiontune.files import disk_full, is_disk_full, temporary_name
 from visiontune.models.onnx_graph import first_line
 from visiontune.models.run_dir import RunDir
 from visiontune.training.phases import Score
@@ -90,11 +91,21 @@ class Checkpoint:
             "best": {"epoch": best.epoch, "loss": best.score.loss if best.score else None,
                      "accuracy": best.score.accuracy if best.score else None},
         }
-        tmp = self.folder / f".{TENSORS}.tmp"
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(state, default=_json_default)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.folder / TENSORS)
+        tmp = temporary_name(self.folder / TENSORS)
+        try:
+            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(state, default=_json_default)})
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.folder / TENSORS)
+        except BaseException as exc:
+            full = is_disk_full(exc, self.folder)
+            tmp.unlink(missing_ok=True)  # a full disk must not also keep the space a half checkpoint took
+            if full:
+                run = self.folder.parent
+                intact = (f"the checkpoint of the epoch before is intact: free some space, then `visiontune train "
+                          f"--resume {run}`" if (self.folder / TENSORS).exists() else "no epoch was saved yet")
+                raise disk_full(self.folder / TENSORS, intact) from None
+            raise
 
     def load(self) -> tuple[dict, dict[str, torch.Tensor]]:
         from safetensors import safe_open

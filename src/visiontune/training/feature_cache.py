@@ -23,6 +23,7 @@ from torch import nn
 
 from visiontune.data.parallel import progress
 from visiontune.data.transforms import Augment, Preprocess, augment_crop, center_crop, eval_crop, normalize
+from visiontune.files import is_disk_full
 from visiontune.models.onnx_graph import first_line, open_session, simplify, trace
 from visiontune.models.static_pad import with_static_padding
 
@@ -189,15 +190,25 @@ class DiskCache:
         return ViewCache(np.load(boundary, mmap_mode="r") if boundary.is_file() else None,
                          np.load(entry / "pooled.npy"))
 
-    def save(self, key: str, cache: ViewCache) -> None:
+    def save(self, key: str, cache: ViewCache) -> bool:
+        """Keep `cache` for the next run; False when the disk is full (the run goes on with it in memory: a
+        cache is worth less than the space the checkpoints need)."""
         entry = self.folder / key
         tmp = self.folder / f".{key}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "pooled.npy", cache.pooled)
-        if cache.boundary is not None:
-            np.save(tmp / "boundary.npy", cache.boundary)
+        try:
+            tmp.mkdir(parents=True)
+            np.save(tmp / "pooled.npy", cache.pooled)
+            if cache.boundary is not None:
+                np.save(tmp / "boundary.npy", cache.boundary)
+        except BaseException as exc:
+            full = is_disk_full(exc, self.folder)  # before the space the half-written cache took is freed
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                return False
+            raise
         if entry.exists():
             shutil.rmtree(tmp)
-            return
+            return True
         os.replace(tmp, entry)
+        return True

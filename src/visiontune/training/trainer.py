@@ -25,7 +25,7 @@ from visiontune.data.integrity import scan_dataset
 from visiontune.data.loader import load_all
 from visiontune.data.split import Split, split_dataset
 from visiontune.errors import ConfigError, DatasetError
-from visiontune.files import atomic_write_text, exclusive_lock
+from visiontune.files import atomic_write_text, exclusive_lock, remove_stale_temporaries
 from visiontune.models.bundle import ModelMeta, current_versions, save_bundle
 from visiontune.models.classifier import build_classifier, count_parameters
 from visiontune.models.run_dir import RunDir
@@ -88,6 +88,9 @@ def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: 
     try:
         # Rank 0 alone writes the run folder, so it alone locks it; a second train of the folder stops here.
         with exclusive_lock(RunDir(out).lock, "this run") if d.is_main else contextlib.nullcontext():
+            if d.is_main:  # what a writer killed with -9 left half-written
+                for folder in (out, RunDir(out).checkpoint):
+                    remove_stale_temporaries(folder)
             return _train(dataset, cfg, out, d, started, data_label=data_label, root=root,
                           quiet=quiet or not d.is_main, overwrite=overwrite, resume=resume, teacher=teacher)
     except BaseException:
