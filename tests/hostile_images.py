@@ -128,3 +128,26 @@ def fuzz_seeds(photo: bytes) -> dict[str, bytes]:
     image.save(progressive, "JPEG", progressive=True)
     seeds["progressive-jpeg"] = progressive.getvalue()
     return seeds
+
+
+def icon_with_huge_png(side: int = 20000) -> bytes:
+    """An .ico whose directory says 256 x 256 and whose PNG inside says side x side (its pixels left out: only
+    a decoder that starts on it would find out, after allocating them)."""
+    ihdr = png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+    png = b"\x89PNG\r\n\x1a\n" + ihdr + png_chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + png_chunk(b"IEND", b"")
+    directory = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22)
+    return directory + png
+
+
+def many_scan_jpeg(scans: int = 2000) -> bytes:
+    """A progressive JPEG of 4096 x 1024 (a smooth gradient, so each scan is a few kB) whose smallest scan is
+    repeated until it has `scans` scans: each one is still a pass over every block."""
+    ramp = np.linspace(0, 255, 4096, dtype=np.float32)
+    pixels = np.stack([np.tile(ramp, (1024, 1)), np.tile(ramp[::-1], (1024, 1)), np.full((1024, 4096), 90.0)], 2)
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, "JPEG", progressive=True, quality=90)
+    data = out.getvalue()
+    starts = [i for i in range(len(data) - 1) if data[i:i + 2] == b"\xff\xda"]
+    spans = [(end - start, start, end) for start, end in zip(starts, starts[1:] + [len(data) - 2])]
+    _, start, end = min(spans)
+    return data[:end] + data[start:end] * (scans - len(starts)) + data[end:]

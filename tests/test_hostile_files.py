@@ -96,3 +96,29 @@ def test_split_and_train_and_predict_a_folder_holding_hostile_files(cli, hostile
     text = out.read_text(encoding="utf-8")
     for name in hostile_files():
         assert name in text
+
+
+def test_an_icon_holding_a_huge_png_is_refused_before_any_decoder_runs():
+    from hostile_images import icon_with_huge_png
+
+    data = icon_with_huge_png(20000)
+    start = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="decompression bomb: 20000x20000"):
+        decode_full(data)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_from_its_markers(photo):
+    from hostile_images import many_scan_jpeg
+    from visiontune.data.headers import jpeg_scans
+
+    data = many_scan_jpeg(2000)
+    start = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="JPEG with 2,000 scans, over the limit of 100"):
+        decode_full(data)
+    assert time.perf_counter() - start < 0.5
+    seeds = fuzz_seeds(photo.read_bytes())
+    assert jpeg_scans(seeds["jpeg"]) == 1 and 5 <= jpeg_scans(seeds["progressive-jpeg"]) <= 12
+    decode_full(seeds["progressive-jpeg"])  # a real progressive JPEG is well under the limit
+    with pytest.raises(ImageDecodeError, match="scans"):  # the limit is a setting
+        decode_full(seeds["progressive-jpeg"], max_jpeg_scans=3)

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from visiontune.config import ScanConfig
+from visiontune.data.headers import check_before_open, check_shape
 from visiontune.errors import ImageDecodeError
 
 # visiontune's own pixel limit (`max_pixels`, checked from the header before decoding) is the one that
@@ -113,6 +114,7 @@ def decode_full(
     max_pixels: int = ScanConfig.max_pixels,
     max_aspect: float = ScanConfig.max_aspect,
     where: str | None = None,
+    max_jpeg_scans: int = ScanConfig.max_jpeg_scans,
 ) -> Decoded:
     """Decode `source` to RGB, noting every conversion. Raises ImageDecodeError with a reason.
 
@@ -138,6 +140,7 @@ def decode_full(
     if not data:
         raise ImageDecodeError(where, "zero-byte file")
     with unreadable_as_decode_error(where):
+        check_before_open(data, where, max_pixels=max_pixels, max_aspect=max_aspect, max_jpeg_scans=max_jpeg_scans)
         try:
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
@@ -167,19 +170,6 @@ def unreadable_as_decode_error(where: str) -> Iterator[None]:
 def decode(source: ImageSource, *, draft: int | None = None, max_pixels: int = ScanConfig.max_pixels) -> np.ndarray:
     """Decode `source` (path, bytes, PIL image or array) to an H x W x 3 uint8 RGB array."""
     return decode_full(source, draft=draft, max_pixels=max_pixels).array
-
-
-def check_shape(width: int, height: int, where: str, max_pixels: int, max_aspect: float) -> None:
-    """Refuse, from the header alone, what would take far more memory than its file size suggests."""
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            where, f"decompression bomb: {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
-        )
-    if min(width, height) < 1:
-        raise ImageDecodeError(where, f"empty image ({width}x{height})")
-    if max(width, height) > max_aspect * min(width, height):
-        raise ImageDecodeError(where, f"extreme aspect ratio: {width}x{height} is over {max_aspect:g}:1 (scaled to "
-                                      f"the model's size its long side would need gigabytes)")
 
 
 def _decode_pil(image: Image.Image, *, draft: int | None, max_pixels: int, max_aspect: float, where: str) -> Decoded:

@@ -46,7 +46,7 @@ def check_file(path: str, cfg: ScanConfig = ScanConfig()) -> FileCheck:
         if not data:
             return FileCheck(problem="zero-byte file")
         decoded = decode_full(data, draft=_SCAN_DRAFT, max_pixels=cfg.max_pixels, max_aspect=cfg.max_aspect,
-                              where=path)
+                              where=path, max_jpeg_scans=cfg.max_jpeg_scans)
     except ImageDecodeError as exc:
         return FileCheck(problem=exc.reason)
     width, height = decoded.size
