@@ -581,3 +581,44 @@ def test_the_batcher_runs_up_to_streams_batches_at_once_and_answers_each_its_row
     answers = asyncio.run(main())
     assert [float(a[0, 0]) for a in answers] == [0.0, 2.0, 4.0, 6.0]
     assert most[0] == streams
+
+
+def test_the_pixel_budget_lets_decodes_run_together_only_while_they_fit():
+    """Three 60 MP decodes under a 100 MP budget run one at a time, four 20 MP ones together; a 150 MP image
+    larger than the whole budget still decodes, alone."""
+    import asyncio
+
+    from visiontune.serve.uploads import PixelBudget
+
+    async def peak(sizes: list[int]) -> int:
+        budget, running, most = PixelBudget(100_000_000), 0, 0
+
+        async def one(pixels: int) -> None:
+            nonlocal running, most
+            async with budget.hold(pixels):
+                running += 1
+                most = max(most, running)
+                await asyncio.sleep(0.02)
+                running -= 1
+
+        await asyncio.gather(*(one(p) for p in sizes))
+        assert budget.held == 0
+        return most
+
+    assert asyncio.run(peak([60_000_000] * 3)) == 1
+    assert asyncio.run(peak([20_000_000] * 4)) == 4
+    assert asyncio.run(peak([150_000_000, 10_000_000, 10_000_000])) in (1, 2)  # never the big one with both small
+
+
+def test_decode_cost_is_read_from_the_header_at_the_draft_scale(jpegs):
+    from hostile_images import icon_with_huge_png
+    from visiontune.data.decode import decode_cost
+    from visiontune.errors import ImageDecodeError
+
+    photo = Image.new("RGB", (4000, 3000))
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG")
+    assert decode_cost(buffer.getvalue()) == 12_000_000
+    assert decode_cost(buffer.getvalue(), draft=256) == 500 * 375  # decoded at 1/8 scale
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        decode_cost(icon_with_huge_png(20000))

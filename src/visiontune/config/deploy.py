@@ -181,6 +181,10 @@ class ServeConfig(Settings):
     queue_size: int = setting(64, "images in flight at once (decoded, waiting or in the model)", low=1)
     body_budget_mb: float = setting(640.0, "request bodies held at once, MiB over all requests (503 beyond)",
                                     above=0.0)
+    # Each megapixel decoded holds 3-16 bytes (more for 16-bit and RGBA images on their way to RGB): 100 lets two
+    # 50 MP photos, or hundreds of phone-sized JPEGs (decoded at their draft scale), decode at once.
+    decode_budget_mp: float = setting(100.0, "megapixels being decoded at once over all requests (more wait their "
+                                             "turn; a larger image decodes alone)", above=0.0)
     retry_after_s: int = setting(1, "the Retry-After a refused client is given", low=0)
     max_body_mb: float = setting(10.0, "request body limit, MiB (413 beyond, checked while reading)", above=0.0)
     max_batch_files: int = setting(32, "images in one /v1/predict/batch request", low=1)
@@ -202,6 +206,10 @@ class ServeConfig(Settings):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def decode_budget_pixels(self) -> int:
+        return int(self.decode_budget_mp * 1_000_000)
 
     @property
     def body_budget_bytes(self) -> int:

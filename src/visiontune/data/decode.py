@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from visiontune.config import ScanConfig
-from visiontune.data.headers import check_before_open, check_shape
+from visiontune.data.headers import check_before_open, check_shape, decode_pixels
 from visiontune.errors import ImageDecodeError
 
 # visiontune's own pixel limit (`max_pixels`, checked from the header before decoding) is the one that
@@ -165,6 +165,26 @@ def unreadable_as_decode_error(where: str) -> Iterator[None]:
     except Exception as exc:  # noqa: BLE001 - see above: the type says nothing about a bug here, the bytes do
         text = " ".join(str(exc).split())[:160]
         raise ImageDecodeError(where, f"unreadable image ({type(exc).__name__}{': ' + text if text else ''})") from None
+
+
+def decode_cost(data: bytes, *, draft: int | None = None, max_pixels: int = ScanConfig.max_pixels,
+                max_aspect: float = ScanConfig.max_aspect, where: str = "bytes") -> int:
+    """Pixels decoding `data` will hold, from its header alone (no decoder runs); raises ImageDecodeError for what
+    `decode_full` would refuse from the header. A server charges this against its pixel budget first."""
+    if not data:
+        raise ImageDecodeError(where, "zero-byte file")
+    with unreadable_as_decode_error(where):
+        check_before_open(data, where, max_pixels=max_pixels, max_aspect=max_aspect,
+                          max_jpeg_scans=ScanConfig.max_jpeg_scans)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageDecodeError(where, describe_non_image(data)) from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageDecodeError(where, f"corrupt image header ({exc})") from None
+        width, height = image.size
+        check_shape(width, height, where, max_pixels, max_aspect)
+        return decode_pixels(width, height, image.format or "", draft)
 
 
 def decode(source: ImageSource, *, draft: int | None = None, max_pixels: int = ScanConfig.max_pixels) -> np.ndarray:

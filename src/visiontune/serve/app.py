@@ -102,6 +102,7 @@ def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
                            capacity=cfg.queue_size, streams=model_streams(cfg))
     decoder = ThreadPoolExecutor(default_workers(cfg.decode_threads), thread_name_prefix="decode")
     bodies = uploads.BodyBudget(cfg.body_budget_bytes)
+    pixels = uploads.PixelBudget(cfg.decode_budget_pixels)
     explainer = ThreadPoolExecutor(1, thread_name_prefix="explain")  # Grad-CAM is heavy: one at a time
     info = {**describe(clf), "limits": {"max_body_bytes": cfg.max_body_bytes, "max_batch_files": cfg.max_batch_files,
                                         "max_pixels": cfg.max_pixels, "top_k": cfg.top_k},
@@ -148,7 +149,7 @@ def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
         with bodies.account() as account:
             (upload,) = await uploads.read_images(request, cfg.max_body_bytes, cfg.body_timeout_s, 1, account)
             with batcher.reserve(1):  # a place in the queue only once the body is in: slow clients hold none
-                crop = await uploads.decode(upload, spec, cfg.max_pixels, decoder)
+                crop = await uploads.decode(upload, spec, cfg.max_pixels, decoder, pixels)
                 probabilities, scores = await batcher.submit(crop[None])
         return JSONResponse(answer(upload.name, probabilities[0], None if scores is None else scores[0], k))
 
@@ -163,7 +164,7 @@ def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
             files = await uploads.read_images(request, cfg.max_body_bytes, cfg.body_timeout_s, cfg.max_batch_files,
                                               account)
             places.grow(len(files))
-            decoded = await asyncio.gather(*(uploads.decode(f, spec, cfg.max_pixels, decoder) for f in files),
+            decoded = await asyncio.gather(*(uploads.decode(f, spec, cfg.max_pixels, decoder, pixels) for f in files),
                                            return_exceptions=True)
             crops = [d for d in decoded if isinstance(d, np.ndarray)]
             probabilities, scores = await batcher.submit(np.stack(crops)) if crops else ([], None)
@@ -192,7 +193,7 @@ def create_app(clf: Classifier, cfg: ServeConfig | None = None) -> FastAPI:
         with bodies.account() as account:
             (upload,) = await uploads.read_images(request, cfg.max_body_bytes, cfg.body_timeout_s, 1, account)
             with batcher.reserve(1):
-                await uploads.decode(upload, spec, cfg.max_pixels, decoder)  # refuses bad images like /predict
+                await uploads.decode(upload, spec, cfg.max_pixels, decoder, pixels)  # refuses bad images like /predict
                 png = await asyncio.get_running_loop().run_in_executor(explainer, _overlay_png, clf, upload, target)
         return Response(png, media_type="image/png")
 

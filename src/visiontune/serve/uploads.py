@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Executor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from visiontune.data.decode import decode_cost
 from visiontune.data.loader import load_for_model
 from visiontune.data.transforms import Preprocess
 from visiontune.errors import ImageDecodeError
@@ -173,11 +176,41 @@ def decode_error(name: str, exc: ImageDecodeError) -> ApiError:
     return ApiError(422, f"{name}: {exc.reason}")
 
 
-async def decode(upload: Upload, spec: Preprocess, max_pixels: int, pool: Executor) -> np.ndarray:
+class PixelBudget:
+    """Pixels being decoded at once, over all requests and every image of a batch. A decode charges what its header
+    says it will hold (a JPEG at its draft scale) and waits its turn while the total would pass `limit`: a few
+    16-bit PNGs or WebP canvases just under --max-pixels took 1.2-1.7 GB each, and a handful at once exhausted
+    the machine. One image larger than the whole budget decodes alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self._changed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def hold(self, pixels: int):
+        pixels = min(pixels, self.limit)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.held + pixels <= self.limit)
+            self.held += pixels
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.held -= pixels
+                self._changed.notify_all()
+
+
+async def decode(upload: Upload, spec: Preprocess, max_pixels: int, pool: Executor,
+                 budget: PixelBudget | None = None) -> np.ndarray:
     if upload.media_type and not _image_type(upload.media_type):  # a form part's declared type
         raise ApiError(415, f"{upload.name}: not an image (sent as {upload.media_type})")
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(pool, decode_crop, upload.data, spec, max_pixels)
+        if budget is None:
+            return await loop.run_in_executor(pool, decode_crop, upload.data, spec, max_pixels)
+        cost = await loop.run_in_executor(pool, partial(decode_cost, upload.data, draft=spec.resize_size,
+                                                        max_pixels=max_pixels, where=upload.name))
+        async with budget.hold(cost):
+            return await loop.run_in_executor(pool, decode_crop, upload.data, spec, max_pixels)
     except ImageDecodeError as exc:
         raise decode_error(upload.name, exc) from None
