@@ -212,3 +212,13 @@ def test_an_openvino_file_without_its_weights_is_one_line(run, exported, tmp_pat
     shutil.copy(run / "export" / "model.openvino.xml", lone)  # the .bin left behind
     done = cli("predict", lone, photos["daisy"][8])
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "not a readable OpenVINO model" in done.stderr
+
+
+def test_an_openvino_file_with_no_layers_is_one_line(tmp_path, photos, cli):
+    pytest.importorskip("openvino")
+    empty = tmp_path / "model.openvino.xml"
+    empty.write_text('<?xml version="1.0"?>\n<net name="empty" version="11">\n<layers>\n</layers>\n<edges>\n'
+                     '</edges>\n</net>\n')
+    done = cli("predict", empty, photos["daisy"][8])
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "not an image classifier" in done.stderr and "Traceback" not in done.stderr

@@ -54,6 +54,9 @@ def compile_ir(model, where: str, threads: int, streams: int = 1):
     except RuntimeError as exc:
         raise ModelError(f"{where}: not a readable OpenVINO model ({first_line(exc)[:200]})") from None
     ports = list(compiled.outputs)
+    if not ports or len(compiled.inputs) != 1:  # an .xml with no layers read and compiled without complaint
+        raise ModelError(f"{where}: not an image classifier ({len(compiled.inputs)} input(s) and {len(ports)} "
+                         f"output(s); a classifier has one image input and its logits as output)")
     named = {name: port for port in ports for name in port.get_names()}
     logits_port = named.get(OUTPUT, ports[0])
     score_port = named.get(SCORE)
