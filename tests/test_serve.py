@@ -286,7 +286,7 @@ def test_load_with_bad_inputs_alongside(full, jpegs):
     result = loadtest.run_load(HOST, full.port, [p.read_bytes() for p in jpegs], clients=8, requests=10)
     prober.join(60)
     assert result.errors == 0 and result.total == 80, result.to_dict()
-    assert not prober.is_alive() and len(probes) == 11
+    assert not prober.is_alive() and len(probes) == 13
     wrong = [p.to_dict() for p in probes if not p.ok]
     assert not wrong, wrong
     after = full.get("/readyz").json()

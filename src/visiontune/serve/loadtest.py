@@ -167,6 +167,21 @@ def thin_png(width: int = 300_000, height: int = 32) -> bytes:
     return _png(width, height, 0, zlib.compress(b"\0" * ((width + 1) * height), 9))
 
 
+def icon_bomb(side: int = 20_000) -> bytes:
+    """An .ico whose directory says 256 x 256 and whose PNG inside says side x side (Pillow decodes it inside
+    Image.open: 1.6 GB for 20000 x 20000)."""
+    png = _png(side, side, 0, zlib.compress(b"\0" * 100_000, 9))
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + png
+
+
+def many_scan_jpeg(jpeg: bytes, scans: int = 5_000) -> bytes:
+    """`jpeg` (a baseline photo: one scan) with a scan repeated to `scans` scans, each one a pass over the whole
+    image; the repeat is the scan's header alone with no data, so the file stays small."""
+    start = jpeg.index(b"\xff\xda")
+    header = jpeg[start:start + 2 + struct.unpack_from(">H", jpeg, start + 2)[0]]
+    return jpeg[:-2] + header * scans + jpeg[-2:]
+
+
 def hold_slow_clients(host: str, port: int, count: int, jpeg: bytes, *, headers: dict | None = None,
                       body_bytes: int = 100) -> list[socket.socket]:
     """`count` connections that send their headers and `body_bytes` of the body, then nothing (close them)."""
@@ -263,6 +278,10 @@ def bad_inputs(host: str, port: int, jpeg: bytes, *, headers: dict | None = None
             _zeros(big, True))),
         ("zip-bomb PNG header (100000 x 100000)", 422, lambda: request(
             host, port, "POST", "/v1/predict", bomb_png(), {**auth, "Content-Type": "image/png"})),
+        ("ICO holding a 20000 x 20000 PNG", 422, lambda: request(
+            host, port, "POST", "/v1/predict", icon_bomb(), {**auth, "Content-Type": "image/x-icon"})),
+        ("JPEG with 5000 scans", 422, lambda: request(
+            host, port, "POST", "/v1/predict", many_scan_jpeg(jpeg), {**auth, "Content-Type": "image/jpeg"})),
         ("thin PNG (300000 x 32, 9 KB)", 422, lambda: request(
             host, port, "POST", "/v1/predict", thin_png(), {**auth, "Content-Type": "image/png"})),
         ("empty body", 400, lambda: request(host, port, "POST", "/v1/predict", b"",
