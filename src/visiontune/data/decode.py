@@ -271,16 +271,23 @@ def _describe_mode(mode: str) -> str:
     return names.get(mode, mode)
 
 
+_BAND_ROWS = 256
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
     if mode in _SIXTEEN_BIT_MODES or mode == "I":
-        # Pillow's own convert() clips 16-bit values at 255; scale the full range instead.
-        values = np.asarray(image, dtype=np.float32)
+        # Pillow's own convert() clips 16-bit values at 255; scale the full range instead, a band of rows at a
+        # time: float arrays of the whole image took 1.5 GB for one 81 MP PNG, and a server decodes several.
+        values = np.asarray(image)
         peak = 65535.0 if (mode in _SIXTEEN_BIT_MODES or values.max() > 255) else 255.0
-        grey = np.clip(values * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
+        grey = np.empty(values.shape[:2], dtype=np.uint8)
+        for top in range(0, len(values), _BAND_ROWS):
+            band = values[top:top + _BAND_ROWS].astype(np.float32)
+            grey[top:top + _BAND_ROWS] = np.clip(band * (255.0 / peak) + 0.5, 0, 255)
+        return Image.fromarray(grey, "L").convert("RGB")
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
         mode = "RGBA"
