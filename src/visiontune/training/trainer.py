@@ -89,7 +89,7 @@ def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: 
         # Rank 0 alone writes the run folder, so it alone locks it; a second train of the folder stops here.
         with exclusive_lock(RunDir(out).lock, "this run") if d.is_main else contextlib.nullcontext():
             if d.is_main:  # what a writer killed with -9 left half-written
-                for folder in (out, RunDir(out).checkpoint):
+                for folder in (out, RunDir(out).checkpoint, RunDir(out).cache):
                     remove_stale_temporaries(folder)
             return _train(dataset, cfg, out, d, started, data_label=data_label, root=root,
                           quiet=quiet or not d.is_main, overwrite=overwrite, resume=resume, teacher=teacher)
