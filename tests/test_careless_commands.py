@@ -155,3 +155,27 @@ def test_an_export_that_was_not_written_is_not_recorded_as_passed(tmp_path_facto
         visiontune.api.export(run)
     assert "model.onnx" not in read_json(RunDir(run).parity)
     assert sorted(p.name for p in export.iterdir()) == ["model.onnx"]  # no temporary, old or new
+
+
+def test_sigterm_unwinds_train_leaving_its_checkpoint_and_no_temporary(tmp_path, photos):
+    """SIGTERM (a scheduler's stop) runs the same clean-up as a failure: the lock file and every temporary
+    go, the last checkpoint stays for --resume."""
+    data = tmp_path / "data"
+    for name in ("daisy", "roses"):
+        (data / name).mkdir(parents=True)
+        for p in photos[name][:6]:
+            shutil.copy(p, data / name / p.name)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([str(VISIONTUNE), "train", str(data), "--out", str(run), "--views", "2", "--head-epochs",
+                             "2", "--epochs", "30", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not (run / "checkpoint" / "state.safetensors").exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert b"Traceback" not in stderr
+    left = [p.name for p in run.rglob(".*")]
+    assert left == [], left  # no lock file, no temporary
+    assert (run / "checkpoint" / "state.safetensors").is_file()
