@@ -65,7 +65,7 @@ def test_a_run_with_a_budget_records_its_plan(tiny, tmp_path):
     assert text.startswith("# planned by --budget: budget 60 min 00 s: 4 augmented views")
     saved = yaml.safe_load(text)
     assert saved["budget"] is None and saved["views"] == 4 and saved["finetune_epochs"] == 4  # repeatable as planned
-    assert [r["phase"] for r in result.history].count("finetune") == 4
+    assert [r["phase"] for r in result.history].count("fold1.finetune") == 4  # the planned epochs, before the refit
     assert any(n.startswith("plan: budget 60 min") and "frozen-pass views/s" in n for n in result.metrics["notes"])
 
 

@@ -121,6 +121,13 @@ class TrainConfig(Settings):
     # A run with a budget replaces views and phase-2 epochs with its plan and clears budget in its config.yaml.
     budget: str | None = setting(None, "finish within this wall-clock time, e.g. 90s, 5m, 1h: views and phase-2 "
                                        "epochs planned from a short warm-up on this machine")
+    # The val split's images are never trained on without it: on oxford102's official split (10 images a class in
+    # train and in val) that is half the labelled images (BENCHMARKS.md "Refit on every labelled image").
+    refit: bool = setting(True, "train the kept model on train + val: the best epochs and whether phase 2 beats the "
+                                "head alone are chosen on held-out predictions first (--no-refit: train on train "
+                                "only and choose on val)")
+    folds: int = setting(1, "held-out folds the refit's choices are made on: 1 holds out the val split; k >= 2 "
+                            "makes k stratified folds over train + val (k fits, then the refit)", low=1, high=20)
     # Cached recipe: phase 1 fits the head on pooled features of the frozen backbone; phase 2 fine-tunes the top
     # `trainable_stages` stages on activations cached at the boundary below them.
     views: int = setting(4, "augmented views cached per training image, besides the plain centre crop", low=0)

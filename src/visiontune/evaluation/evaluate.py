@@ -75,13 +75,16 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
     temperature, threshold = classifier.temperature, classifier.threshold
     calibration_note = None
     if own and cfg.calibrate:
-        fitted = _calibrate(classifier, run_data, meta.labels, cfg, quiet, selection.notes)
+        fitted = _calibrate(classifier, run, run_data, meta.labels, cfg, quiet, selection.notes)
         if fitted:
-            temperature, threshold = fitted
-            update_meta(run_dir, calibration={"temperature": temperature, "fitted_on": "val"},
-                        uncertainty={"threshold": threshold, "chosen_on": "val"})
-            if split == "val":
+            temperature, threshold, source = fitted
+            update_meta(run_dir, calibration={"temperature": temperature, "fitted_on": source},
+                        uncertainty={"threshold": threshold, "chosen_on": source})
+            if split == "val" and source == "val":
                 calibration_note = "the temperature was fitted on this same validation split, so its ECE is optimistic"
+    if own and split in ("train", "val") and run.out_of_fold.is_file():
+        calibration_note = (f"the model was refit on train + val, so these {split} images were trained on: its "
+                            f"numbers here are not held-out (metrics.json's refit has the out-of-fold ones)")
     probs = softmax(scored.logits, temperature).astype(np.float64)
     metrics = compute_metrics(scored.labels, probs, meta.labels, ece_bins=cfg.ece_bins, most_confused=cfg.most_confused)
     raw = reliability(scored.labels, softmax(scored.logits).astype(np.float64), cfg.ece_bins)
@@ -135,8 +138,16 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
     return Evaluation(out_dir, metrics, target.report)
 
 
-def _calibrate(classifier: Classifier, run_data, labels: list[str], cfg: EvalConfig, quiet: bool, notes: list[str]):
-    """(temperature, threshold) fitted on the run's validation split; None when it has too few images."""
+def _calibrate(classifier: Classifier, run: RunDir, run_data, labels: list[str], cfg: EvalConfig, quiet: bool,
+               notes: list[str]):
+    """(temperature, threshold, what they were fitted on): on the held-out logits of a refit run (its kept model has
+    trained on val), else on the run's validation split; None when there are too few images."""
+    held_out = run.read_out_of_fold()
+    if held_out is not None and len(held_out[1]) >= cfg.calibrate_min_images and held_out[0].shape[1] == len(labels):
+        logits, y = held_out
+        temperature = fit_temperature(logits, y)
+        threshold = choose_uncertainty_threshold(softmax(logits, temperature), y)
+        return round(temperature, 4), round(threshold, 4), "out-of-fold"
     try:
         val = select(run_data, "val", labels, allow_subset=True)
     except DatasetError:
@@ -149,7 +160,7 @@ def _calibrate(classifier: Classifier, run_data, labels: list[str], cfg: EvalCon
     scored = score(classifier, val, cfg, quiet)
     temperature = fit_temperature(scored.logits, scored.labels)
     threshold = choose_uncertainty_threshold(softmax(scored.logits, temperature), scored.labels)
-    return round(temperature, 4), round(threshold, 4)
+    return round(temperature, 4), round(threshold, 4), "val"
 
 
 def _config_data(run_dir: Path) -> str:

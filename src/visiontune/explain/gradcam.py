@@ -67,6 +67,8 @@ def _feature_output(model: nn.Module, size: int) -> tuple[list[tuple[str, nn.Mod
     finally:
         for h in handles:
             h.remove()
+    if isinstance(features, (list, tuple)):  # several backbones side by side: the last one's map is explained
+        features = features[-1]
     return fired, features.shape
 
 

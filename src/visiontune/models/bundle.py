@@ -198,6 +198,7 @@ def load_bundle(folder: Path) -> tuple[nn.Module, ModelMeta]:
     import timm
     from safetensors.torch import load_file
 
+    from visiontune.models.multi import SEPARATOR
     from visiontune.models.weights import create_architecture
 
     folder = Path(folder)
@@ -209,7 +210,7 @@ def load_bundle(folder: Path) -> tuple[nn.Module, ModelMeta]:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise ModelError(f"{weights}: damaged or not a safetensors file ({str(exc)[:200]})") from None
-    if not timm.is_model(meta.timm_name):
+    if not all(timm.is_model(name) for name in meta.timm_name.split(SEPARATOR)):
         raise ModelError(f"{RunDir(folder).meta}: architecture {meta.timm_name!r} is unknown to this timm "
                          f"({timm.__version__}); the model was made with timm {meta.versions.get('timm', '?')}")
     model = create_architecture(meta.timm_name, meta.num_classes, meta.dropout, meta.img_size)

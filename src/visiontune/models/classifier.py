@@ -6,7 +6,9 @@ from pathlib import Path
 
 from torch import nn
 
+from visiontune.errors import ModelError
 from visiontune.models.attention import attach_attention
+from visiontune.models.multi import MultiBackbone, branch_names, is_multi
 from visiontune.models.registry import BackboneSpec, get_spec
 from visiontune.models.weights import create_pretrained
 
@@ -22,6 +24,9 @@ def build_classifier(model_name: str, num_classes: int, *, dropout: float, weigh
     weights are loaded (they have none for it).
     """
     spec = get_spec(model_name).at_size(input_size)
+    if is_multi(model_name):
+        model, spec = _build_multi(spec, num_classes, dropout, weights, from_scratch, allow_download, head)
+        return model, spec
     model, spec = create_pretrained(spec, num_classes, dropout, weights=weights, from_scratch=from_scratch,
                                     allow_download=allow_download)
     # timm's EfficientNet init draws the new classifier from U(+-1/sqrt(num_classes)): with 5 classes and
@@ -32,6 +37,22 @@ def build_classifier(model_name: str, num_classes: int, *, dropout: float, weigh
         nn.init.zeros_(classifier.bias)
     if head == "attention":
         attach_attention(model)
+    return model, spec
+
+
+def _build_multi(spec: BackboneSpec, num_classes: int, dropout: float, weights: Path | None, from_scratch: bool,
+                 allow_download: bool, head: str) -> tuple[nn.Module, BackboneSpec]:
+    """Several backbones side by side, each with its own pretrained weights, all at the first one's input size."""
+    if weights is not None:
+        raise ModelError(f"{spec.name}: --weights gives one backbone's weights; name one backbone with it")
+    if head != "linear":
+        raise ModelError(f"{spec.name}: --head {head} pools one feature map; several backbones take the linear head")
+    size = spec.preprocess.input_size
+    branches = [create_pretrained(get_spec(name).at_size(size), 0, 0.0, from_scratch=from_scratch,
+                                  allow_download=allow_download)[0] for name in branch_names(spec.name)]
+    model = MultiBackbone(branches, num_classes, dropout)
+    nn.init.zeros_(model.classifier.weight)  # as for one backbone: start at log(C)
+    nn.init.zeros_(model.classifier.bias)
     return model, spec
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 from visiontune.data.transforms import Preprocess
 from visiontune.errors import ModelError
+from visiontune.models.multi import SEPARATOR, branch_names, is_multi, same_preprocessing
 
 _LITE_MEAN_STD = (0.5, 0.5, 0.5)  # the TF-Lite reference normalisation; ImageNet mean/std here is a silent bug
 
@@ -58,7 +59,13 @@ def offline_names() -> list[str]:
 
 
 def get_spec(name: str) -> BackboneSpec:
-    """The spec for a registry name or any timm architecture name."""
+    """The spec for a registry name or any timm architecture name, or several joined by "+" (models/multi.py):
+    their first one's preprocessing, every branch's timm name."""
+    if is_multi(name):
+        specs = [get_spec(n) for n in branch_names(name)]
+        same_preprocessing(specs, name)
+        return BackboneSpec(SEPARATOR.join(s.name for s in specs), SEPARATOR.join(s.timm_name for s in specs),
+                            specs[0].preprocess)
     if name in REGISTRY:
         return REGISTRY[name]
     import timm

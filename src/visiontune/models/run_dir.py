@@ -11,11 +11,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from visiontune.config import TrainConfig
 from visiontune.errors import ConfigError
-from visiontune.files import atomic_write_text, read_json, write_json
+from visiontune.files import atomic_write_bytes, atomic_write_text, read_json, write_json
 from visiontune.settings import from_dict, to_dict
 
 HISTORY_COLUMNS = ["phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
@@ -35,6 +36,7 @@ class RunDir:
     WEIGHTS = "model.safetensors"
     OPEN_SET = "open_set.safetensors"  # the unknown score's fit (its threshold is in model.json's "open_set")
     METRICS = "metrics.json"
+    OUT_OF_FOLD = "out_of_fold.safetensors"  # a refit run's held-out logits and labels: what calibration is fitted on
     HISTORY = "history.csv"
     TENSORBOARD = "tensorboard"
     BENCH = "bench.json"  # written by `visiontune bench RUN`, read by `compare`
@@ -68,6 +70,7 @@ class RunDir:
     weights = property(lambda self: self.path / self.WEIGHTS)
     open_set = property(lambda self: self.path / self.OPEN_SET)
     metrics = property(lambda self: self.path / self.METRICS)
+    out_of_fold = property(lambda self: self.path / self.OUT_OF_FOLD)
     history = property(lambda self: self.path / self.HISTORY)
     tensorboard = property(lambda self: self.path / self.TENSORBOARD)
     bench = property(lambda self: self.path / self.BENCH)
@@ -102,6 +105,27 @@ class RunDir:
 
     def write_metrics(self, metrics: dict) -> None:
         write_json(self.metrics, metrics)
+
+    def write_out_of_fold(self, logits, labels) -> None:
+        from safetensors.numpy import save
+
+        atomic_write_bytes(self.out_of_fold, save({"logits": np.ascontiguousarray(logits, dtype=np.float32),
+                                                   "labels": np.ascontiguousarray(labels, dtype=np.int64)}))
+
+    def read_out_of_fold(self):
+        """(logits, labels) of the images a refit run held out before its refit, or None for a run without."""
+        if not self.out_of_fold.is_file():
+            return None
+        from safetensors.numpy import load
+
+        try:
+            arrays = load(self.out_of_fold.read_bytes())
+            logits, labels = arrays["logits"], arrays["labels"]
+        except Exception as exc:  # truncated or hand-edited: one line, as for every run file
+            raise ConfigError(f"{self.out_of_fold}: unreadable ({str(exc).splitlines()[0][:120]})") from None
+        if logits.ndim != 2 or labels.shape != (len(logits),):
+            raise ConfigError(f"{self.out_of_fold}: logits {logits.shape} and labels {labels.shape} do not match")
+        return logits, labels
 
     def write_config(self, data: str, root: str | None, cfg: TrainConfig, comment: str = "") -> None:
         """Every setting used, plus where the data was, so `visiontune train --config` repeats the run; `comment`

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from visiontune.errors import ModelError
+from visiontune.models.multi import MultiBackbone, branch_names, is_multi
 from visiontune.models.registry import BackboneSpec, PackageWeights, offline_names
 
 
@@ -160,6 +161,9 @@ def create_architecture(timm_name: str, num_classes: int, drop_rate: float, img_
     """timm's model, built for `img_size` when given (a ViT's patch grid and position embeddings depend on it)."""
     import timm
 
+    if is_multi(timm_name):  # several backbones side by side (models/multi.py), each without a classifier
+        return MultiBackbone([create_architecture(name, 0, 0.0, img_size, pretrained) for name in
+                              branch_names(timm_name)], num_classes, drop_rate)
     extra = {"img_size": img_size} if img_size else {}
     return timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, drop_rate=drop_rate, **extra)
 

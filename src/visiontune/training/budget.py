@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from visiontune.config import TrainConfig
 from visiontune.models.stages import frozen_trainable
 from visiontune.settings import override, parse_duration
-from visiontune.training.cached_recipe import TopAndHead, training_preprocess
+from visiontune.training.cached_recipe import training_preprocess
 from visiontune.training.feature_cache import FrozenFeatures, FrozenRunner, build_view_cache
 from visiontune.training.phases import augment_from
+from visiontune.training.top_phases import TopAndHead
 
 # (views, phase-2 epochs), richest first; the head's epochs stay as configured (they cost seconds).
 LADDER = ((4, 4), (4, 3), (4, 2), (2, 2), (1, 2), (1, 1), (0, 1), (0, 0))
@@ -78,25 +79,39 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
+def fits_of(counts: Counts, folds: int) -> list[tuple[float, float]]:
+    """(images trained on, images held out) of every fit a run makes: the folds, then the refit on train + val
+    (folds 0: no refit, one fit on train chosen on val)."""
+    pool = counts.train + counts.val
+    if not folds:
+        return [(counts.train, counts.val)]
+    held = [(counts.train, counts.val)] if folds == 1 else [(pool * (folds - 1) / folds, pool / folds)] * folds
+    return held + [(pool, 0)]
+
+
 def predict_seconds(views: int, finetune_epochs: int, head_epochs: int, counts: Counts, rates: Rates,
-                    phase2: bool) -> float:
-    """Seconds from the frozen pass to the end of the run's evaluation."""
-    cached = counts.train * (1 + views)
-    seconds = (cached + counts.val + counts.test) / rates.frozen_views
-    seconds += head_epochs * (cached / rates.head_views)
-    if phase2 and finetune_epochs:
-        seconds += finetune_epochs * (cached / rates.train_views + counts.val / rates.score_views)
-        seconds += (2 * counts.val + counts.test) / rates.score_views  # keep-or-fall-back check, final scores
+                    phase2: bool, folds: int = 0) -> float:
+    """Seconds from the frozen pass to the end of the run's evaluation (`folds`: as `fits_of` takes them)."""
+    viewed = (counts.train + (counts.val if folds else 0)) * (1 + views)
+    seconds = (viewed + (0 if folds else counts.val) + counts.test) / rates.frozen_views
+    for trained, held in fits_of(counts, folds):
+        cached = trained * (1 + views)
+        seconds += head_epochs * (cached / rates.head_views) + held / rates.score_views
+        if phase2 and finetune_epochs:
+            seconds += finetune_epochs * (cached / rates.train_views + held / rates.score_views)
+            seconds += 2 * held / rates.score_views  # the head alone against phase 2 on the held-out images
+    seconds += counts.test / rates.score_views
     scored = counts.val + counts.test  # the evaluation at the end decodes and scores validation and test again
     return seconds + scored / rates.decode_images + scored / rates.frozen_views + _FIXED_END_SECONDS
 
 
-def choose(budget: float, elapsed: float, counts: Counts, rates: Rates, head_epochs: int, phase2: bool) -> Plan:
+def choose(budget: float, elapsed: float, counts: Counts, rates: Rates, head_epochs: int, phase2: bool,
+           folds: int = 0) -> Plan:
     """The richest plan of the ladder that fits; the smallest one when none does."""
     plan = None
     for views, epochs in LADDER:
         epochs = epochs if phase2 else 0
-        seconds = elapsed + predict_seconds(views, epochs, head_epochs, counts, rates, phase2)
+        seconds = elapsed + predict_seconds(views, epochs, head_epochs, counts, rates, phase2, folds)
         plan = Plan(views, epochs, head_epochs, seconds, budget, seconds <= budget)
         if plan.fits:
             return plan
@@ -113,8 +128,9 @@ def plan_budget(model: torch.nn.Module, spec, cfg: TrainConfig, images: list, se
     rates = measure(model, top, runner, images, sets.train, cfg, augment_from(cfg), decode_rate)
     counts = Counts(len(sets.train), len(sets.val), len(sets.test))
     elapsed += time.perf_counter() - started
+    refit = cfg.refit and counts.val > 0 and not cfg.distill.teacher  # as training.crossfit.uses_refit decides
     plan = choose(parse_duration(cfg.budget), elapsed, counts, rates, cfg.head_epochs,
-                  phase2=top is not None and cfg.finetune_epochs > 0)
+                  phase2=top is not None and cfg.finetune_epochs > 0, folds=cfg.folds if refit else 0)
     notes.append(f"plan: {plan.describe()} (warm-up on this machine: {rates.frozen_views:.0f} frozen-pass views/s, "
                  f"{rates.train_views:.0f} phase-2 views/s)")
     return plan, runner

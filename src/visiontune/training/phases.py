@@ -137,6 +137,7 @@ class PhaseContext:
     checkpoint: object = None  # a training.checkpoint.Checkpoint on the process that writes
     resume: Resume | None = None
     dist: Dist = field(default_factory=Dist)
+    summary: dict = field(default_factory=dict)  # what a recipe reports beyond its scores (a refit's choices)
 
     def evaluate(self, forward, inputs, labels: np.ndarray, batch_size: int = 256) -> Score | None:
         """Score of `forward` on this process's share, summed over all processes (None: nothing to score).

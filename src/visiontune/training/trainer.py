@@ -33,6 +33,7 @@ from visiontune.training import distributed
 from visiontune.training.budget import plan_budget
 from visiontune.training.cached_recipe import cached_recipe
 from visiontune.training.checkpoint import Checkpoint
+from visiontune.training.crossfit import phase_names
 from visiontune.training.distill import check_settings
 from visiontune.training.distributed import Dist
 from visiontune.training.feature_cache import DiskCache
@@ -163,7 +164,7 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
     loaded = None
     if saved is not None:
         state, tensors = saved
-        loaded = Resume(state, tensors, ["full"] if cfg.full_finetune else ["head", "finetune"])
+        loaded = Resume(state, tensors, ["full"] if cfg.full_finetune else phase_names(cfg))
     history = History(run, quiet, run.read_history()[: loaded.state["history_rows"]] if loaded else None,
                       write=d.is_main)
     context = PhaseContext(cfg, device, history, quiet, notes, checkpoint if d.is_main else None, loaded, d)
@@ -195,8 +196,11 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
         "processes": d.world,
         **({"budget": plan.to_dict()} if plan else {}),
         **{name: {"loss": s.loss, "top1": s.accuracy} for name, s in scores.items()},
+        **({"refit": context.summary["refit"]} if "refit" in context.summary else {}),
         "notes": notes,
     }
+    if "out_of_fold" in context.summary:
+        run.write_out_of_fold(*context.summary["out_of_fold"])
     run.write_metrics(metrics)
     checkpoint.remove()
     return TrainResult(run_dir, meta, metrics, history.rows, notes)
