@@ -16,8 +16,14 @@ class ScanConfig(Settings):
     # Scaled so its short side fits the model, a 300000 x 32 image would be 2 million pixels long: gigabytes.
     max_aspect: float = setting(20.0, "images whose long side is more than this many times their short side are "
                                       "refused from their header, undecoded", low=1.0)
-    near_duplicate_distance: int = setting(4, "Hamming distance between 64-bit difference hashes that counts as a "
-                                              "near duplicate", low=0, high=64)
+    near_duplicate_distance: int = setting(4, "Hamming distance between 64-bit difference hashes that makes two "
+                                              "images near-duplicate candidates", low=0, high=64)
+    # The hash alone grouped 88 different garments sharing a magenta backdrop; on the benchmark datasets the copies
+    # it found correlate at 0.87 or more at 32 x 32 (recoloured, cropped a little), its different pictures at 0.80 or
+    # less (BENCHMARKS.md).
+    near_duplicate_correlation: float = setting(0.85, "a candidate pair is a near-duplicate only when its 32 x 32 "
+                                                      "greyscale thumbnails correlate at least this much (and their "
+                                                      "detail agrees too)", low=-1.0, high=1.0)
     workers: int = setting(0, "decoding processes (0: one per core)", low=0)
 
 
