@@ -223,7 +223,8 @@ def export(run: PathLike, *, config: ExportConfig | None = None, quiet: bool = F
     model[.fp16].tflite after its parity check passes.
 
     Settings are ExportConfig's (format=, precision=, int8_agreement=, calibration_images=, ...). Returns an
-    ExportResult (path, parity numbers); raises ExportError when parity fails (see export/parity.json).
+    ExportResult (path, parity numbers), or an ExportResults list of them when format= or precision= names several
+    ("onnx,openvino", "all"); raises ExportError when parity fails (see export/parity.json).
     """
     from visiontune.export.exporter import export_run
 
