@@ -237,8 +237,11 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     if "val" in m:
         print(f"  val top-1 {m['val']['top1']:.2%}  log loss {m['val']['loss']:.4f}  ensemble")
     if result.evaluation is not None:
-        e = result.evaluation.metrics
-        print(f"test top-1 {e['top1']:.2%}  macro F1 {e['macro']['f1']:.2%}  ECE {e['ece']:.3f}")
+        from visiontune.evaluation.intervals import describe
+
+        e = result.evaluation.metrics  # with its interval, like train's test line: a few hundred images are noisy
+        print(f"test top-1 {describe(e['top1'], e.get('intervals', {}).get('top1'), e['images'])}  "
+              f"macro F1 {e['macro']['f1']:.2%}  ECE {e['ece']:.3f}")
         print(f"report: {result.evaluation.report}")
     return 0
 
