@@ -226,23 +226,20 @@ def _report_training(result, extra: str = "") -> int:
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from visiontune.api import ensemble
+    from visiontune.evaluation.intervals import describe
 
     result = ensemble(args.runs, out=args.out, overwrite=args.overwrite, quiet=args.quiet, **overrides(args))
     m = result.metrics
     weights = ", ".join(f"{member['path']} {member['weight']:.3f}" for member in m["members"])
     print(f"ensemble: {result.out_dir}  weights ({result.weights_from}): {weights}")
-    for member in m["members"]:
-        if "val" in member:
-            print(f"  val top-1 {member['val']['top1']:.2%}  log loss {member['val']['loss']:.4f}  {member['path']}")
+    for member in (member for member in m["members"] if "val" in member):
+        print(f"  val top-1 {member['val']['top1']:.2%}  log loss {member['val']['loss']:.4f}  {member['path']}")
     if "val" in m:
         print(f"  val top-1 {m['val']['top1']:.2%}  log loss {m['val']['loss']:.4f}  ensemble")
-    if result.evaluation is not None:
-        from visiontune.evaluation.intervals import describe
-
-        e = result.evaluation.metrics  # with its interval, like train's test line: a few hundred images are noisy
-        print(f"test top-1 {describe(e['top1'], e.get('intervals', {}).get('top1'), e['images'])}  "
-              f"macro F1 {e['macro']['f1']:.2%}  ECE {e['ece']:.3f}")
-        print(f"report: {result.evaluation.report}")
+    if result.evaluation is not None:  # the test score with its interval, as train's line has it
+        e = result.evaluation.metrics
+        print(f"test top-1 {describe(e['top1'], e.get('intervals', {}).get('top1'), e['images'])}  macro F1 "
+              f"{e['macro']['f1']:.2%}  ECE {e['ece']:.3f}\nreport: {result.evaluation.report}")
     return 0
 
 

@@ -120,7 +120,7 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
     notes = [n for n in train_metrics.get("notes", [])] + [f"{f.path}: {f.reason}" for f in dataset.findings
                                                             if f.level == "info"]
     notes += metrics["notes"] + [f"not scored: {s['path']}: {s['reason']}" for s in metrics["skipped"]]
-    if own:
+    if own and not run.is_ensemble:  # an ensemble's config.yaml is its own, and it has no history
         gap = loss_gap_note(run.read_history(), run.read_config()[2] if run.config.is_file() else None)
         notes += [gap] if gap else []
     report = ReportData(
