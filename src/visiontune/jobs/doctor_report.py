@@ -1,5 +1,6 @@
 """What `doctor` writes and prints: issues.csv, issues.json, a self-contained issues.html with thumbnails, the fixed
-manifest (every file, the suggested labels applied; outliers keep theirs), and the terminal table."""
+manifest (every file, the suggestions that reach the cut-off applied; outliers keep theirs), and the terminal
+table."""
 
 from __future__ import annotations
 
@@ -59,11 +60,16 @@ class DoctorResult:
     def of_kind(self, kind: str) -> list[Issue]:
         return [i for i in self.issues if i.kind == kind]
 
+    def applies(self, issue: Issue) -> bool:
+        """Whether the fixed manifest takes this issue's suggestion: one whose out-of-fold probability reaches
+        `relabel_probability`. Below it, a suggestion is for a person to look at, not to apply blindly."""
+        return bool(issue.suggested) and (issue.suggested_probability or 0.0) >= self.config.relabel_probability
+
     def relabelled(self) -> dict[int, str]:
-        """File index -> the label the fixed manifest gives it (first suggestion by kind order)."""
+        """File index -> the label the fixed manifest gives it (first applied suggestion by kind order)."""
         out: dict[int, str] = {}
         for issue in self.issues:
-            if issue.suggested and issue.index not in out:
+            if self.applies(issue) and issue.index not in out:
                 out[issue.index] = issue.suggested
         return out
 
@@ -167,7 +173,9 @@ def render_table(result: DoctorResult, limit: int) -> str:
     if len(result.issues) > len(shown):
         lines.append(f"  ... {len(result.issues) - len(shown)} more in {DoctorDir(result.out_dir).issues_csv}")
     lines.append(f"wrote {', '.join(p.name for p in result.files)} to {result.out_dir} (the fixed manifest relabels "
-                 f"{s['relabelled']} image(s); outliers keep their labels)")
+                 f"{s['relabelled']} of {s['suggested']} suggestion(s), those at p(sugg.) "
+                 f"{result.config.relabel_probability:.0%} or more (--relabel-probability); look at the others in "
+                 f"{DoctorDir.ISSUES_HTML}; outliers keep their labels)")
     return "\n".join(lines)
 
 
@@ -199,9 +207,11 @@ def issues_html(result: DoctorResult) -> str:
 _EXPLAIN = {
     "mislabel": "<p>Images whose given label disagrees with a confident out-of-fold prediction (confident learning: "
                 "the suggested class reaches its own threshold, the mean probability it gets on the images labelled "
-                "with it). Most likely wrong first. The fixed manifest gives them the suggested label.</p>",
+                "with it). Most likely wrong first. The fixed manifest gives them the suggested label when its "
+                "probability reaches the cut-off.</p>",
     "duplicate": "<p>Copies of one picture (same bytes, or nearly the same) that carry different labels. The "
-                 "suggestion is the class their out-of-fold probabilities favour; the fixed manifest applies it.</p>",
+                 "suggestion is the class their out-of-fold probabilities favour; the fixed manifest applies it "
+                 "when it reaches the cut-off.</p>",
     "outlier": "<p>Images far from every other image of the data (the mean cosine similarity of their features to "
                "the nearest few is unusually low): often not a photo of any class, or a rare view. The fixed "
                "manifest keeps them with their labels; remove the ones that do not belong.</p>",
@@ -218,8 +228,10 @@ def _summary_html(result: DoctorResult) -> str:
                    for name, t in s["thresholds"].items())
     text += ("<h3>Per-class thresholds</h3><p class='muted'>The mean out-of-fold probability of each class over the "
              f"images labelled with it.</p><table><tbody>{rows}</tbody></table>")
-    text += (f"<p>{html.escape(DoctorDir.FIXED_MANIFEST)} lists every file with the suggested labels applied "
-             f"({s['relabelled']} changed); train on it with <code>visiontune train "
+    text += (f"<p>{html.escape(DoctorDir.FIXED_MANIFEST)} lists every file with the suggested labels applied where "
+             f"the suggestion's out-of-fold probability is {result.config.relabel_probability:.0%} or more "
+             f"({s['relabelled']} of {s['suggested']} changed; the rows marked <i>not applied</i> below are for you to "
+             f"judge); train on it with <code>visiontune train "
              f"{html.escape(str(DoctorDir(result.out_dir).fixed_manifest))}</code>. No file of the data was changed.</p>")
     if result.notes:
         text += "<h3>Notes</h3><ul class='notes'>" + "".join(f"<li>{html.escape(n)}</li>" for n in result.notes) + "</ul>"
@@ -248,7 +260,8 @@ def _table_html(result: DoctorResult, issues: list[Issue], kind: str) -> str:
         if kind == "outlier":
             cells += [f"<td class='n'>{-issue.score:.3f}</td>", _prob_cell(issue.given_probability)]
         else:
-            cells += [f"<td class='suggested'>{html.escape(issue.suggested)}</td>",
+            held = "" if result.applies(issue) or not issue.suggested else "<div class='muted'>not applied</div>"
+            cells += [f"<td class='suggested'>{html.escape(issue.suggested)}{held}</td>",
                       _prob_cell(issue.given_probability), _prob_cell(issue.suggested_probability)]
         rows.append(f"<tr>{''.join(cells)}</tr>")
     head = "".join(f"<th>{h}</th>" for h in heads)
