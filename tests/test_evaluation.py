@@ -76,7 +76,7 @@ def test_report_files_agree_with_metrics(run):
     assert "## Intended use" in card and f"{e['top1']:.1%}" in card and "Classifier.load" in card
 
 
-def test_validation_loss_below_training_loss_is_explained(run, tmp_path):
+def test_a_low_validation_loss_is_explained_and_every_pass_shows_itself(run, tmp_path, capfd):
     from visiontune.config import TrainConfig
     from visiontune.evaluation.evaluate import loss_gap_note
     from visiontune.models.run_dir import RunDir
@@ -103,7 +103,10 @@ def test_validation_loss_below_training_loss_is_explained(run, tmp_path):
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    visiontune.evaluate(copy, gradcam_images=0, map_points=0, quiet=True)
+    visiontune.evaluate(copy, gradcam_images=2, map_points=12)
+    err = capfd.readouterr().err  # every pass shows itself, the unbarred ones by a line
+    for step in ("unknown score: train", "score test", "map features", "map: placing 6 images", "evaluate: Grad-CAM"):
+        assert step in err, (step, err)
     html = (copy / "report.html").read_text()
     assert f"validation loss is below training loss in {len(rows)} of {len(rows)} epochs" in html
     assert "label smoothing 0.1" in html

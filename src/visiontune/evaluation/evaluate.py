@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
     atomic_write_text(target.class_report, classification_report_csv(metrics))
     atomic_write_text(target.predictions, predictions_csv(scored, probs, meta.labels))
     drawn = _draw(target.plots, run, metrics, scored, probs, raw, meta.labels, dataset if own else None,
-                  selection, cfg, classifier)
+                  selection, cfg, classifier, quiet)
     notes = [n for n in train_metrics.get("notes", [])] + [f"{f.path}: {f.reason}" for f in dataset.findings
                                                             if f.level == "info"]
     notes += metrics["notes"] + [f"not scored: {s['path']}: {s['reason']}" for s in metrics["skipped"]]
@@ -222,7 +223,7 @@ def worst_mistakes(scored: Scored, probs: np.ndarray, limit: int) -> list[int]:
 
 
 def _draw(folder: Path, run: RunDir, m: dict, scored: Scored, probs: np.ndarray, raw: dict, labels: list[str],
-          run_dataset, selection, cfg: EvalConfig, classifier: Classifier) -> dict:
+          run_dataset, selection, cfg: EvalConfig, classifier: Classifier, quiet: bool = True) -> dict:
     drawn = {
         "training_curves": plots.training_curves(run.read_history(), folder / "training_curves.png"),
         "confusion_matrix": plots.confusion_matrix(np.array(m["confusion_matrix"]), labels, folder / "confusion_matrix.png"),
@@ -258,6 +259,9 @@ def _draw(folder: Path, run: RunDir, m: dict, scored: Scored, probs: np.ndarray,
     for item in mistakes:
         del item["image"]
     if cfg.gradcam_images > 0:
+        if not quiet:  # a few backward passes an image, unbarred: say what the wait is
+            print(f"evaluate: Grad-CAM of up to {cfg.gradcam_images} right and {cfg.gradcam_images} wrong predictions",
+                  file=sys.stderr, flush=True)
         drawn.update(_gradcam(folder, run.path, scored, probs, labels, cfg.gradcam_images))
     return {"plots": {k: v for k, v in drawn.items() if v is not None}, "mistakes": mistakes}
 
