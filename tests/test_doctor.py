@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import shutil
+import subprocess
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +139,38 @@ def test_the_fixed_manifest_takes_only_suggestions_at_the_cut_off(diagnosed, noi
     everything = visiontune.doctor(noisy["manifest"], out=noisy["base"] / "all", cache_dir=str(noisy["cache"]),
                                    relabel_probability=0, quiet=True)
     assert len(everything.relabelled()) == everything.summary["suggested"] == len(files)
+
+
+def test_the_page_reviews_each_suggestion_and_writes_the_manifest_of_the_decisions(diagnosed, noisy, tmp_path):
+    page = (noisy["base"] / "out" / "issues.html").read_text()
+    boxes = re.findall(r"<input type='checkbox' class='apply' data-i='(\d+)' data-label='([^']*)'( checked)?>", page)
+    suggested = {i.index for i in diagnosed.issues if i.suggested}
+    assert sorted(int(i) for i, _, _ in boxes) == sorted(suggested)  # one box a file, ticked as the cut-off says
+    assert {int(i): label for i, label, ticked in boxes if ticked} == diagnosed.relabelled()
+    data = json.loads(re.search(r"<script type='application/json' id='review-data'>(.*?)</script>", page, re.S)[1])
+    assert len(data["rows"]) == 152 and data["header"] == ["path", "label"]
+    assert {int(i): label for i, label in data["defaults"].items()} == diagnosed.relabelled()
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the page's review script is checked with it")
+    # The page's own script, run on a person's decisions: keep one ticked suggestion's label, apply one unticked.
+    ticked = next(int(i) for i, _, t in boxes if t)
+    unticked, label = next((int(i), lab) for i, lab, t in boxes if not t)
+    chosen = {str(ticked): None, str(unticked): label}
+    script = resources.files("visiontune.evaluation.templates").joinpath("review.js")
+    (tmp_path / "data.json").write_text(json.dumps({"data": data, "chosen": chosen}))
+    out = tmp_path / "reviewed_manifest.csv"
+    js = (f"const r = require({json.dumps(str(script))}); const fs = require('fs');"
+          f"const x = JSON.parse(fs.readFileSync({json.dumps(str(tmp_path / 'data.json'))}, 'utf8'));"
+          f"fs.writeFileSync({json.dumps(str(out))}, r.reviewedManifest(x.data, x.chosen));")
+    subprocess.run([node, "-e", js], check=True, timeout=60)
+    reviewed = load_dataset(out)
+    label_of = {str(reviewed.abspath(i)): reviewed.classes[reviewed.labels[i]] for i in range(len(reviewed))}
+    ds = diagnosed.dataset
+    expected = {**diagnosed.relabelled(), unticked: label}
+    expected.pop(ticked)
+    for i in range(len(ds)):
+        assert label_of[os.path.abspath(ds.abspath(i))] == expected.get(i, ds.classes[ds.labels[i]])
 
 
 def test_the_cli_reuses_the_features_prints_a_table_and_json(diagnosed, noisy, cli, untouched):

@@ -17,7 +17,7 @@ from visiontune.data.decode import decode
 from visiontune.data.index import Dataset
 from visiontune.data.label_issues import Conflict
 from visiontune.errors import ImageDecodeError
-from visiontune.evaluation.report import data_uri, render_page, thumbnail_jpeg
+from visiontune.evaluation.report import data_uri, render_page, template, thumbnail_jpeg
 from visiontune.files import atomic_write_text, write_json
 from visiontune.models.run_dir import DoctorDir
 from visiontune.settings import to_dict
@@ -86,6 +86,8 @@ TITLES = {"mislabel": "Likely mislabelled", "duplicate": "Duplicates labelled di
 CSV_COLUMNS = ["kind", "rank", "path", "split", "given", "suggested", "given_probability", "suggested_probability",
                "score", "group"]
 _THUMB = 112  # px: small enough for hundreds of issues in one page
+# Every file's row is embedded for the review's download: about 100 bytes each, so 20 MB at most.
+_REVIEW_MAX_FILES = 200_000
 _CSS = """
 table.issues td { vertical-align: middle; }
 table.issues img, .group img { width: 96px; height: 96px; object-fit: cover; display: block; border-radius: 4px; }
@@ -190,13 +192,14 @@ def issues_html(result: DoctorResult) -> str:
     s = result.summary
     budget = result.config.page_images
     sections = [("summary", "Summary", _summary_html(result))]
+    boxed: set[int] = set()  # files whose suggestion already has its box (kind order, as the fixed manifest)
     for kind in KINDS:
         issues = result.of_kind(kind)
         shown = issues[:budget]
         budget -= len(shown)
         more = (f"<p class='muted'>{len(issues) - len(shown)} more in {html.escape(DoctorDir.ISSUES_CSV)} "
                 f"(--page-images sets how many are shown here).</p>") if len(shown) < len(issues) else ""
-        body = _groups_html(result, shown) if kind == "duplicate" else _table_html(result, shown, kind)
+        body = _groups_html(result, shown, boxed) if kind == "duplicate" else _table_html(result, shown, kind, boxed)
         sections.append((kind, f"{TITLES[kind]} ({len(issues)})", _EXPLAIN[kind] + body + more))
     sections.append(("settings", "Settings", f"<pre>{html.escape(json.dumps(to_dict(result.config), indent=2))}</pre>"))
     subtitle = (f"{s['data']}: {s['scored']} images, {len(s['classes'])} classes, {s['model']} features, "
@@ -233,9 +236,40 @@ def _summary_html(result: DoctorResult) -> str:
              f"({s['relabelled']} of {s['suggested']} changed; the rows marked <i>not applied</i> below are for you to "
              f"judge); train on it with <code>visiontune train "
              f"{html.escape(str(DoctorDir(result.out_dir).fixed_manifest))}</code>. No file of the data was changed.</p>")
+    text += _review_html(result)
     if result.notes:
         text += "<h3>Notes</h3><ul class='notes'>" + "".join(f"<li>{html.escape(n)}</li>" for n in result.notes) + "</ul>"
     return text
+
+
+def _review_html(result: DoctorResult) -> str:
+    """The review step: tick or untick each suggestion's "apply" box below, then download the manifest those
+    decisions make (absolute paths, so it works wherever the browser saves it). Every file's row is embedded, so
+    the page stops offering it for very large data, where fixed_manifest.csv (the cut-off's decisions) remains."""
+    ds = result.dataset
+    if len(ds) > _REVIEW_MAX_FILES:
+        return (f"<p class='muted'>{len(ds):,} files are too many to embed for a review in this page; "
+                f"{html.escape(DoctorDir.FIXED_MANIFEST)} holds the suggestions that reach the cut-off.</p>")
+    rows = [[_absolute(result, i), ds.classes[ds.labels[i]]] + ([SPLITS[ds.splits[i]]] if ds.has_splits else [])
+            for i in range(len(ds))]
+    data = {"header": ["path", "label", "split"] if ds.has_splits else ["path", "label"], "rows": rows,
+            "defaults": {str(i): label for i, label in result.relabelled().items()}}
+    embedded = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")  # no "</script>" inside
+    return ("<h3>Review</h3><p>Untick a suggestion below to keep its given label, tick one to apply it, then "
+            "<button id='review-download' type='button'>download reviewed_manifest.csv</button> "
+            "(<span id='review-count'></span>; suggestions not shown on this page keep the cut-off's decision).</p>"
+            f"<script type='application/json' id='review-data'>{embedded}</script>"
+            f"<script>{template('review.js')}</script>")
+
+
+def _apply_box(result: DoctorResult, issue: Issue, boxed: set[int]) -> str:
+    """The "apply" box of a suggestion, on the first row of its file only (the one the fixed manifest follows)."""
+    if not issue.suggested or issue.index in boxed:
+        return ""
+    boxed.add(issue.index)
+    ticked = " checked" if result.applies(issue) else ""
+    return (f"<label class='muted'><input type='checkbox' class='apply' data-i='{issue.index}' "
+            f"data-label='{html.escape(issue.suggested, quote=True)}'{ticked}> apply</label>")
 
 
 def _thumb(result: DoctorResult, i: int) -> str:
@@ -246,7 +280,7 @@ def _thumb(result: DoctorResult, i: int) -> str:
     return f'<img alt="{html.escape(Path(result.dataset.paths[i]).name)}" src="{data_uri(jpeg, "image/jpeg")}">'
 
 
-def _table_html(result: DoctorResult, issues: list[Issue], kind: str) -> str:
+def _table_html(result: DoctorResult, issues: list[Issue], kind: str, boxed: set[int]) -> str:
     if not issues:
         return "<p>None found.</p>"
     heads = ["#", "image", "path", "split", "given", "suggested", "p(given)", "p(suggested)"]
@@ -261,7 +295,7 @@ def _table_html(result: DoctorResult, issues: list[Issue], kind: str) -> str:
             cells += [f"<td class='n'>{-issue.score:.3f}</td>", _prob_cell(issue.given_probability)]
         else:
             held = "" if result.applies(issue) or not issue.suggested else "<div class='muted'>not applied</div>"
-            cells += [f"<td class='suggested'>{html.escape(issue.suggested)}{held}</td>",
+            cells += [f"<td class='suggested'>{html.escape(issue.suggested)}{held}{_apply_box(result, issue, boxed)}</td>",
                       _prob_cell(issue.given_probability), _prob_cell(issue.suggested_probability)]
         rows.append(f"<tr>{''.join(cells)}</tr>")
     head = "".join(f"<th>{h}</th>" for h in heads)
@@ -272,7 +306,7 @@ def _prob_cell(p: float | None) -> str:
     return f"<td class='n' data-v='{'' if p is None else p}'>{_pct(p)}</td>"
 
 
-def _groups_html(result: DoctorResult, issues: list[Issue]) -> str:
+def _groups_html(result: DoctorResult, issues: list[Issue], boxed: set[int]) -> str:
     if not issues:
         return "<p>None found.</p>"
     by_group: dict[int, list[Issue]] = {}
@@ -282,7 +316,8 @@ def _groups_html(result: DoctorResult, issues: list[Issue]) -> str:
     for g, members in by_group.items():
         conflict = result.conflicts[g]
         figures = "".join(f"<figure>{_thumb(result, m.index)}<figcaption>{html.escape(m.given)}"
-                          f"<div class='muted'>{html.escape(m.path)}</div></figcaption></figure>" for m in members)
+                          f"<div class='muted'>{html.escape(m.path)}</div>{_apply_box(result, m, boxed)}"
+                          f"</figcaption></figure>" for m in members)
         suggested = result.dataset.classes[conflict.suggested] if conflict.suggested >= 0 else "-"
         blocks.append(f"<div class='group'>{figures}<p>suggested: <b>{html.escape(suggested)}</b> "
                       f"({_pct(None if conflict.suggested < 0 else conflict.probability)})</p></div>")
