@@ -160,6 +160,11 @@ def test_cli_ensemble_prints_its_test_score_with_an_interval(members, cli, tmp_p
     assert done.returncode == 0, done.stderr
     [test] = [line for line in done.stdout.splitlines() if line.startswith("test top-1 ")]
     assert re.match(r"test top-1 \d+\.\d\d% \(\d+\.\d–\d+\.\d%, 6 images\)  macro F1 ", test), test
+    # Each member's validation score beside its run's own, which it can differ from (another crop, another engine).
+    for run in members:
+        own = json.loads((run / "metrics.json").read_text())["val"]["top1"]
+        [line] = [x for x in done.stdout.splitlines() if x.startswith("  val top-1 ") and x.endswith("/" + run.name)]
+        assert f"(its run: {own:.2%})" in line, line
 
 
 def test_mismatched_labels_are_refused_in_one_line(members, cli, tmp_path):

@@ -232,8 +232,11 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     m = result.metrics
     weights = ", ".join(f"{member['path']} {member['weight']:.3f}" for member in m["members"])
     print(f"ensemble: {result.out_dir}  weights ({result.weights_from}): {weights}")
-    for member in (member for member in m["members"] if "val" in member):
-        print(f"  val top-1 {member['val']['top1']:.2%}  log loss {member['val']['loss']:.4f}  {member['path']}")
+    for member in m["members"]:  # with its run's own figure: inside the ensemble it is fed another crop
+        if "val" in member:
+            own = member["val"].get("run_top1")
+            print(f"  val top-1 {member['val']['top1']:.2%}{'' if own is None else f' (its run: {own:.2%})'}  "
+                  f"log loss {member['val']['loss']:.4f}  {member['path']}")
     if "val" in m:
         print(f"  val top-1 {m['val']['top1']:.2%}  log loss {m['val']['loss']:.4f}  ensemble")
     if result.evaluation is not None:  # the test score with its interval, as train's line has it
@@ -363,12 +366,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    m = report.machine
-    print(f"{report.model}: {report.input_size} px input; JPEG {report.image} ({report.image_size[0]}x{report.image_size[1]}); "
-          f"{m['cores']} cores, {m['cpu']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}")
-    print(report.table())
-    for note in report.notes:
-        print(f"note: {note}")
+    print(report.summary())
     return 0
 
 

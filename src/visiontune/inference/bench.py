@@ -58,6 +58,13 @@ class BenchReport:
         base = self.engines[0].tensor_ms["p50"]
         return {e.engine: base / e.tensor_ms["p50"] for e in self.engines}
 
+    def summary(self) -> str:
+        """What `visiontune bench` prints: the model, image and machine, the table, the notes."""
+        m = self.machine
+        head = (f"{self.model}: {self.input_size} px input; JPEG {self.image} ({self.image_size[0]}x{self.image_size[1]}); "
+                f"{m['cores']} cores, {m['cpu']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}")
+        return "\n".join([head, self.table()] + [f"note: {n}" for n in self.notes])
+
     def table(self) -> str:
         head = ["engine", "threads", "tensor p50", "p95", "JPEG p50", "p95", "best batch", "images/s"]
         rows = [head]
