@@ -120,6 +120,8 @@ def test_bench_cli_reports_every_engine(cli, model):
     # The JPEG timed is one of the run's own test images, not a flowers sample.
     first_test = next(r["path"] for r in csv.DictReader(open(run / "split.csv")) if r["split"] == "test")
     assert Path(report["image"]).resolve() == (run / first_test).resolve()
+    alone = cli("bench", model, "--runs", "3", "--warmup", "1", "--batch-sizes", "1", "--seconds", "0.05", "--json")
+    assert Path(json.loads(alone.stdout)["image"]).resolve() == (run / first_test).resolve()  # RUN/export/model.onnx
     bad = cli("bench", run, "--batch-sizes", "x")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 

@@ -180,14 +180,15 @@ def measure(clf: Classifier, jpeg: bytes, cfg: BenchConfig, say=lambda line: Non
 
 def default_image(model: str | Path) -> Path:
     """The image a bench times when none is given: the first test image of the run (or ensemble) that still exists,
-    then a validation or training one, so the JPEG path is timed on the user's own photos; a sample photo for a
-    lone model file or a run whose images are gone."""
+    then a validation or training one, so the JPEG path is timed on the user's own photos (a file in a run's export
+    folder counts as the run's); a sample photo for a lone model file or a run whose images are gone."""
     from visiontune import samples
     from visiontune.data.index import load_dataset
 
     found = locate_model(model)
-    split = RunDir(found.path).split
-    if found.is_folder and split.is_file():
+    folder = found.path if found.is_folder else found.path.resolve().parent.parent
+    split = RunDir(folder).split
+    if (found.is_folder or found.path.resolve().parent.name == RunDir.EXPORT) and split.is_file():
         dataset = load_dataset(split)
         for wanted in ("test", "val", "train"):
             for i in np.flatnonzero(dataset.splits == SPLITS.index(wanted)):
