@@ -34,15 +34,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 
 
-def noisy_manifest(data: Path, out: Path, rate: float, seed: int) -> set[str]:
+def noisy_manifest(data: Path, out: Path, rate: float, seed: int) -> dict[str, str]:
     """`out`: the manifest `data` with `rate` of its training rows given another label (uniformly among the others);
-    returns the absolute paths flipped. Row order is kept, so the cached features still match."""
+    returns {absolute path: its true label} of the rows flipped. Row order is kept, so the cached features still
+    match."""
     with open(data, newline="") as fh:
         rows = list(csv.DictReader(fh))
     classes = sorted({r["label"] for r in rows})
     train = [i for i, r in enumerate(rows) if r.get("split", "train") == "train"]
     rng = np.random.default_rng(seed)
     flipped = rng.choice(train, size=int(round(rate * len(train))), replace=False)
+    truth = {int(i): rows[i]["label"] for i in flipped}
     for i in flipped:
         others = [c for c in classes if c != rows[i]["label"]]
         rows[i]["label"] = others[int(rng.integers(len(others)))]
@@ -52,7 +54,7 @@ def noisy_manifest(data: Path, out: Path, rate: float, seed: int) -> set[str]:
         writer.writeheader()
         for r in rows:
             writer.writerow({**r, "path": os.path.relpath(data.parent / r["path"], out.parent)})
-    return {os.path.abspath(data.parent / rows[i]["path"]) for i in flipped}
+    return {os.path.abspath(data.parent / rows[i]["path"]): truth[int(i)] for i in flipped}
 
 
 def doctor(manifest: Path, out: Path, extra: list[str]) -> tuple[dict, float, str]:
@@ -66,13 +68,35 @@ def doctor(manifest: Path, out: Path, extra: list[str]) -> tuple[dict, float, st
     return json.loads(done.stdout), wall, shlex.join(["visiontune", *cmd[1:]])
 
 
-def score(report: dict, flipped: set[str]) -> dict:
+CUT_OFFS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def score(report: dict, flipped: dict[str, str]) -> dict:
     ranked = [i["path"] for i in report["issues"] if i["kind"] == "mislabel"]
     k = len(flipped)
     top = ranked[:k]
     hits = sum(p in flipped for p in top)
     return {"flipped": k, "flagged": len(ranked), "caught_among_all_flagged": sum(p in flipped for p in ranked),
-            "precision_at_k": hits / len(top) if top else 0.0, "recall_at_k": hits / k if k else 0.0}
+            "precision_at_k": hits / len(top) if top else 0.0, "recall_at_k": hits / k if k else 0.0,
+            "relabels": relabel_precision(report, flipped)}
+
+
+def relabel_precision(report: dict, flipped: dict[str, str] | None) -> list[dict]:
+    """Per cut-off on the suggested label's out-of-fold probability: how many likely-mislabelled images a fixed
+    manifest would relabel, and (with the flips known) how many of those were flipped and how many get their true
+    label back (the precision that matters: a relabel that is right)."""
+    rows = []
+    for cut in CUT_OFFS:
+        chosen = [i for i in report["issues"] if i["kind"] == "mislabel" and i["suggested"]
+                  and (i["suggested_probability"] or 0.0) >= cut]
+        row = {"cut_off": cut, "relabelled": len(chosen)}
+        if flipped is not None:
+            right = sum(flipped.get(i["path"]) == i["suggested"] for i in chosen)
+            row.update(flipped=sum(i["path"] in flipped for i in chosen), right=right,
+                       precision=right / len(chosen) if chosen else None,
+                       recall=right / len(flipped) if flipped else None)
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         report, wall, command = doctor(data, args.out / "clean", common)
         mislabels = [i for i in report["issues"] if i["kind"] == "mislabel"]
         result["clean"] = {"counts": report["summary"]["counts"], "agreement": report["summary"]["out_of_fold_agreement"],
+                           "relabels": relabel_precision(report, None),
                            "wall_seconds": round(wall, 1), "command": command,
                            "top": [{k: i[k] for k in ("path", "split", "given", "suggested", "given_probability",
                                                       "suggested_probability")} for i in mislabels[:20]]}

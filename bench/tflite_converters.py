@@ -34,12 +34,12 @@ from machine import describe, save_json  # noqa: E402
 def convert(args) -> dict:
     from visiontune.config import ExportConfig
     from visiontune.export import parity
-    from visiontune.export.exporter import _RunImages, _torch_logits
+    from visiontune.export.run_images import RunImages, torch_logits
     from visiontune.models.bundle import load_bundle
 
     model, meta = load_bundle(args.run)
-    images = _RunImages(args.run, meta, ExportConfig(calibration_images=args.calibration_images))
-    reference = _torch_logits(model, images.parity_batches())
+    images = RunImages(args.run, meta, ExportConfig(calibration_images=args.calibration_images))
+    reference = torch_logits(model, images.parity_batches())
     start = time.perf_counter()
     if args.converter == "litert-torch":
         import litert_torch

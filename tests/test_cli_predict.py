@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 
@@ -119,8 +121,29 @@ def test_bench_cli_reports_every_engine(cli, model):
         assert engine["tensor_ms"]["runs"] == 3 and engine["jpeg_ms"]["p50"] > 0 and engine["threads"] >= 1
         assert set(engine["throughput"]) == {"1", "2"} and engine["best_images_per_s"] > 0
     assert report["machine"]["cores"] >= 1
+    # The JPEG timed is one of the run's own test images, not a flowers sample.
+    first_test = next(r["path"] for r in csv.DictReader(open(run / "split.csv")) if r["split"] == "test")
+    assert Path(report["image"]).resolve() == (run / first_test).resolve()
+    alone = cli("bench", model, "--runs", "3", "--warmup", "1", "--batch-sizes", "1", "--seconds", "0.05", "--json")
+    assert Path(json.loads(alone.stdout)["image"]).resolve() == (run / first_test).resolve()  # RUN/export/model.onnx
     bad = cli("bench", run, "--batch-sizes", "x")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_bench_by_default_shows_each_step_and_stops_early(cli, model):
+    # It was silent for minutes (200 calls of each kind, 6 batch sizes of 2 s, on every engine).
+    run = model.parent.parent
+    started = time.perf_counter()
+    done = cli("bench", run)
+    took = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr
+    steps = [line for line in done.stderr.splitlines() if line.startswith("bench: ")]
+    for engine in ("pytorch fp32 (1/2)", "onnx fp32 (2/2)"):
+        mine = [line[len(f"bench: {engine}: "):] for line in steps if line.startswith(f"bench: {engine}: ")]
+        assert [line.split(":")[0].split("  [")[0] for line in mine] == [
+            "...", "batch 1 from a tensor", "batch 1 from JPEG bytes", "batch 1", "batch 4", "batch 16"], steps
+    assert took < 60, took
+    assert "images/s by batch size: 1: " in done.stdout
 
 
 def test_an_image_of_extreme_aspect_ratio_is_a_listed_skip(cli, model, photos, tmp_path):

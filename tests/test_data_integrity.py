@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import struct
 import zlib
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import visiontune
 from visiontune.config import ScanConfig
+from visiontune.data import dedup
 from visiontune.data.decode import decode, decode_full
 from visiontune.data.integrity import check_file
 from visiontune.errors import ImageDecodeError
@@ -437,6 +439,67 @@ def test_different_photos_are_not_near_duplicates(photos, tmp_path, untouched, m
     with untouched(root):
         report = visiontune.scan(root)
     assert report.exact_duplicates == [] and report.near_duplicates == []
+
+
+def on_backdrop(photo: Path, path: Path) -> Path:
+    """A photo cut out as an ellipse and put on a flat magenta backdrop, the way a shop photographs its goods."""
+    item = Image.open(photo).convert("RGB")
+    item.thumbnail((60, 60))
+    mask = Image.new("L", item.size, 0)
+    ImageDraw.Draw(mask).ellipse((0, 0, item.width - 1, item.height - 1), fill=255)
+    canvas = Image.new("RGB", (240, 300), (230, 40, 200))
+    canvas.paste(item, ((240 - item.width) // 2, (300 - item.height) // 2), mask)
+    canvas.save(path, quality=85)
+    return path
+
+
+def test_different_things_on_one_backdrop_are_not_near_duplicates(tmp_path, untouched, photos):
+    # 10 different photos on one magenta backdrop: their 64-bit hashes are within 4 bits of each other (the hash
+    # alone made them one group, an error across splits), their 32 x 32 thumbnails tell them apart. A re-encoded
+    # copy of one of them in test is still a near-duplicate, and the leakage error names that real crossing.
+    root = tmp_path / "shop"
+    for k, cls in enumerate(["daisy", "dandelion", "roses", "sunflowers", "tulips"]):
+        for j in range(2):
+            (root / "train" / cls).mkdir(parents=True, exist_ok=True)
+            on_backdrop(photos[cls][j], root / "train" / cls / f"{j}.jpg")
+        (root / "test" / cls).mkdir(parents=True)
+        on_backdrop(photos[cls][5], root / "test" / cls / "other.jpg")
+    reencode(root / "train" / "roses" / "1.jpg", root / "test" / "roses" / "again.jpg", "resized")
+    with untouched(root):
+        report = visiontune.scan(root)
+    dataset = report.dataset
+    hashes = np.array([dedup.difference_hash(np.asarray(Image.open(dataset.abspath(i)).convert("RGB").reduce(2)))
+                       for i in range(len(dataset))], dtype=np.uint64)
+    assert len(dedup.near_groups(hashes, report.usable, 4, [])[0]) >= 8  # what the hash alone grouped
+    assert report.to_dict()["near_duplicate_groups"] == [["train/roses/1.jpg", "test/roses/again.jpg"]]
+    [leak] = [f for f in report.findings if f.level == "error"]
+    assert leak.reason == ("leakage: near-duplicate across splits: train/roses/1.jpg [train] = "
+                           "test/roses/again.jpg [test]")
+
+
+def test_a_leakage_example_is_a_real_crossing_and_a_big_group_is_one_short_line(tmp_path, untouched, photos,
+                                                                               make_classes):
+    root = tmp_path / "data"
+    make_classes(root / "train", {"a": 2, "b": 2})
+    make_classes(root / "test", {"a": 1, "b": 1})
+    for name in ("p1", "p2", "p3", "p4", "p5"):
+        shutil.copy(photos["tulips"][4], root / "train" / "a" / f"{name}.jpg")
+    shutil.copy(photos["tulips"][4], root / "test" / "a" / "q.jpg")
+    with untouched(root):
+        report = visiontune.scan(root)
+    [group] = report.to_dict()["leaking_groups"]
+    assert len(group) == 6  # --json keeps every member
+    [leak] = [f for f in report.findings if f.level == "error"]
+    pair, rest = leak.reason.split("; ")
+    assert pair.startswith("leakage: exact duplicate across splits: ")
+    assert pair.count("[train]") == 1 and pair.count("[test]") == 1  # a train copy = the test copy, not two in train
+    assert rest.startswith("4 more in the group: ") and rest.endswith(" and 1 more (see --json)")
+    split = visiontune.split(root)[0]
+    [warning] = [n for n in split.notes if n.startswith("warning:")]
+    named = re.search(r"\(e\.g\. (\S+) in (\w+) and (\S+) in (\w+)\)", warning)
+    assert named and named[2] != named[4], warning  # two files in different splits, not two in train
+    where = {split.dataset.paths[i]: int(split.assignment[i]) for i in range(len(split.dataset))}
+    assert where[named[1]] != where[named[3]]
 
 
 # --- things on disk that are not regular files -------------------------------------------------------

@@ -8,6 +8,7 @@ member with another input size and normalisation.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -152,6 +153,18 @@ def test_cli_evaluates_an_ensemble_and_compare_takes_it(ens, members, cli, tmp_p
     visiontune.evaluate(members[0], backend="torch", gradcam_images=0)
     comparison = visiontune.compare([members[0], ens], out=tmp_path / "cmp")
     assert [r["backbone"] for r in comparison.rows][1].startswith("ensemble of 2")
+
+
+def test_cli_ensemble_prints_its_test_score_with_an_interval(members, cli, tmp_path):
+    done = cli("ensemble", *members, "--out", tmp_path / "ens", "--backend", "torch", "--quiet")
+    assert done.returncode == 0, done.stderr
+    [test] = [line for line in done.stdout.splitlines() if line.startswith("test top-1 ")]
+    assert re.match(r"test top-1 \d+\.\d\d% \(\d+\.\d–\d+\.\d%, 6 images\)  macro F1 ", test), test
+    # Each member's validation score beside its run's own, which it can differ from (another crop, another engine).
+    for run in members:
+        own = json.loads((run / "metrics.json").read_text())["val"]["top1"]
+        [line] = [x for x in done.stdout.splitlines() if x.startswith("  val top-1 ") and x.endswith("/" + run.name)]
+        assert f"(its run: {own:.2%})" in line, line
 
 
 def test_mismatched_labels_are_refused_in_one_line(members, cli, tmp_path):

@@ -76,6 +76,42 @@ def test_report_files_agree_with_metrics(run):
     assert "## Intended use" in card and f"{e['top1']:.1%}" in card and "Classifier.load" in card
 
 
+def test_a_low_validation_loss_is_explained_and_every_pass_shows_itself(run, tmp_path, capfd):
+    from visiontune.config import TrainConfig
+    from visiontune.evaluation.evaluate import loss_gap_note
+    from visiontune.models.run_dir import RunDir
+
+    rows = [{"train_loss": 0.9, "val_loss": 0.6}, {"train_loss": 0.8, "val_loss": 0.5}, {"train_loss": 0.7, "val_loss": ""}]
+    note = loss_gap_note(rows, TrainConfig(label_smoothing=0.1, views=4))
+    assert note.startswith("validation loss is below training loss in 2 of 2 epochs: expected here")
+    assert "label smoothing 0.1" in note and "4 cached view(s)" in note and "dropout 0.2" in note
+    assert loss_gap_note([{"train_loss": 0.5, "val_loss": 0.7}] * 3, TrainConfig()) is None  # the usual way round
+    # This run's own report says so exactly when its history shows it.
+    history = RunDir(run.run_dir).read_history()
+    expected = loss_gap_note(history, RunDir(run.run_dir).read_config()[2])
+    html = (run.run_dir / "report.html").read_text()
+    assert (expected is not None) == ("validation loss is below training loss" in html)
+    assert expected is None or any(r["val_loss"] < r["train_loss"] for r in history)
+    # The same run with the history such runs usually have (a sibling folder: split.csv's relative paths hold).
+    copy = tmp_path / "run"
+    shutil.copytree(run.run_dir, copy)
+    with open(copy / "history.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["val_loss"] = str(float(r["train_loss"]) * 0.8)
+    with open(copy / "history.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    visiontune.evaluate(copy, gradcam_images=2, map_points=12)
+    err = capfd.readouterr().err  # every pass shows itself, the unbarred ones by a line
+    for step in ("unknown score: train", "score test", "map features", "map: placing 6 images", "evaluate: Grad-CAM"):
+        assert step in err, (step, err)
+    html = (copy / "report.html").read_text()
+    assert f"validation loss is below training loss in {len(rows)} of {len(rows)} epochs" in html
+    assert "label smoothing 0.1" in html
+
+
 def test_torch_and_onnx_backends_score_alike(run, tmp_path):
     torch_eval = visiontune.evaluate(run.run_dir, out=tmp_path / "torch", backend="torch", calibrate=False, map_points=0)
     onnx_rows = _rows(run.run_dir / "predictions.csv")

@@ -138,6 +138,36 @@ def test_cli_export(run, cli, tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no such model file or run folder" in bad.stderr
 
 
+def test_several_formats_in_one_call_share_one_traced_graph_and_one_calibration(run, exported, photos, capfd):
+    # Every format one call at a time re-traced ONNX and re-ran its checks each time (8.4 minutes).
+    capfd.readouterr()
+    results = visiontune.api.export(run, format="onnx,torchscript,openvino", precision="fp32,int8",
+                                    int8_agreement=TINY_AGREEMENT)
+    err = capfd.readouterr().err
+    assert [(r.format, r.precision) for r in results] == [("onnx", "fp32"), ("onnx", "int8"), ("torchscript", "fp32"),
+                                                         ("openvino", "fp32"), ("openvino", "int8")]
+    assert err.count("tracing to ONNX (fp32)") == 1 and err.count("calibrating INT8") == 1, err
+    assert results.notes == ["torchscript int8 skipped: TorchScript export is fp32 only"]
+    record = json.loads((run / "export" / "parity.json").read_text())
+    for r in results:
+        assert r.path.is_file() and record[r.path.name]["passed"]
+        assert Classifier.load(r.path).predict(photos["daisy"][9])[0].label in ("daisy", "roses", "tulips")
+    summary = results.summary().splitlines()
+    assert len(summary) == 7 and summary[-1].startswith("5 file(s) in ")
+
+
+def test_all_formats_and_precisions_expand_to_what_can_be_made():
+    jobs, skipped = ExportConfig(format="all", precision="all").jobs()
+    assert jobs == [("onnx", "fp32"), ("onnx", "fp16"), ("onnx", "int8"), ("torchscript", "fp32"),
+                    ("openvino", "fp32"), ("openvino", "int8"), ("tflite", "fp32"), ("tflite", "fp16")]
+    assert len(skipped) == 4
+    assert ExportConfig(format="all").jobs()[0] == [(f, "fp32") for f in ("onnx", "torchscript", "openvino", "tflite")]
+    with pytest.raises(ConfigError, match="format: 'onnx,pdf' is not one of onnx, torchscript"):
+        visiontune.api.export("unused", format="onnx,pdf")
+    with pytest.raises(ConfigError, match="no format asked for"):
+        visiontune.api.export("unused", format="torchscript", precision="fp16,int8")
+
+
 @pytest.mark.parametrize("method", ["percentile", "entropy"])
 def test_histogram_calibration_takes_an_uneven_last_batch(run, exported, method):
     # 120 training images make batches of 16 ... 16, 8: ONNX Runtime's histogram calibrators stack every

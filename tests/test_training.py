@@ -119,6 +119,17 @@ def test_existing_run_is_not_overwritten(trained, tiny_flowers):
     assert (trained.run_dir / "model.safetensors").read_bytes() == before
 
 
+def test_the_api_shows_progress_like_the_cli_unless_quiet(tiny_flowers, tmp_path, capfd):
+    # A newcomer's visiontune.train(...) ran for minutes without a word; the CLI's lines come by default now.
+    visiontune.train(tiny_flowers, out=tmp_path / "loud", val=0.25, test=0.25, evaluate=False,
+                     **{**FAST, "head_epochs": 1})
+    err = capfd.readouterr().err
+    assert "scan" in err and "decode" in err and "epoch" in err, err
+    visiontune.train(tiny_flowers, out=tmp_path / "quiet", val=0.25, test=0.25, evaluate=False, quiet=True,
+                     **{**FAST, "head_epochs": 1})
+    assert capfd.readouterr().err == ""
+
+
 def test_cli_train_prints_run_and_accuracy(tiny_flowers, tmp_path):
     exe = Path(sys.executable).with_name("visiontune")
     out = tmp_path / "cli-run"

@@ -4,6 +4,9 @@ Every verb is `verb(target, *, config=None, **overrides)`: `config` is the verb'
 `visiontune.config`, default: its defaults) and `overrides` change single settings by name (`epochs=8`,
 `val=0.2`), checked before any work starts. The other keywords say where things are (`out=`, `root=`) and
 how to behave (`quiet=`, `overwrite=`); none of them restates a setting's default.
+
+Like the CLI, a verb shows its progress on stderr (bars, the plan line, epoch lines): a call that runs for minutes
+must not look hung. `quiet=True` silences it.
 """
 
 from __future__ import annotations
@@ -35,14 +38,14 @@ PathLike = Union[str, Path]
 
 
 def scan(data: PathLike | Dataset, *, root: PathLike | None = None, config: ScanConfig | None = None,
-         quiet: bool = True, **overrides) -> ScanReport:
+         quiet: bool = False, **overrides) -> ScanReport:
     """Check every file of a dataset; see `ScanReport.to_dict()` for what is reported."""
     cfg = override(config or ScanConfig(), **overrides)
     return scan_dataset(_dataset(data, root), cfg, quiet=quiet)
 
 
 def split(data: PathLike | Dataset, *, out: PathLike | None = None, root: PathLike | None = None, check: bool = True,
-          config: DataConfig | None = None, quiet: bool = True, **overrides) -> tuple[Split, ScanReport | None]:
+          config: DataConfig | None = None, quiet: bool = False, **overrides) -> tuple[Split, ScanReport | None]:
     """Stratified split of the usable images; with `out`, written as a `path,label,split` manifest.
 
     Settings are DataConfig's (val=, test=, seed=, min_per_split=, and the scan's). Returns the split and the scan
@@ -66,7 +69,7 @@ def split(data: PathLike | Dataset, *, out: PathLike | None = None, root: PathLi
 
 
 def doctor(data: PathLike | Dataset, *, out: PathLike | None = None, root: PathLike | None = None,
-           overwrite: bool = False, config: DoctorConfig | None = None, quiet: bool = True, **overrides):
+           overwrite: bool = False, config: DoctorConfig | None = None, quiet: bool = False, **overrides):
     """Likely mislabelled images, outliers and differently labelled duplicates, from out-of-fold predictions on the
     pretrained backbone's features of every image (all splits). Writes issues.csv, issues.json, issues.html and
     fixed_manifest.csv into `out` (default: doctor/<data>-<model>, numbered if taken; never inside the data, never
@@ -126,7 +129,7 @@ def train_config(config: TrainConfig | PathLike | None = None, **overrides) -> T
 
 def train(data: PathLike | Dataset | None = None, *, out: PathLike | None = None, root: PathLike | None = None,
           resume: PathLike | None = None, overwrite: bool = False, config: TrainConfig | PathLike | None = None,
-          quiet: bool = True, **overrides):
+          quiet: bool = False, **overrides):
     """Train a classifier on `data` and write a run directory; returns a TrainResult (run_dir, metrics, ...).
 
     Settings are TrainConfig's (model=, views=, epochs=, full_finetune=, seed=, val=, ...); `config` may also be a
@@ -184,7 +187,7 @@ def _resume(run_dir: Path, quiet: bool):
 
 
 def evaluate(run: PathLike, *, data: PathLike | None = None, root: PathLike | None = None, out: PathLike | None = None,
-             allow_subset: bool = False, config: EvalConfig | None = None, quiet: bool = True, **overrides):
+             allow_subset: bool = False, config: EvalConfig | None = None, quiet: bool = False, **overrides):
     """Score a run on its test split (or `data`) and write metrics.json, plots/, report.html, MODEL_CARD.md.
 
     Settings are EvalConfig's (split=, calibrate=, backend=, tta=, top_losses=, map_points=, ...). Returns an Evaluation
@@ -233,12 +236,13 @@ def explain(model: PathLike, images, *, target: str | None = None, out: PathLike
     return result
 
 
-def export(run: PathLike, *, config: ExportConfig | None = None, quiet: bool = True, **overrides):
+def export(run: PathLike, *, config: ExportConfig | None = None, quiet: bool = False, **overrides):
     """Write RUN/export/model[.fp16|.int8].onnx, model.torchscript.pt, model[.int8].openvino.xml or
     model[.fp16].tflite after its parity check passes.
 
     Settings are ExportConfig's (format=, precision=, int8_agreement=, calibration_images=, ...). Returns an
-    ExportResult (path, parity numbers); raises ExportError when parity fails (see export/parity.json).
+    ExportResult (path, parity numbers), or an ExportResults list of them when format= or precision= names several
+    ("onnx,openvino", "all"); raises ExportError when parity fails (see export/parity.json).
     """
     from visiontune.export.exporter import export_run
 
@@ -264,7 +268,7 @@ def predict(model, paths, *, config: InferenceConfig | None = None, **overrides)
     return found + [Prediction(path, error=reason) for path, reason in missing]
 
 
-def bench(model: PathLike, *, image: PathLike | None = None, config: BenchConfig | None = None, quiet: bool = True,
+def bench(model: PathLike, *, image: PathLike | None = None, config: BenchConfig | None = None, quiet: bool = False,
           **overrides):
     """Batch-1 latency (from a tensor and from JPEG bytes) and throughput per batch size for every engine of `model`
     (a run: PyTorch, ONNX fp32, ONNX INT8 when exported; the report is also saved as RUN/bench.json, where
@@ -292,7 +296,7 @@ def _teacher(cfg: TrainConfig):
 
 
 def ensemble(runs: list[PathLike], *, out: PathLike, overwrite: bool = False, config: EnsembleConfig | None = None,
-             quiet: bool = True, **overrides):
+             quiet: bool = False, **overrides):
     """Soft voting over runs trained on the same labels and the same split: writes the ensemble directory `out`
     (ensemble.json, model.json, split.csv, metrics.json), usable wherever a run is (Classifier.load, evaluate,
     predict, bench, compare, serve, and as a distillation teacher).
@@ -315,7 +319,7 @@ def ensemble(runs: list[PathLike], *, out: PathLike, overwrite: bool = False, co
 
 def distill(data: PathLike | Dataset | None = None, *, teacher: PathLike, out: PathLike | None = None,
             root: PathLike | None = None, overwrite: bool = False, config: TrainConfig | PathLike | None = None,
-            quiet: bool = True, **overrides):
+            quiet: bool = False, **overrides):
     """Train a student (`model=` or `student=`) on `data` against a teacher (a run or an ensemble directory): the
     loss on every cached view is alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * label loss,
     with the teacher's logits computed once for exactly the views the student trains on. Otherwise the same recipe

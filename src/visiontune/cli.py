@@ -227,20 +227,23 @@ def _report_training(result, extra: str = "") -> int:
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from visiontune.api import ensemble
+    from visiontune.evaluation.intervals import describe
 
     result = ensemble(args.runs, out=args.out, overwrite=args.overwrite, quiet=args.quiet, **overrides(args))
     m = result.metrics
     weights = ", ".join(f"{member['path']} {member['weight']:.3f}" for member in m["members"])
     print(f"ensemble: {result.out_dir}  weights ({result.weights_from}): {weights}")
-    for member in m["members"]:
+    for member in m["members"]:  # with its run's own figure: inside the ensemble it is fed another crop
         if "val" in member:
-            print(f"  val top-1 {member['val']['top1']:.2%}  log loss {member['val']['loss']:.4f}  {member['path']}")
+            own = member["val"].get("run_top1")
+            print(f"  val top-1 {member['val']['top1']:.2%}{'' if own is None else f' (its run: {own:.2%})'}  "
+                  f"log loss {member['val']['loss']:.4f}  {member['path']}")
     if "val" in m:
         print(f"  val top-1 {m['val']['top1']:.2%}  log loss {m['val']['loss']:.4f}  ensemble")
-    if result.evaluation is not None:
+    if result.evaluation is not None:  # the test score with its interval, as train's line has it
         e = result.evaluation.metrics
-        print(f"test top-1 {e['top1']:.2%}  macro F1 {e['macro']['f1']:.2%}  ECE {e['ece']:.3f}")
-        print(f"report: {result.evaluation.report}")
+        print(f"test top-1 {describe(e['top1'], e.get('intervals', {}).get('top1'), e['images'])}  macro F1 "
+              f"{e['macro']['f1']:.2%}  ECE {e['ece']:.3f}\nreport: {result.evaluation.report}")
     return 0
 
 
@@ -355,12 +358,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    m = report.machine
-    print(f"{report.model}: {report.input_size} px input; JPEG {report.image} ({report.image_size[0]}x{report.image_size[1]}); "
-          f"{m['cores']} cores, {m['cpu']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}")
-    print(report.table())
-    for note in report.notes:
-        print(f"note: {note}")
+    print(report.summary())
     return 0
 
 

@@ -78,9 +78,10 @@ class InferenceConfig(Settings):
 
 @dataclass(frozen=True)
 class ExportConfig(Settings):
-    format: str = setting("onnx", "file format", choices=EXPORT_FORMATS)
-    precision: str = setting("fp32", "int8: static quantization calibrated on the run's training images",
-                             choices=EXPORT_PRECISIONS)
+    # Lists, so one call writes several files from one traced graph (all of them one call at a time took 8.4 min).
+    format: str = setting("onnx", f"file format: {' | '.join(EXPORT_FORMATS)}, several comma-separated, or all")
+    precision: str = setting("fp32", f"{' | '.join(EXPORT_PRECISIONS)}, several comma-separated, or all; int8: "
+                                     f"static quantization calibrated on the run's training images")
     opset: int = setting(17, "ONNX opset", low=7)
     calibration_images: int = setting(128, "training images INT8 calibration sees (a seeded sample)", low=1)
     # Tens of MB each for Lite0.
@@ -113,25 +114,59 @@ class ExportConfig(Settings):
     seed: int = setting(0, "which training / test images are sampled", low=0)
 
     def check(self) -> None:
-        if self.format == "torchscript" and self.precision != "fp32":
-            raise SettingError("precision", f"TorchScript export is fp32 only (asked for {self.precision}); use "
-                                            f"--format onnx for {self.precision}")
-        if self.format == "openvino" and self.precision == "fp16":
-            raise SettingError("precision", "OpenVINO export is fp32 or int8 (OpenVINO picks bf16 or fp16 itself "
-                                            "where the hardware has them); use --format onnx for fp16")
-        if self.format == "tflite" and self.precision == "int8":
-            # Measured: TFLite's full-integer INT8 of the flower_photos Lite0 run picked fp32's class on 98.4 % of
-            # its test images (128 calibration images; 98.1 % with 512), under the 99 % every INT8 export must meet.
-            raise SettingError("precision", "TFLite export is fp32 or fp16 (TFLite's INT8 did not keep parity with "
-                                            "fp32, see BENCHMARKS.md); use --format onnx or openvino for int8")
+        jobs, _ = self.jobs()
+        if not jobs:
+            raise SettingError("precision", f"no format asked for ({self.format}) comes in {self.precision}")
+
+    def jobs(self) -> tuple[list[tuple[str, str]], list[str]]:
+        """([(format, precision), ...] to write, in order; why any other pair asked for is left out). One pair
+        asked for that cannot be made is an error; among several, it is skipped with a note."""
+        formats = _listed("format", self.format, EXPORT_FORMATS)
+        precisions = _listed("precision", self.precision, EXPORT_PRECISIONS)
+        pairs = [(f, p) for f in formats for p in precisions]
+        if len(pairs) == 1:
+            problem = _unsupported(*pairs[0])
+            if problem:
+                raise SettingError("precision", problem)
+        kept = [pair for pair in pairs if not _unsupported(*pair)]
+        skipped = [f"{f} {p} skipped: {_unsupported(f, p).split(' (')[0].split(';')[0]}" for f, p in pairs
+                   if _unsupported(f, p)]
+        return kept, skipped
+
+
+def _listed(name: str, value: str, allowed: tuple[str, ...]) -> list[str]:
+    """The items of a comma-separated setting (`all`: every allowed one), each checked, in the allowed order."""
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    if items == ["all"]:
+        return list(allowed)
+    wrong = [x for x in items if x not in allowed]
+    if wrong or not items:
+        raise SettingError(name, f"{value!r} is not one of {', '.join(allowed)} (or several, comma-separated, or all)")
+    return [x for x in allowed if x in items]
+
+
+def _unsupported(format: str, precision: str) -> str | None:
+    """Why `format` cannot be written in `precision`; None when it can."""
+    if format == "torchscript" and precision != "fp32":
+        return f"TorchScript export is fp32 only (asked for {precision}); use --format onnx for {precision}"
+    if format == "openvino" and precision == "fp16":
+        return ("OpenVINO export is fp32 or int8 (OpenVINO picks bf16 or fp16 itself where the hardware has them); "
+                "use --format onnx for fp16")
+    if format == "tflite" and precision == "int8":
+        # Measured: TFLite's full-integer INT8 of the flower_photos Lite0 run picked fp32's class on 98.4 % of
+        # its test images (128 calibration images; 98.1 % with 512), under the 99 % every INT8 export must meet.
+        return ("TFLite export is fp32 or fp16 (TFLite's INT8 did not keep parity with fp32, see BENCHMARKS.md); "
+                "use --format onnx or openvino for int8")
+    return None
 
 
 @dataclass(frozen=True)
 class BenchConfig(Settings):
-    runs: int = setting(200, "timed batch-1 calls per engine", low=1)
-    warmup: int = setting(20, "untimed calls first", low=0)
-    batch_sizes: tuple = setting((1, 2, 4, 8, 16, 32), "throughput batch sizes", low=1)
-    throughput_seconds: float = setting(2.0, "per engine and batch size", flag="--seconds", above=0.0)
+    # Few and short by default, so a bench of every engine a run has ends well under a minute (it took over 5).
+    runs: int = setting(100, "most timed batch-1 calls per engine (fewer once the median settles)", low=1)
+    warmup: int = setting(5, "untimed calls first", low=0)
+    batch_sizes: tuple = setting((1, 4, 16), "throughput batch sizes", low=1)
+    throughput_seconds: float = setting(0.5, "per engine and batch size", flag="--seconds", above=0.0)
     threads: int = setting(0, "model threads (0: one per core)", low=0)
 
     def check(self) -> None:

@@ -19,11 +19,13 @@ from visiontune.data.decode import decode_full, read_bytes
 from visiontune.data.findings import Finding, sort_findings
 from visiontune.data.index import NO_SPLIT, SPLITS, Dataset
 from visiontune.data.parallel import parallel_map
-from visiontune.data.split import class_set_problem
+from visiontune.data.split import class_set_problem, crossing_pair
 from visiontune.errors import ImageDecodeError
 
 # Small enough to compute the perceptual hash from, large enough that libjpeg still checks every block.
 _SCAN_DRAFT = 64
+# Members of a duplicate group a finding names; the rest are counted.
+_LISTED_MEMBERS = 3
 
 
 @dataclass
@@ -169,7 +171,7 @@ def scan_dataset(dataset: Dataset, cfg: ScanConfig = ScanConfig(), quiet: bool =
         findings.extend(Finding("info", paths[i], note) for note in check.notes)
 
     exact = dedup.exact_groups(digests, usable)
-    near = dedup.near_groups(hashes, usable, cfg.near_duplicate_distance, exact)
+    near = _near_groups(paths, hashes, usable, exact, cfg, quiet)
     leaks = _leaking_groups(dataset, exact + near)
     findings.extend(_duplicate_findings(dataset, exact, near, leaks))
     report = ScanReport(dataset, usable, widths, heights, dict(sorted(formats.items())), [], exact, near, leaks, problems,
@@ -178,6 +180,30 @@ def scan_dataset(dataset: Dataset, cfg: ScanConfig = ScanConfig(), quiet: bool =
     report.findings = sort_findings(findings)
     report.unusable_reason = unusable_reason(dataset, usable)
     return report
+
+
+def file_thumbnail(args: tuple[str, ScanConfig]) -> np.ndarray | None:
+    """`dedup.thumbnail` of a file, decoded as the scan decoded it; None if it no longer decodes."""
+    path, cfg = args
+    try:
+        decoded = decode_full(read_bytes(path), draft=_SCAN_DRAFT, max_pixels=cfg.max_pixels,
+                              max_aspect=cfg.max_aspect, where=path)
+        return dedup.thumbnail(decoded.array)
+    except ImageDecodeError:
+        return None
+
+
+def _near_groups(paths: list[str], hashes: np.ndarray, usable: np.ndarray, exact: list[list[int]], cfg: ScanConfig,
+                 quiet: bool) -> list[list[int]]:
+    """The hash's candidate pairs, each confirmed on thumbnails, grouped. Only the candidates' files are read again
+    (usually a handful), so the scan keeps no per-file thumbnail."""
+    candidates = dedup.candidate_pairs(hashes, usable, cfg.near_duplicate_distance, exact)
+    files = sorted({i for pair in candidates for i in pair})
+    thumbs = dict(zip(files, parallel_map(file_thumbnail, [(paths[i], cfg) for i in files], workers=cfg.workers,
+                                          desc="near-duplicates", quiet=quiet)))
+    confirmed = [(p, q) for p, q in candidates if thumbs[p] is not None and thumbs[q] is not None
+                 and dedup.same_picture(thumbs[p], thumbs[q], cfg.near_duplicate_correlation)]
+    return dedup.group_pairs(confirmed, exact)
 
 
 def _leaking_groups(dataset: Dataset, groups: Iterable[list[int]]) -> list[list[int]]:
@@ -192,22 +218,30 @@ def _describe(dataset: Dataset, i: int) -> str:
     return f"{dataset.paths[i]}{where}"
 
 
+def _listed(dataset: Dataset, members: list[int]) -> str:
+    """The first few members, then how many more: a group of 88 stays one readable line (--json has them all)."""
+    shown = ", ".join(_describe(dataset, i) for i in members[:_LISTED_MEMBERS])
+    more = len(members) - _LISTED_MEMBERS
+    return f"{shown} and {more} more (see --json)" if more > 0 else shown
+
+
 def _duplicate_findings(dataset: Dataset, exact: list[list[int]], near: list[list[int]], leaks: list[list[int]]) -> list[Finding]:
     leak_set = {tuple(g) for g in leaks}
     findings = []
     for kind, groups in (("exact duplicate", exact), ("near-duplicate", near)):
         for group in groups:
-            first, others = group[0], group[1:]
-            others_text = ", ".join(_describe(dataset, i) for i in others)
             labels = sorted({dataset.classes[dataset.labels[i]] for i in group})
-            if len(labels) > 1:
-                others_text += f" (labelled differently: {', '.join(labels)})"
+            differently = f" (labelled differently: {', '.join(labels)})" if len(labels) > 1 else ""
             if tuple(group) in leak_set:
+                first, other = crossing_pair(dataset.splits, group)
+                rest = [i for i in group if i not in (first, other)]
+                also = f"; {len(rest)} more in the group: {_listed(dataset, rest)}" if rest else ""
                 findings.append(Finding("error", str(dataset.abspath(first)),
-                                        f"leakage: {kind} across splits: {_describe(dataset, first)} = {others_text}"))
+                                        f"leakage: {kind} across splits: {_describe(dataset, first)} = "
+                                        f"{_describe(dataset, other)}{differently}{also}"))
             else:
-                findings.append(Finding("warning" if kind == "exact duplicate" else "info", str(dataset.abspath(first)),
-                                        f"{kind} of {others_text}"))
+                findings.append(Finding("warning" if kind == "exact duplicate" else "info", str(dataset.abspath(group[0])),
+                                        f"{kind} of {_listed(dataset, group[1:])}{differently}"))
     return findings
 
 

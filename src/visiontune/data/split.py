@@ -96,15 +96,25 @@ def split_dataset(dataset: Dataset, usable: np.ndarray | None = None, cfg: Split
         else:
             notes.append("kept the splits the dataset came with")
         if crossing:
-            first = crossing[0]
+            a, b = crossing_pair(assignment, [i for i in crossing[0] if usable[i]])
             notes.append(f"warning: {len(crossing)} group(s) of duplicate images cross the given splits (e.g. "
-                         f"{dataset.paths[first[0]]} in {SPLITS[dataset.splits[first[0]]]} and {dataset.paths[first[1]]} "
-                         f"in {SPLITS[dataset.splits[first[1]]]}): scores on them may be optimistic")
+                         f"{dataset.paths[a]} in {SPLITS[assignment[a]]} and {dataset.paths[b]} "
+                         f"in {SPLITS[assignment[b]]}): scores on them may be optimistic")
     else:
         idx = np.flatnonzero(usable)
         assignment = np.full(len(dataset), NO_SPLIT, dtype=np.int8)
         assignment[idx] = _stratify_grouped(dataset, idx, {VAL: cfg.val, TEST: cfg.test}, rng, cfg, notes, follows)
     return Split(dataset, assignment, notes)
+
+
+def crossing_pair(splits: np.ndarray, group: list[int]) -> tuple[int, int]:
+    """Two members of a group that lie in different splits (the first member and the first one elsewhere), so an
+    example of leakage is a real crossing; the first two members when none crosses."""
+    first = group[0]
+    other = next((i for i in group[1:] if splits[i] != splits[first]), None)
+    if other is None:
+        return group[0], group[1]
+    return first, other
 
 
 def _followers(duplicates: list[list[int]], usable: np.ndarray) -> dict[int, int]:

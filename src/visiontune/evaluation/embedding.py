@@ -8,6 +8,7 @@ the extra pass of the network and the t-SNE to seconds on a large test set, and 
 from __future__ import annotations
 
 import base64
+import sys
 import time
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def embedding_map(run_dir: Path, paths: list[str], true: np.ndarray, probs: np.n
     if not kept:  # every sampled image vanished since it was scored
         return {"note": "None of the sampled images could be read again, so there is no embedding map."}
     featured = time.perf_counter()
+    if not quiet:  # t-SNE runs for seconds to a minute with no bar of its own
+        print(f"map: placing {len(kept)} images (PCA, then t-SNE)", file=sys.stderr, flush=True)
     xy, method = project(np.concatenate(features))
     predicted = probs[kept].argmax(axis=1)
     rows = [[round(float(x), 4), round(float(y), 4), int(true[i]), int(p), round(float(probs[i, p]), 4),

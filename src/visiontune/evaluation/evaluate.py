@@ -11,12 +11,13 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from visiontune.config import EvalConfig
+from visiontune.config import EvalConfig, TrainConfig
 from visiontune.data.index import load_dataset
 from visiontune.data.loader import load_for_model
 from visiontune.errors import ConfigError, DatasetError, ImageDecodeError
@@ -119,10 +120,13 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
     atomic_write_text(target.class_report, classification_report_csv(metrics))
     atomic_write_text(target.predictions, predictions_csv(scored, probs, meta.labels))
     drawn = _draw(target.plots, run, metrics, scored, probs, raw, meta.labels, dataset if own else None,
-                  selection, cfg, classifier)
+                  selection, cfg, classifier, quiet)
     notes = [n for n in train_metrics.get("notes", [])] + [f"{f.path}: {f.reason}" for f in dataset.findings
                                                             if f.level == "info"]
     notes += metrics["notes"] + [f"not scored: {s['path']}: {s['reason']}" for s in metrics["skipped"]]
+    if own and not run.is_ensemble:  # an ensemble's config.yaml is its own, and it has no history
+        gap = loss_gap_note(run.read_history(), run.read_config()[2] if run.config.is_file() else None)
+        notes += [gap] if gap else []
     report = ReportData(
         title=f"{run_dir.resolve().name}: {meta.backbone}",
         subtitle=f"{len(meta.labels)} classes · scored on the {split} split of "
@@ -136,6 +140,31 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
                           _config_data(run_dir))
         atomic_write_text(target.card, card)
     return Evaluation(out_dir, metrics, target.report)
+
+
+def loss_gap_note(history: list[dict], cfg: TrainConfig | None) -> str | None:
+    """Why validation loss sits below training loss, when it does in most epochs: a newcomer reads it as a bug.
+    Training loss is measured on augmented views with smoothed labels and dropout, validation loss on clean centre
+    crops with hard labels and no dropout, so the training one is the harder number."""
+    pairs = [(r["train_loss"], r["val_loss"]) for r in history
+             if isinstance(r.get("train_loss"), (int, float)) and isinstance(r.get("val_loss"), (int, float))]
+    below = sum(val < train for train, val in pairs)
+    if not pairs or below * 2 < len(pairs) or cfg is None:
+        return None
+    harder = ["augmented images (random crops, flips, rotation, colour changes"
+              + ("" if cfg.full_finetune else f"; {cfg.views} cached view(s) an image") + ")"]
+    if cfg.label_smoothing:
+        harder.append(f"label smoothing {cfg.label_smoothing:g} (its loss cannot reach 0)")
+    mixes = [f"{name} {value:g}" for name, value in (("mixup", cfg.augment.mixup), ("cutmix", cfg.augment.cutmix),
+                                                     ("feature mixup", cfg.feature_mixup)) if value]
+    if mixes:
+        harder.append(", ".join(mixes))
+    if cfg.dropout:
+        harder.append(f"dropout {cfg.dropout:g}")
+    return (f"validation loss is below training loss in {below} of {len(pairs)} epochs: expected here, not a bug. "
+            f"The training loss is measured on {'; '.join(harder)}; the validation loss on clean centre crops with "
+            f"plain labels and no dropout. Overfitting shows the other way: validation loss rising above training "
+            f"loss.")
 
 
 def _calibrate(classifier: Classifier, run: RunDir, run_data, labels: list[str], cfg: EvalConfig, quiet: bool,
@@ -205,7 +234,7 @@ def worst_mistakes(scored: Scored, probs: np.ndarray, limit: int) -> list[int]:
 
 
 def _draw(folder: Path, run: RunDir, m: dict, scored: Scored, probs: np.ndarray, raw: dict, labels: list[str],
-          run_dataset, selection, cfg: EvalConfig, classifier: Classifier) -> dict:
+          run_dataset, selection, cfg: EvalConfig, classifier: Classifier, quiet: bool = True) -> dict:
     drawn = {
         "training_curves": plots.training_curves(run.read_history(), folder / "training_curves.png"),
         "confusion_matrix": plots.confusion_matrix(np.array(m["confusion_matrix"]), labels, folder / "confusion_matrix.png"),
@@ -241,6 +270,9 @@ def _draw(folder: Path, run: RunDir, m: dict, scored: Scored, probs: np.ndarray,
     for item in mistakes:
         del item["image"]
     if cfg.gradcam_images > 0:
+        if not quiet:  # a few backward passes an image, unbarred: say what the wait is
+            print(f"evaluate: Grad-CAM of up to {cfg.gradcam_images} right and {cfg.gradcam_images} wrong predictions",
+                  file=sys.stderr, flush=True)
         drawn.update(_gradcam(folder, run.path, scored, probs, labels, cfg.gradcam_images))
     return {"plots": {k: v for k, v in drawn.items() if v is not None}, "mistakes": mistakes}
 

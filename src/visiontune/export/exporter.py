@@ -4,38 +4,35 @@ Reference logits come from the run's own PyTorch model on the run's test images 
 function training evaluated with). fp32 ONNX and TorchScript must match them to float rounding; fp16 must
 keep their direction; INT8 must pick the same class as fp32 ONNX on nearly every image. Results go to
 RUN/export/parity.json, pass or fail, and a failed export writes no model file.
+
+Several formats in one call share what they have in common: the model and images are loaded, the reference
+computed and the fp32 ONNX graph traced and checked once (OpenVINO and TFLite are converted from it), and INT8
+is calibrated once for ONNX and OpenVINO. Exporting every format one call at a time re-did all of that each time.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import platform
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
-import numpy as np
-
-from visiontune.config import SPLITS, ExportConfig, default_workers
-from visiontune.data.index import load_dataset
-from visiontune.data.loader import load_for_model
-from visiontune.data.transforms import normalize
-from visiontune.errors import ExportError, ImageDecodeError
+from visiontune.config import ExportConfig, default_workers
+from visiontune.errors import ExportError
 from visiontune.export import parity
 from visiontune.export.metadata import embed_metadata
 from visiontune.export.onnx import INPUT, serialize, to_onnx
+from visiontune.export.run_images import RunImages, onnx_logits, stack, torch_logits, torchscript_logits
 from visiontune.files import atomic_write_bytes, read_json, remove_stale_temporaries, write_json
 from visiontune.models import open_set
 from visiontune.models.bundle import ModelMeta, load_bundle
 from visiontune.models.locate import require_run
-from visiontune.models.onnx_graph import open_session
-from visiontune.models.open_set_head import SCOPE, WithUnknownScore, attach, split_outputs
+from visiontune.models.open_set_head import SCOPE, WithUnknownScore, attach
 from visiontune.models.run_dir import RunDir
 from visiontune.version import __version__
-
-_BATCH = 16
 
 
 @dataclass
@@ -64,152 +61,222 @@ class ExportResult:
         return line
 
 
-def export_run(run: str | Path, config: ExportConfig | None = None, *, quiet: bool = True) -> ExportResult:
-    """Export a run directory as `config.format` / `config.precision`; returns where the file went and its parity
-    numbers. Raises ExportError (nothing written but parity.json) when the export does not match the trained model."""
+class ExportResults(list):
+    """The files of one call that asked for several formats or precisions, in the order written."""
+
+    def __init__(self, results=(), notes: list[str] | None = None, seconds: float = 0.0):
+        super().__init__(results)
+        self.notes = notes or []
+        self.seconds = seconds
+
+    def summary(self) -> str:
+        lines = [r.summary() for r in self] + [f"note: {n}" for n in self.notes]
+        return "\n".join(lines + [f"{len(self)} file(s) in {self.seconds:.0f} s"])
+
+
+def export_run(run: str | Path, config: ExportConfig | None = None, *,
+               quiet: bool = True) -> ExportResult | ExportResults:
+    """Export a run directory as `config.format` / `config.precision` (each may name several, or `all`); returns
+    where the file went and its parity numbers (an ExportResults of them for several). Raises ExportError (nothing
+    written for that file but parity.json; the files checked before it stay) when an export does not match the
+    trained model."""
     cfg = config or ExportConfig()
-    format, precision, agreement = cfg.format, cfg.precision, cfg.int8_agreement
     run = require_run(run, "export")
     remove_stale_temporaries(RunDir(run).export)  # left by an export killed with -9
-    if format == "tflite":
+    jobs, skipped = cfg.jobs()
+    if cfg.format.strip() == "all":  # every format this install can write; an optional one missing is a note
+        missing = {f: why for f in {f for f, _ in jobs} if (why := _missing_packages(f, run))}
+        jobs = [(f, p) for f, p in jobs if f not in missing]
+        skipped += [f"{f} skipped: {why}" for f, why in sorted(missing.items())]
+    elif any(format == "tflite" for format, _ in jobs):
         from visiontune.export.tflite import require_converter
 
         require_converter(str(run))
     start = time.perf_counter()
     say = (lambda msg: None) if quiet else (lambda msg: print(f"export: {msg}", file=sys.stderr, flush=True))
-    model, meta = load_bundle(run)
-    model, threshold = _with_unknown_score(model, run, meta)
-    metrics = RunDir(run).read_metrics()
-    images = _RunImages(run, meta, cfg)
-    say(f"{len(images.parity_crops)} {images.parity_split} images for the parity check")
-    reference = _torch_logits(model, images.parity_batches())
+    shared = _Shared(run, cfg, say)
+    results = ExportResults(notes=skipped)
+    for k, (format, precision) in enumerate(jobs, 1):
+        if len(jobs) > 1:
+            say(f"{format} {precision} ({k}/{len(jobs)})")
+        job_start = time.perf_counter()
+        result = _export_one(shared, dataclasses.replace(cfg, format=format, precision=precision))
+        result.seconds = time.perf_counter() - job_start
+        results.append(result)
+        if len(jobs) > 1:
+            say(result.summary())
+    if len(jobs) == 1 and not skipped:
+        results[0].seconds = time.perf_counter() - start
+        return results[0]
+    results.seconds = time.perf_counter() - start
+    return results
+
+
+def _missing_packages(format: str, run: Path) -> str | None:
+    """Why this install cannot write `format` (an optional package missing); None when it can."""
+    import importlib.util
+
+    if format == "openvino" and importlib.util.find_spec("openvino") is None:
+        return "needs openvino, not installed (pip install 'visiontune[openvino]')"
+    if format == "tflite":
+        from visiontune.export.tflite import require_converter
+
+        try:
+            require_converter(str(run))
+        except ExportError as exc:
+            return str(exc).split(": ", 1)[1]
+    return None
+
+
+class _Shared:
+    """What every format of one call starts from, each made at most once: the model (with its unknown score),
+    the images, PyTorch's reference outputs, the checked fp32 ONNX graph and the INT8 graph."""
+
+    def __init__(self, run: Path, cfg: ExportConfig, say):
+        self.run, self.cfg, self.say = run, cfg, say
+        self.model, self.meta = load_bundle(run)
+        self.model, self.threshold = _with_unknown_score(self.model, run, self.meta)
+        self.metrics = RunDir(run).read_metrics()
+        self.images = RunImages(run, self.meta, cfg)
+        say(f"{len(self.images.parity_crops)} {self.images.parity_split} images for the parity check")
+        self.reference = torch_logits(self.model, self.images.parity_batches())
+
+    def compare(self, outputs: parity.Outputs, against: parity.Outputs | None = None) -> dict:
+        return parity.compare(self.reference if against is None else against, outputs, self.images.parity_labels,
+                              threshold=self.threshold)
+
+    @cached_property
+    def fp32(self) -> tuple[bytes, parity.Outputs, dict]:
+        """(the fp32 ONNX graph, its outputs, its parity with PyTorch), traced and checked once."""
+        cfg = self.cfg
+        self.say("tracing to ONNX (fp32)")
+        data = serialize(to_onnx(self.model, self.meta.preprocess.input_size, opset=cfg.opset))
+        logits = onnx_logits(data, self.images)
+        result = parity.check_close("ONNX fp32", self.compare(logits), atol=cfg.fp32_atol, cosine=cfg.fp32_cosine,
+                                    score_atol=cfg.fp32_score_atol)
+        return data, logits, result
+
+    @cached_property
+    def int8(self) -> tuple[bytes, dict, dict]:
+        """(the INT8 ONNX graph, its parity with fp32 ONNX, how it was calibrated), calibrated once."""
+        from visiontune.models.quantize import quantize_int8, scoped_nodes
+
+        cfg = self.cfg
+        fp32, fp32_logits, _ = self.fp32
+        calibration = self.images.calibration_batches()
+        n_cal = sum(len(b) for b in calibration)
+        self.say(f"calibrating INT8 on {n_cal} training images")
+        data = quantize_int8(fp32, calibration, input_name=INPUT, per_channel=cfg.per_channel,
+                             quant_format=cfg.quant_format, method=cfg.calibration_method,
+                             window=cfg.calibration_window, exclude=scoped_nodes(fp32, SCOPE))
+        int8_logits = onnx_logits(data, self.images)
+        result = parity.check_agreement("ONNX INT8", self.compare(int8_logits, fp32_logits),
+                                        agreement=cfg.int8_agreement, unknown_agreement=cfg.int8_unknown_agreement)
+        result["vs_pytorch"] = self.compare(int8_logits)
+        if n_cal < cfg.calibration_images:  # every training image calibrated already: more cannot be had
+            result["hint"] = (f"; calibration already saw all {n_cal} training images, and on {result['images']} "
+                              f"test images one disagreement is {1 / max(result['images'], 1):.1%}: "
+                              f"--int8-agreement sets the bar (accuracies of both are in parity.json)")
+        how = {"calibration_images": n_cal, "method": cfg.calibration_method, "per_channel": cfg.per_channel,
+               "quant_format": cfg.quant_format, "activations": "uint8", "weights": "int8"}
+        return data, result, how
+
+
+def _export_one(shared: _Shared, cfg: ExportConfig) -> ExportResult:
+    """One format at one precision (`cfg.format`, `cfg.precision`), from what `shared` holds."""
+    run, format, precision = shared.run, cfg.format, cfg.precision
     target = RunDir(run).export_file(format, precision)
     info = {"format": format, "precision": precision, "file": target.name, "source_run": str(run.resolve()),
             "versions": _versions()}
-    notes: list[str] = []
 
     if format == "torchscript":
         from visiontune.export.torchscript import to_torchscript
 
-        data = to_torchscript(model, meta)
-        result = parity.check_close("TorchScript", parity.compare(reference, _torchscript_logits(data, images),
-                                                                    images.parity_labels, threshold=threshold),
+        data = to_torchscript(shared.model, shared.meta)
+        result = parity.check_close("TorchScript", shared.compare(torchscript_logits(data, shared.images)),
                                     atol=cfg.fp32_atol, cosine=cfg.fp32_cosine, score_atol=cfg.fp32_score_atol)
         _finish(run, target, result, lambda: atomic_write_bytes(target, data))
-        _write_label_maps(run, meta)
-        return ExportResult(target, format, precision, result, time.perf_counter() - start, notes)
+        _write_label_maps(run, shared.meta)
+        return ExportResult(target, format, precision, result, 0.0)
 
-    say("tracing to ONNX (fp32)")
-    fp32 = serialize(to_onnx(model, meta.preprocess.input_size, opset=cfg.opset))
-    fp32_logits = _onnx_logits(fp32, images)
-    fp32_result = parity.check_close("ONNX fp32", parity.compare(reference, fp32_logits, images.parity_labels,
-                                                                 threshold=threshold),
-                                     atol=cfg.fp32_atol, cosine=cfg.fp32_cosine, score_atol=cfg.fp32_score_atol)
+    fp32, fp32_logits, fp32_result = shared.fp32
     if format == "tflite":
-        return _export_tflite(run, target, fp32, fp32_result, (reference, threshold), images, cfg, meta, metrics, info,
-                              start, say)
+        return _export_tflite(shared, target, cfg, info)
     if precision == "fp32":
-        data, result = fp32, fp32_result
+        data, result = fp32, dict(fp32_result)
     else:
         if not fp32_result["passed"]:  # a broken fp32 graph would make any lower precision meaningless
             _finish(run, target, dict(fp32_result, stage="fp32 graph the lower precision starts from"))
         if precision == "fp16":
-            say("tracing to ONNX (fp16)")
-            data = serialize(to_onnx(model, meta.preprocess.input_size, half=True, opset=cfg.opset))
-            result = parity.check_cosine("ONNX fp16", parity.compare(reference, _onnx_logits(data, images),
-                                                                     images.parity_labels, threshold=threshold),
+            shared.say("tracing to ONNX (fp16)")
+            data = serialize(to_onnx(shared.model, shared.meta.preprocess.input_size, half=True, opset=cfg.opset))
+            result = parity.check_cosine("ONNX fp16", shared.compare(onnx_logits(data, shared.images)),
                                          cosine=cfg.fp16_cosine, score_atol=cfg.fp16_score_atol)
         else:
-            from visiontune.models.quantize import quantize_int8, scoped_nodes
-
-            calibration = images.calibration_batches()
-            n_cal = sum(len(b) for b in calibration)
-            say(f"calibrating INT8 on {n_cal} training images")
-            data = quantize_int8(fp32, calibration, input_name=INPUT, per_channel=cfg.per_channel,
-                                 quant_format=cfg.quant_format, method=cfg.calibration_method,
-                                 window=cfg.calibration_window, exclude=scoped_nodes(fp32, SCOPE))
-            int8_logits = _onnx_logits(data, images)
-            result = parity.check_agreement("ONNX INT8", parity.compare(fp32_logits, int8_logits, images.parity_labels,
-                                                                        threshold=threshold),
-                                            agreement=agreement, unknown_agreement=cfg.int8_unknown_agreement)
-            result["vs_pytorch"] = parity.compare(reference, int8_logits, images.parity_labels, threshold=threshold)
-            if n_cal < cfg.calibration_images:  # every training image calibrated already: more cannot be had
-                result["hint"] = (f"; calibration already saw all {n_cal} training images, and on {result['images']} "
-                                  f"test images one disagreement is {1 / max(result['images'], 1):.1%}: "
-                                  f"--int8-agreement sets the bar (accuracies of both are in parity.json)")
-            info["int8"] = {"calibration_images": n_cal, "method": cfg.calibration_method,
-                            "per_channel": cfg.per_channel, "quant_format": cfg.quant_format,
-                            "activations": "uint8", "weights": "int8"}
+            data, int8_result, info["int8"] = shared.int8
+            result = dict(int8_result)
     if format == "openvino":
-        return _export_openvino(run, target, data, (reference, fp32_logits, threshold), images, cfg, meta, metrics,
-                                info, start)
+        return _export_openvino(shared, target, data, cfg, info)
     result["reference"] = "onnx fp32" if precision == "int8" else "pytorch"
-    result["split"] = images.parity_split
+    result["split"] = shared.images.parity_split
     _finish(run, target, result)
     info["parity"] = {k: v for k, v in result.items() if k != "vs_pytorch"}
-    proto = embed_metadata(_load_proto(data), meta, metrics, info)
+    proto = embed_metadata(_load_proto(data), shared.meta, shared.metrics, info)
     _finish(run, target, result, lambda: atomic_write_bytes(target, serialize(proto)))
-    _write_label_maps(run, meta)
-    return ExportResult(target, format, precision, result, time.perf_counter() - start, notes)
+    _write_label_maps(run, shared.meta)
+    return ExportResult(target, format, precision, result, 0.0)
 
 
-def _export_openvino(run: Path, target: Path, onnx_data: bytes, references: tuple, images: "_RunImages",
-                     cfg: ExportConfig, meta: ModelMeta, metrics: dict, info: dict, start: float) -> ExportResult:
-    """The IR converted from the ONNX graph just checked, checked itself the same way, then written.
-    `references`: (PyTorch's outputs, fp32 ONNX's outputs, the unknown threshold)."""
+def _export_openvino(shared: _Shared, target: Path, onnx_data: bytes, cfg: ExportConfig, info: dict) -> ExportResult:
+    """The IR converted from the ONNX graph just checked, checked itself the same way, then written."""
     from visiontune.export import openvino
 
-    reference, fp32_logits, threshold = references
+    _, fp32_logits, _ = shared.fp32
     model, run_ir = openvino.compile_ir(openvino.convert(onnx_data), "the OpenVINO model", default_workers(0))
-    logits = _stack([run_ir(b) for b in images.parity_batches()])
+    logits = stack([run_ir(b) for b in shared.images.parity_batches()])
     if cfg.precision == "int8":
-        result = parity.check_agreement("OpenVINO INT8", parity.compare(fp32_logits, logits, images.parity_labels,
-                                                                        threshold=threshold),
+        result = parity.check_agreement("OpenVINO INT8", shared.compare(logits, fp32_logits),
                                         agreement=cfg.int8_agreement, unknown_agreement=cfg.int8_unknown_agreement)
-        result["vs_pytorch"] = parity.compare(reference, logits, images.parity_labels, threshold=threshold)
+        result["vs_pytorch"] = shared.compare(logits)
     else:
-        result = parity.check_close("OpenVINO fp32", parity.compare(reference, logits, images.parity_labels,
-                                                                    threshold=threshold),
-                                    atol=cfg.fp32_atol, cosine=cfg.fp32_cosine, score_atol=cfg.fp32_score_atol)
-    result.update(reference="onnx fp32" if cfg.precision == "int8" else "pytorch", split=images.parity_split)
-    _finish(run, target, result)
+        result = parity.check_close("OpenVINO fp32", shared.compare(logits), atol=cfg.fp32_atol,
+                                    cosine=cfg.fp32_cosine, score_atol=cfg.fp32_score_atol)
+    result.update(reference="onnx fp32" if cfg.precision == "int8" else "pytorch", split=shared.images.parity_split)
+    _finish(shared.run, target, result)
     info["parity"] = {k: v for k, v in result.items() if k != "vs_pytorch"}
     import openvino as ov
 
     info["versions"]["openvino"] = ov.__version__
-    _finish(run, target, result, lambda: openvino.save(model, target, meta, metrics, info))
-    _write_label_maps(run, meta)
-    return ExportResult(target, "openvino", cfg.precision, result, time.perf_counter() - start)
+    _finish(shared.run, target, result, lambda: openvino.save(model, target, shared.meta, shared.metrics, info))
+    _write_label_maps(shared.run, shared.meta)
+    return ExportResult(target, "openvino", cfg.precision, result, 0.0)
 
 
-def _export_tflite(run: Path, target: Path, onnx_fp32: bytes, onnx_result: dict, references: tuple,
-                   images: "_RunImages", cfg: ExportConfig, meta: ModelMeta, metrics: dict, info: dict, start: float,
-                   say) -> ExportResult:
+def _export_tflite(shared: _Shared, target: Path, cfg: ExportConfig, info: dict) -> ExportResult:
     """The flatbuffer converted from the fp32 ONNX graph just checked (fp16 too starts from it), run on LiteRT's
-    interpreter and checked against PyTorch the way ONNX is, then written with its metadata.
-    `references`: (PyTorch's outputs, the unknown threshold)."""
+    interpreter and checked against PyTorch the way ONNX is, then written with its metadata."""
     from visiontune.export import tflite
 
-    reference, threshold = references
+    onnx_fp32, _, onnx_result = shared.fp32
     if not onnx_result["passed"]:
-        _finish(run, target, dict(onnx_result, stage="fp32 ONNX graph the TFLite model is converted from"))
-    say(f"converting to TFLite ({cfg.precision})")
+        _finish(shared.run, target, dict(onnx_result, stage="fp32 ONNX graph the TFLite model is converted from"))
+    shared.say(f"converting to TFLite ({cfg.precision})")
     data = tflite.convert(onnx_fp32, cfg.precision)
     run_tflite = tflite.interpreter(data, "the TFLite model", default_workers(0))
-    compared = parity.compare(reference, _stack([run_tflite(b) for b in images.parity_batches()]),
-                              images.parity_labels, threshold=threshold)
+    compared = shared.compare(stack([run_tflite(b) for b in shared.images.parity_batches()]))
     if cfg.precision == "fp16":
         result = parity.check_cosine("TFLite fp16", compared, cosine=cfg.fp16_cosine, score_atol=cfg.fp16_score_atol)
     else:
         result = parity.check_close("TFLite fp32", compared, atol=cfg.fp32_atol, cosine=cfg.fp32_cosine,
                                     score_atol=cfg.fp32_score_atol)
-    result.update(reference="pytorch", split=images.parity_split)
-    _finish(run, target, result)
+    result.update(reference="pytorch", split=shared.images.parity_split)
+    _finish(shared.run, target, result)
     info.update(parity=result, input="float32 N x S x S x 3 (NHWC), normalised as in model.preprocess")
     info["versions"].update(tflite.versions())
-    _finish(run, target, result, lambda: atomic_write_bytes(target, tflite.embed(data, meta, metrics, info)))
-    _write_label_maps(run, meta)
-    return ExportResult(target, "tflite", cfg.precision, result, time.perf_counter() - start)
+    _finish(shared.run, target, result,
+            lambda: atomic_write_bytes(target, tflite.embed(data, shared.meta, shared.metrics, info)))
+    _write_label_maps(shared.run, shared.meta)
+    return ExportResult(target, "tflite", cfg.precision, result, 0.0)
 
 
 def _write_label_maps(run: Path, meta: ModelMeta) -> None:
@@ -217,63 +284,6 @@ def _write_label_maps(run: Path, meta: ModelMeta) -> None:
     visiontune (output index i is the score of id2label[str(i)], the same order as model.json)."""
     write_json(RunDir(run).id2label, {str(i): label for i, label in enumerate(meta.labels)})
     write_json(RunDir(run).label2id, {label: i for i, label in enumerate(meta.labels)})
-
-
-class _RunImages:
-    """The run's own images, eval-cropped: a test sample for parity, a training sample for calibration."""
-
-    def __init__(self, run: Path, meta: ModelMeta, cfg: ExportConfig):
-        split_file = RunDir(run).split
-        if not split_file.is_file():
-            raise ExportError(f"{run}: {RunDir.SPLIT} is missing; the parity check needs the run's own images")
-        self.meta, self.cfg = meta, cfg
-        self.dataset = load_dataset(split_file)
-        names = list(self.dataset.classes)
-        # The manifest's class order is its own; map every label through the model's labels.
-        self.to_model = np.array([meta.labels.index(n) if n in meta.labels else -1 for n in names])
-        rng = np.random.default_rng(cfg.seed)
-        self.parity_split, idx = self._pick(("test", "val", "train"), cfg.parity_images, rng)
-        crops, keep = self._load(idx)
-        if not len(crops):
-            raise ExportError(f"{split_file}: none of the {self.parity_split} images could be read for the parity check")
-        self.parity_crops = crops
-        self.parity_labels = self.to_model[self.dataset.labels[keep]]
-        self._rng = rng
-
-    def _pick(self, order, limit: int, rng) -> tuple[str, np.ndarray]:
-        for name in order:
-            idx = np.flatnonzero(self.dataset.splits == SPLITS.index(name))
-            if len(idx):
-                if limit and len(idx) > limit:
-                    idx = np.sort(rng.choice(idx, limit, replace=False))
-                return name, idx
-        raise ExportError(f"{self.dataset.source}: lists no images")
-
-    def _load(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        def one(i):
-            try:
-                return load_for_model(self.dataset.abspath(int(i)), self.meta.preprocess)
-            except ImageDecodeError:
-                return None
-
-        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-            loaded = list(pool.map(one, idx))
-        keep = np.array([i for i, c in zip(idx, loaded) if c is not None], dtype=np.int64)
-        crops = [c for c in loaded if c is not None]
-        size = self.meta.preprocess.input_size
-        return (np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)), keep
-
-    def parity_batches(self) -> list[np.ndarray]:
-        return _batches(self.parity_crops, self.meta)
-
-    def calibration_batches(self) -> list[np.ndarray]:
-        _, idx = self._pick(("train", "val", "test"), self.cfg.calibration_images, self._rng)
-        crops, _ = self._load(idx)
-        return _batches(crops, self.meta)
-
-
-def _batches(crops: np.ndarray, meta: ModelMeta) -> list[np.ndarray]:
-    return [normalize(crops[i:i + _BATCH], meta.preprocess) for i in range(0, len(crops), _BATCH)]
 
 
 def _with_unknown_score(model, run: Path, meta: ModelMeta):
@@ -284,40 +294,6 @@ def _with_unknown_score(model, run: Path, meta: ModelMeta):
     if stored is None:
         meta.extra.pop(open_set.META_KEY, None)
     return model, (float(stored["threshold"]) if stored else None)
-
-
-def _stack(outputs: list) -> parity.Outputs:
-    """Per-batch (logits, scores or None) -> one `parity.Outputs`."""
-    logits = np.concatenate([np.asarray(o[0], np.float32) for o in outputs])
-    scores = None if outputs and outputs[0][1] is None else np.concatenate([np.asarray(o[1], np.float32).reshape(-1)
-                                                                             for o in outputs])
-    return parity.Outputs(logits, scores)
-
-
-def _torch_logits(model, batches: list[np.ndarray]) -> parity.Outputs:
-    import torch
-
-    with torch.inference_mode():
-        outputs = [split_outputs(model(torch.from_numpy(b))) for b in batches]
-    return _stack([(z.float().numpy(), None if s is None else s.float().numpy()) for z, s in outputs])
-
-
-def _onnx_logits(data: bytes, images: _RunImages) -> parity.Outputs:
-    session = open_session(data, "the exported graph")
-    outputs = [session.run(None, {INPUT: b}) for b in images.parity_batches()]
-    return _stack([(out[0], out[1] if len(out) > 1 else None) for out in outputs])
-
-
-def _torchscript_logits(data: bytes, images: _RunImages) -> parity.Outputs:
-    import io
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-    return _torch_logits(module, images.parity_batches())
 
 
 def _load_proto(data: bytes):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.config import BenchConfig
+from visiontune.config import SPLITS, BenchConfig
 from visiontune.data.loader import load_for_model
 from visiontune.data.transforms import normalize
 from visiontune.inference.classifier import Classifier
@@ -58,24 +58,36 @@ class BenchReport:
         base = self.engines[0].tensor_ms["p50"]
         return {e.engine: base / e.tensor_ms["p50"] for e in self.engines}
 
+    def summary(self) -> str:
+        """What `visiontune bench` prints: the model, image and machine, the table, the notes."""
+        m = self.machine
+        head = (f"{self.model}: {self.input_size} px input; JPEG {self.image} ({self.image_size[0]}x{self.image_size[1]}); "
+                f"{m['cores']} cores, {m['cpu']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}")
+        return "\n".join([head, self.table()] + [f"note: {n}" for n in self.notes])
+
     def table(self) -> str:
         head = ["engine", "threads", "tensor p50", "p95", "JPEG p50", "p95", "best batch", "images/s"]
         rows = [head]
         for e in self.engines:
             rows.append([e.engine, str(e.threads), f"{e.tensor_ms['p50']:.2f} ms", f"{e.tensor_ms['p95']:.2f} ms",
                          f"{e.jpeg_ms['p50']:.2f} ms", f"{e.jpeg_ms['p95']:.2f} ms", str(e.best_batch),
-                         f"{e.best_images_per_s:.0f}"])
+                         _rate(e.best_images_per_s)])
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
         for e in self.engines:
             lines.append(f"{e.engine}: images/s by batch size: "
-                         + ", ".join(f"{b}: {v:.0f}" for b, v in e.throughput.items()))
+                         + ", ".join(f"{b}: {_rate(v)}" for b, v in e.throughput.items()))
         ratios = self.ratios()
         if len(ratios) > 1:
             first = self.engines[0].engine
             lines.append("speed-up over " + first + " (batch 1, tensor): "
                          + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items() if k != first))
         return "\n".join(lines)
+
+
+def _rate(images_per_s: float) -> str:
+    """Images/s with a decimal below 10, so a slow engine does not read as 0."""
+    return f"{images_per_s:.0f}" if images_per_s >= 10 else f"{images_per_s:.1f}"
 
 
 def engines_for(model: str | Path, *, threads: int) -> list[Classifier]:
@@ -100,21 +112,40 @@ def _percentiles(times: list[float]) -> dict:
             "runs": len(times)}
 
 
+# Batch-1 timing runs in windows of _WINDOW calls and stops once the median settles: when a window's median is within
+# _SETTLED of the one before (PyTorch's first calls after the warm-up can still be several times slower), or once
+# _SECONDS have passed (after at least _FEWEST calls; the warm-up is held to that time too). The numbers come from
+# the last two windows. 200 fixed calls of each kind on up to seven engines kept a user waiting over 5 minutes.
+_WINDOW = 10
+_SETTLED = 0.05
+_SECONDS = 3.0
+_FEWEST = 5
+
+
 def _time_calls(fn, runs: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
+    started = time.perf_counter()
+    for k in range(warmup):
         fn()
-    times = []
-    for _ in range(runs):
+        if k and time.perf_counter() - started >= _SECONDS:
+            break
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < runs:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return times
+        if len(times) >= _FEWEST and time.perf_counter() - started >= _SECONDS:
+            break
+        if len(times) >= 2 * _WINDOW and len(times) % _WINDOW == 0:
+            last, before = np.median(times[-_WINDOW:]), np.median(times[-2 * _WINDOW:-_WINDOW])
+            if abs(last - before) <= _SETTLED * last:
+                break
+    return times[-2 * _WINDOW:]
 
 
 def _throughput(engine, x: np.ndarray, batch: int, seconds: float) -> float:
     data = np.ascontiguousarray(np.repeat(x, batch, axis=0))
-    engine(data)
-    engine(data)
+    engine(data)  # untimed: the first call at a new shape plans its memory
     done, start = 0, time.perf_counter()
     while True:
         engine(data)
@@ -124,13 +155,19 @@ def _throughput(engine, x: np.ndarray, batch: int, seconds: float) -> float:
             return done / elapsed
 
 
-def measure(clf: Classifier, jpeg: bytes, cfg: BenchConfig) -> EngineResult:
+def measure(clf: Classifier, jpeg: bytes, cfg: BenchConfig, say=lambda line: None) -> EngineResult:
+    """One engine's numbers; `say` gets a line after each step (the CLI's progress)."""
     crop = load_for_model(jpeg, clf.preprocess)[None]
     # An ensemble votes on crops (each member prepares its own input); a single network is timed from its tensor.
     engine, x = (clf.logits, crop) if clf.is_ensemble else (clf.engine, normalize(crop, clf.preprocess))
     tensor = _time_calls(lambda: engine(x), cfg.runs, cfg.warmup)
+    say(f"batch 1 from a tensor: {_percentiles(tensor)['p50']:.2f} ms ({len(tensor)} calls)")
     e2e = _time_calls(lambda: clf.predict(jpeg, top_k=1, workers=1), cfg.runs, cfg.warmup)
-    throughput = {b: _throughput(engine, x, b, cfg.throughput_seconds) for b in cfg.batch_sizes}
+    say(f"batch 1 from JPEG bytes: {_percentiles(e2e)['p50']:.2f} ms ({len(e2e)} calls)")
+    throughput = {}
+    for b in cfg.batch_sizes:
+        throughput[b] = _throughput(engine, x, b, cfg.throughput_seconds)
+        say(f"batch {b}: {_rate(throughput[b])} images/s")
     best = max(throughput, key=throughput.get)
     threads = getattr(engine, "threads", None)
     if threads is None:
@@ -141,14 +178,32 @@ def measure(clf: Classifier, jpeg: bytes, cfg: BenchConfig) -> EngineResult:
                         best, throughput[best])
 
 
+def default_image(model: str | Path) -> Path:
+    """The image a bench times when none is given: the first test image of the run (or ensemble) that still exists,
+    then a validation or training one, so the JPEG path is timed on the user's own photos (a file in a run's export
+    folder counts as the run's); a sample photo for a lone model file or a run whose images are gone."""
+    from visiontune import samples
+    from visiontune.data.index import load_dataset
+
+    found = locate_model(model)
+    folder = found.path if found.is_folder else found.path.resolve().parent.parent
+    split = RunDir(folder).split
+    if (found.is_folder or found.path.resolve().parent.name == RunDir.EXPORT) and split.is_file():
+        dataset = load_dataset(split)
+        for wanted in ("test", "val", "train"):
+            for i in np.flatnonzero(dataset.splits == SPLITS.index(wanted)):
+                if dataset.abspath(i).is_file():
+                    return dataset.abspath(i)
+    return sorted((samples.path("flowers-mini") / "daisy").glob("*.jpg"))[0]
+
+
 def run_bench(model: str | Path, *, image: str | Path | None = None, config: BenchConfig | None = None,
               quiet: bool = True) -> BenchReport:
-    """Benchmark every engine `model` offers (see `engines_for`) on one JPEG (default: a sample photo)."""
-    from visiontune import samples
+    """Benchmark every engine `model` offers (see `engines_for`) on one JPEG (default: `default_image`)."""
     from visiontune.data.decode import decode_full, read_bytes
 
     cfg = config or BenchConfig()
-    source = Path(image) if image else sorted((samples.path("flowers-mini") / "daisy").glob("*.jpg"))[0]
+    source = Path(image) if image else default_image(model)
     jpeg = read_bytes(source)
     size = decode_full(jpeg).size
     found = engines_for(model, threads=cfg.threads)
@@ -156,10 +211,14 @@ def run_bench(model: str | Path, *, image: str | Path | None = None, config: Ben
     if locate_model(model).kind == "run" and not any(clf.engine_name == "onnx int8" for clf in found):
         int8 = RunDir(model).export_file("onnx", "int8").relative_to(model)
         report.notes.append(f"no {int8}: run `visiontune export RUN --precision int8` to bench INT8")
-    for clf in found:
-        if not quiet:
-            print(f"bench: {clf.engine_name} ...", file=sys.stderr, flush=True)
-        report.engines.append(measure(clf, jpeg, cfg))
+    started = time.perf_counter()
+    for k, clf in enumerate(found, 1):
+        def say(line: str, name: str = f"{clf.engine_name} ({k}/{len(found)})") -> None:
+            if not quiet:
+                print(f"bench: {name}: {line}  [{time.perf_counter() - started:.0f} s]", file=sys.stderr, flush=True)
+
+        say("...")
+        report.engines.append(measure(clf, jpeg, cfg, say))
     return report
 
 

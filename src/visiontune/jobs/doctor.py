@@ -101,6 +101,7 @@ def diagnose(dataset: Dataset, cfg: DoctorConfig, out: Path, *, data_label: str,
         issues.append(_issue(dataset, "outlier", int(kept[k]), full, -1, -float(distances[k])))
     summary = _summary(dataset, data_label, cfg, report, pooled, probs, labels, verdicts.thresholds, issues, folds)
     result = DoctorResult(out, dataset, issues, summary, cfg, conflicts, notes)
+    summary["suggested"] = len({i.index for i in issues if i.suggested})
     summary["relabelled"] = len(result.relabelled())
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["notes"] = notes
@@ -167,5 +168,5 @@ def _summary(dataset: Dataset, data_label: str, cfg: DoctorConfig, report: ScanR
         "counts": {kind: sum(i.kind == kind for i in issues) for kind in KINDS},
         "settings": {"l2": cfg.l2, "rank_by": cfg.rank_by, "neighbours": cfg.neighbours,
                      "outlier_fence": cfg.outlier_fence, "duplicate_similarity": cfg.duplicate_similarity,
-                     "seed": cfg.seed},
+                     "relabel_probability": cfg.relabel_probability, "seed": cfg.seed},
     }

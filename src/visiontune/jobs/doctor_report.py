@@ -1,5 +1,6 @@
 """What `doctor` writes and prints: issues.csv, issues.json, a self-contained issues.html with thumbnails, the fixed
-manifest (every file, the suggested labels applied; outliers keep theirs), and the terminal table."""
+manifest (every file, the suggestions that reach the cut-off applied; outliers keep theirs), and the terminal
+table."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from visiontune.data.decode import decode
 from visiontune.data.index import Dataset
 from visiontune.data.label_issues import Conflict
 from visiontune.errors import ImageDecodeError
-from visiontune.evaluation.report import data_uri, render_page, thumbnail_jpeg
+from visiontune.evaluation.report import data_uri, render_page, template, thumbnail_jpeg
 from visiontune.files import atomic_write_text, write_json
 from visiontune.models.run_dir import DoctorDir
 from visiontune.settings import to_dict
@@ -59,11 +60,16 @@ class DoctorResult:
     def of_kind(self, kind: str) -> list[Issue]:
         return [i for i in self.issues if i.kind == kind]
 
+    def applies(self, issue: Issue) -> bool:
+        """Whether the fixed manifest takes this issue's suggestion: one whose out-of-fold probability reaches
+        `relabel_probability`. Below it, a suggestion is for a person to look at, not to apply blindly."""
+        return bool(issue.suggested) and (issue.suggested_probability or 0.0) >= self.config.relabel_probability
+
     def relabelled(self) -> dict[int, str]:
-        """File index -> the label the fixed manifest gives it (first suggestion by kind order)."""
+        """File index -> the label the fixed manifest gives it (first applied suggestion by kind order)."""
         out: dict[int, str] = {}
         for issue in self.issues:
-            if issue.suggested and issue.index not in out:
+            if self.applies(issue) and issue.index not in out:
                 out[issue.index] = issue.suggested
         return out
 
@@ -80,6 +86,8 @@ TITLES = {"mislabel": "Likely mislabelled", "duplicate": "Duplicates labelled di
 CSV_COLUMNS = ["kind", "rank", "path", "split", "given", "suggested", "given_probability", "suggested_probability",
                "score", "group"]
 _THUMB = 112  # px: small enough for hundreds of issues in one page
+# Every file's row is embedded for the review's download: about 100 bytes each, so 20 MB at most.
+_REVIEW_MAX_FILES = 200_000
 _CSS = """
 table.issues td { vertical-align: middle; }
 table.issues img, .group img { width: 96px; height: 96px; object-fit: cover; display: block; border-radius: 4px; }
@@ -167,7 +175,9 @@ def render_table(result: DoctorResult, limit: int) -> str:
     if len(result.issues) > len(shown):
         lines.append(f"  ... {len(result.issues) - len(shown)} more in {DoctorDir(result.out_dir).issues_csv}")
     lines.append(f"wrote {', '.join(p.name for p in result.files)} to {result.out_dir} (the fixed manifest relabels "
-                 f"{s['relabelled']} image(s); outliers keep their labels)")
+                 f"{s['relabelled']} of {s['suggested']} suggestion(s), those at p(sugg.) "
+                 f"{result.config.relabel_probability:.0%} or more (--relabel-probability); look at the others in "
+                 f"{DoctorDir.ISSUES_HTML}; outliers keep their labels)")
     return "\n".join(lines)
 
 
@@ -182,13 +192,14 @@ def issues_html(result: DoctorResult) -> str:
     s = result.summary
     budget = result.config.page_images
     sections = [("summary", "Summary", _summary_html(result))]
+    boxed: set[int] = set()  # files whose suggestion already has its box (kind order, as the fixed manifest)
     for kind in KINDS:
         issues = result.of_kind(kind)
         shown = issues[:budget]
         budget -= len(shown)
         more = (f"<p class='muted'>{len(issues) - len(shown)} more in {html.escape(DoctorDir.ISSUES_CSV)} "
                 f"(--page-images sets how many are shown here).</p>") if len(shown) < len(issues) else ""
-        body = _groups_html(result, shown) if kind == "duplicate" else _table_html(result, shown, kind)
+        body = _groups_html(result, shown, boxed) if kind == "duplicate" else _table_html(result, shown, kind, boxed)
         sections.append((kind, f"{TITLES[kind]} ({len(issues)})", _EXPLAIN[kind] + body + more))
     sections.append(("settings", "Settings", f"<pre>{html.escape(json.dumps(to_dict(result.config), indent=2))}</pre>"))
     subtitle = (f"{s['data']}: {s['scored']} images, {len(s['classes'])} classes, {s['model']} features, "
@@ -199,9 +210,11 @@ def issues_html(result: DoctorResult) -> str:
 _EXPLAIN = {
     "mislabel": "<p>Images whose given label disagrees with a confident out-of-fold prediction (confident learning: "
                 "the suggested class reaches its own threshold, the mean probability it gets on the images labelled "
-                "with it). Most likely wrong first. The fixed manifest gives them the suggested label.</p>",
+                "with it). Most likely wrong first. The fixed manifest gives them the suggested label when its "
+                "probability reaches the cut-off.</p>",
     "duplicate": "<p>Copies of one picture (same bytes, or nearly the same) that carry different labels. The "
-                 "suggestion is the class their out-of-fold probabilities favour; the fixed manifest applies it.</p>",
+                 "suggestion is the class their out-of-fold probabilities favour; the fixed manifest applies it "
+                 "when it reaches the cut-off.</p>",
     "outlier": "<p>Images far from every other image of the data (the mean cosine similarity of their features to "
                "the nearest few is unusually low): often not a photo of any class, or a rare view. The fixed "
                "manifest keeps them with their labels; remove the ones that do not belong.</p>",
@@ -218,12 +231,45 @@ def _summary_html(result: DoctorResult) -> str:
                    for name, t in s["thresholds"].items())
     text += ("<h3>Per-class thresholds</h3><p class='muted'>The mean out-of-fold probability of each class over the "
              f"images labelled with it.</p><table><tbody>{rows}</tbody></table>")
-    text += (f"<p>{html.escape(DoctorDir.FIXED_MANIFEST)} lists every file with the suggested labels applied "
-             f"({s['relabelled']} changed); train on it with <code>visiontune train "
+    text += (f"<p>{html.escape(DoctorDir.FIXED_MANIFEST)} lists every file with the suggested labels applied where "
+             f"the suggestion's out-of-fold probability is {result.config.relabel_probability:.0%} or more "
+             f"({s['relabelled']} of {s['suggested']} changed; the rows marked <i>not applied</i> below are for you to "
+             f"judge); train on it with <code>visiontune train "
              f"{html.escape(str(DoctorDir(result.out_dir).fixed_manifest))}</code>. No file of the data was changed.</p>")
+    text += _review_html(result)
     if result.notes:
         text += "<h3>Notes</h3><ul class='notes'>" + "".join(f"<li>{html.escape(n)}</li>" for n in result.notes) + "</ul>"
     return text
+
+
+def _review_html(result: DoctorResult) -> str:
+    """The review step: tick or untick each suggestion's "apply" box below, then download the manifest those
+    decisions make (absolute paths, so it works wherever the browser saves it). Every file's row is embedded, so
+    the page stops offering it for very large data, where fixed_manifest.csv (the cut-off's decisions) remains."""
+    ds = result.dataset
+    if len(ds) > _REVIEW_MAX_FILES:
+        return (f"<p class='muted'>{len(ds):,} files are too many to embed for a review in this page; "
+                f"{html.escape(DoctorDir.FIXED_MANIFEST)} holds the suggestions that reach the cut-off.</p>")
+    rows = [[_absolute(result, i), ds.classes[ds.labels[i]]] + ([SPLITS[ds.splits[i]]] if ds.has_splits else [])
+            for i in range(len(ds))]
+    data = {"header": ["path", "label", "split"] if ds.has_splits else ["path", "label"], "rows": rows,
+            "defaults": {str(i): label for i, label in result.relabelled().items()}}
+    embedded = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")  # no "</script>" inside
+    return ("<h3>Review</h3><p>Untick a suggestion below to keep its given label, tick one to apply it, then "
+            "<button id='review-download' type='button'>download reviewed_manifest.csv</button> "
+            "(<span id='review-count'></span>; suggestions not shown on this page keep the cut-off's decision).</p>"
+            f"<script type='application/json' id='review-data'>{embedded}</script>"
+            f"<script>{template('review.js')}</script>")
+
+
+def _apply_box(result: DoctorResult, issue: Issue, boxed: set[int]) -> str:
+    """The "apply" box of a suggestion, on the first row of its file only (the one the fixed manifest follows)."""
+    if not issue.suggested or issue.index in boxed:
+        return ""
+    boxed.add(issue.index)
+    ticked = " checked" if result.applies(issue) else ""
+    return (f"<label class='muted'><input type='checkbox' class='apply' data-i='{issue.index}' "
+            f"data-label='{html.escape(issue.suggested, quote=True)}'{ticked}> apply</label>")
 
 
 def _thumb(result: DoctorResult, i: int) -> str:
@@ -234,7 +280,7 @@ def _thumb(result: DoctorResult, i: int) -> str:
     return f'<img alt="{html.escape(Path(result.dataset.paths[i]).name)}" src="{data_uri(jpeg, "image/jpeg")}">'
 
 
-def _table_html(result: DoctorResult, issues: list[Issue], kind: str) -> str:
+def _table_html(result: DoctorResult, issues: list[Issue], kind: str, boxed: set[int]) -> str:
     if not issues:
         return "<p>None found.</p>"
     heads = ["#", "image", "path", "split", "given", "suggested", "p(given)", "p(suggested)"]
@@ -248,7 +294,8 @@ def _table_html(result: DoctorResult, issues: list[Issue], kind: str) -> str:
         if kind == "outlier":
             cells += [f"<td class='n'>{-issue.score:.3f}</td>", _prob_cell(issue.given_probability)]
         else:
-            cells += [f"<td class='suggested'>{html.escape(issue.suggested)}</td>",
+            held = "" if result.applies(issue) or not issue.suggested else "<div class='muted'>not applied</div>"
+            cells += [f"<td class='suggested'>{html.escape(issue.suggested)}{held}{_apply_box(result, issue, boxed)}</td>",
                       _prob_cell(issue.given_probability), _prob_cell(issue.suggested_probability)]
         rows.append(f"<tr>{''.join(cells)}</tr>")
     head = "".join(f"<th>{h}</th>" for h in heads)
@@ -259,7 +306,7 @@ def _prob_cell(p: float | None) -> str:
     return f"<td class='n' data-v='{'' if p is None else p}'>{_pct(p)}</td>"
 
 
-def _groups_html(result: DoctorResult, issues: list[Issue]) -> str:
+def _groups_html(result: DoctorResult, issues: list[Issue], boxed: set[int]) -> str:
     if not issues:
         return "<p>None found.</p>"
     by_group: dict[int, list[Issue]] = {}
@@ -269,7 +316,8 @@ def _groups_html(result: DoctorResult, issues: list[Issue]) -> str:
     for g, members in by_group.items():
         conflict = result.conflicts[g]
         figures = "".join(f"<figure>{_thumb(result, m.index)}<figcaption>{html.escape(m.given)}"
-                          f"<div class='muted'>{html.escape(m.path)}</div></figcaption></figure>" for m in members)
+                          f"<div class='muted'>{html.escape(m.path)}</div>{_apply_box(result, m, boxed)}"
+                          f"</figcaption></figure>" for m in members)
         suggested = result.dataset.classes[conflict.suggested] if conflict.suggested >= 0 else "-"
         blocks.append(f"<div class='group'>{figures}<p>suggested: <b>{html.escape(suggested)}</b> "
                       f"({_pct(None if conflict.suggested < 0 else conflict.probability)})</p></div>")
