@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import visiontune
+from conftest import kill_train_when
 from deploy_run import photos_folder
 from visiontune.models.run_dir import RunDir
 from visiontune.training.budget import Counts, Rates, predict_seconds
@@ -95,17 +94,7 @@ def test_kill_during_a_cross_fit_then_resume_gives_the_uninterrupted_result(tiny
                                text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr
     run = tmp_path / "killed"
-    proc = subprocess.Popen([str(exe), "train", str(tiny), "--out", str(run), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        history = run / "history.csv"
-        if history.is_file() and when in history.read_text():
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_train_when(run, when, tiny, *args)
     resumed = subprocess.run([str(exe), "train", "--resume", str(run), "--quiet"], capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
