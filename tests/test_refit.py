@@ -68,6 +68,7 @@ def test_k_folds_hold_out_every_labelled_image_and_calibrate_the_refit(tiny, tmp
     refit = result.metrics["refit"]
     assert refit["folds"] == 3 and refit["oof_images"] == refit["images"] and len(refit["per_fold"]) == 3
     assert {r["phase"] for r in result.history} >= {"fold1.head", "fold2.head", "fold3.head", "head"}
+    assert "is out-of-fold" in (result.run_dir / "MODEL_CARD.md").read_text()
     meta = json.loads((result.run_dir / "model.json").read_text())
     if refit["oof_images"] >= 30:  # EvalConfig.calibrate_min_images: the held-out logits calibrate the refit model
         assert meta["calibration"]["fitted_on"] == "out-of-fold" and meta["uncertainty"]["chosen_on"] == "out-of-fold"
