@@ -166,3 +166,22 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subpro
 def cli():
     """`cli("scan", path, "--json")`: runs the console script, returns the CompletedProcess."""
     return run_cli
+
+
+def kill_train_when(out: Path, marker: str, *args: str, seconds: float = 240) -> None:
+    """Start `visiontune train ... --out OUT`, and kill it (SIGKILL, as a crash would) once its history.csv holds
+    `marker`: a run stopped at a chosen point, for the resume tests."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([str(VISIONTUNE), "train", *map(str, args), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        history = Path(out) / "history.csv"
+        if history.is_file() and marker in history.read_text():
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

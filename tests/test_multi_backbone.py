@@ -22,8 +22,12 @@ FAST = dict(views=1, head_epochs=3, seed=0, val=0.25, test=0.25, evaluate=False)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    data = photos_folder(tmp_path_factory.mktemp("tiny"))
+def data(tmp_path_factory):
+    return photos_folder(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
     return visiontune.train(data, out=tmp_path_factory.mktemp("multi") / "run", model=PAIR, **FAST)
 
 
@@ -64,6 +68,12 @@ def test_export_predict_and_explain_work_on_several_backbones(run, photos):
     assert layer.name.startswith("branches.1.")  # the last backbone's final feature map
     (explained,) = api.explain(run.run_dir, images[:1]).explanations
     assert explained.heatmap.shape == (224, 224) and np.isfinite(explained.heatmap).all()
+
+
+def test_several_backbones_distil_into_one(run, data, tmp_path):
+    student = visiontune.distill(data, teacher=run.run_dir, out=tmp_path / "student", finetune_epochs=1, **FAST)
+    assert student.metrics["model"] == "efficientnet_lite0"
+    assert any("teacher logits" in n for n in student.metrics["notes"])
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 import visiontune
+from conftest import kill_train_when
 from deploy_run import photos_folder
 from visiontune.errors import ConfigError, DatasetError, ModelError
 from visiontune.models.bundle import load_bundle
@@ -145,8 +146,6 @@ def test_cli_train_prints_run_and_accuracy(tiny_flowers, tmp_path):
 
 @pytest.mark.parametrize("extra", [[], ["--ema", "0.9"]], ids=["plain", "weight-average"])
 def test_kill_during_phase_two_then_resume_gives_the_uninterrupted_result(tiny_flowers, tmp_path, extra):
-    import signal
-    import time
 
     exe = Path(sys.executable).with_name("visiontune")
     args = ["--views", "3", "--head-epochs", "2", "--epochs", "8", "--quiet", *extra]
@@ -155,17 +154,7 @@ def test_kill_during_phase_two_then_resume_gives_the_uninterrupted_result(tiny_f
     assert reference.returncode == 0, reference.stderr
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([str(exe), "train", str(tiny_flowers), "--out", str(run), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        history = run / "history.csv"
-        if history.is_file() and "finetune,2," in history.read_text():
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_train_when(run, "finetune,2,", tiny_flowers, *args)
     assert not (run / "model.json").exists()
     # One file, renamed into place whole: no instant holds the tensors of one epoch with the state of another.
     assert [p.name for p in (run / "checkpoint").iterdir()] == ["state.safetensors"]

@@ -5,6 +5,15 @@ from __future__ import annotations
 from visiontune.evaluation.intervals import span
 
 
+def _refit_lines(refit: dict | None) -> list[str]:
+    if not refit:
+        return []
+    return [f"- Refit: the model was trained on train + validation ({refit['images']} images) after its epochs were "
+            f"chosen on {refit['held_out']}; the validation top-1 of this run, {_pct(refit['oof_top1'])}, is "
+            f"out-of-fold ({refit['oof_images']} held-out images); with 30 or more of them the calibration is fitted "
+            f"on those held-out predictions."]
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.1%}"
 
@@ -38,6 +47,7 @@ def model_card(run_name: str, meta_json: dict, train: dict, evaluation: dict, da
         f"- Source: `{data}`.",
         f"- Images: train {images.get('train', '?')}, validation {images.get('val', '?')}, test {images.get('test', '?')} "
         "(the exact files are in `split.csv`).",
+        *_refit_lines(train.get("refit")),
         "",
         f"## Metrics (on the {m['split']} split, {m['images']} images)",
         "| metric | value | 95 % interval |",
