@@ -30,7 +30,8 @@ def tiny_flowers(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(tiny_flowers, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
-    return visiontune.train(tiny_flowers, out=out, val=0.25, test=0.25, **FAST)
+    # --no-refit: these tests check the plain phases and that the reported val score is the bundle's own
+    return visiontune.train(tiny_flowers, out=out, val=0.25, test=0.25, refit=False, **FAST)
 
 
 def test_run_directory_holds_everything_downstream_needs(trained):
@@ -89,13 +90,14 @@ def test_full_finetune_and_balance_options_train(tiny_flowers, tmp_path):
     assert [r["phase"] for r in result.history] == ["full", "full"]
     assert (tmp_path / "full" / "model.safetensors").is_file()
     weighted = visiontune.train(tiny_flowers, out=tmp_path / "weighted", model="test_efficientnet", from_scratch=True,
-                                balance="weights", views=1, head_epochs=2, finetune_epochs=1, schedule="onecycle")
+                                balance="weights", views=1, head_epochs=2, finetune_epochs=1, schedule="onecycle",
+                                refit=False)
     assert len(weighted.history) == 3
 
 
 def test_architecture_without_stage_split_trains_head_only(tiny_flowers, tmp_path):
     result = visiontune.train(tiny_flowers, out=tmp_path / "maxvit", model="test_maxvit", from_scratch=True, views=1,
-                              head_epochs=2, finetune_epochs=1)
+                              head_epochs=2, finetune_epochs=1, refit=False)
     assert [r["phase"] for r in result.history] == ["head", "head"]
     assert any("no known stage split" in note for note in result.notes)
 
