@@ -16,7 +16,15 @@ from deploy_run import photos_folder
 from visiontune.config import TrainConfig
 from visiontune.errors import ConfigError
 from visiontune.settings import parse_duration
-from visiontune.training.budget import LADDER, Counts, Rates, Replanner, choose, predict_seconds
+from visiontune.training.budget import (
+    LADDER,
+    Counts,
+    Rates,
+    Replanner,
+    choose,
+    evaluation_seconds,
+    predict_seconds,
+)
 
 FAST = dict(head_epochs=3, seed=0, val=0.25, test=0.25, evaluate=False)
 RATES = Rates(frozen_views=100.0, train_views=200.0, score_views=600.0, head_views=50000.0, decode_images=300.0)
@@ -144,3 +152,16 @@ def test_the_reported_time_is_the_whole_command_evaluation_included(tiny, tmp_pa
     assert "train + evaluation" in (out / "report.html").read_text()
     assert f"this evaluation included, took {m['command_seconds']} s (budget 3600 s: kept)" in \
         (out / "MODEL_CARD.md").read_text()
+
+
+def test_the_evaluation_is_predicted_at_the_whole_network_s_speed():
+    """The evaluation runs whole images through the whole network: the test split, the unknown score's training
+    sample and the validation images, the embedding map's sample (a refit calibrates on out-of-fold logits)."""
+    half = evaluation_seconds(COUNTS, dataclasses.replace(RATES, whole_images=20.0), refit=True)
+    slow = evaluation_seconds(COUNTS, dataclasses.replace(RATES, whole_images=10.0), refit=True)
+    assert slow - half == pytest.approx((200 + 1000 + 200 + 200) * (1 / 10 - 1 / 20))
+    sampled = Counts(COUNTS.train, COUNTS.val, COUNTS.test, classes=2)  # the unknown score: 200 images a class
+    assert evaluation_seconds(sampled, RATES, refit=True) < evaluation_seconds(COUNTS, RATES, refit=True)
+    with_it = predict_seconds(4, 4, 20, COUNTS, RATES, phase2=True, folds=1)
+    without = predict_seconds(4, 4, 20, COUNTS, RATES, phase2=True, folds=1, evaluate=False)
+    assert with_it - without == pytest.approx(evaluation_seconds(COUNTS, RATES, refit=True))

@@ -51,6 +51,10 @@ class Rates:
     score_views: float  # phase-2 scoring (forward of the top stages)
     head_views: float  # phase-1 training steps on pooled features
     decode_images: float  # decoding, as the run's own decode went (the evaluation at the end decodes again)
+    # the whole network at the evaluation's input size (0: not measured, taken as the frozen pass then the top
+    # stages); the evaluation's passes run whole images through it, and `--budget 2m` on flower_photos overran by
+    # 82 s when they were predicted from the frozen pass
+    whole_images: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,8 @@ def evaluation_seconds(counts: Counts, rates: Rates, refit: bool) -> float:
         passes += sample + counts.val
     passes += min(counts.test, e.map_points)
     passes += 0 if refit or not e.calibrate else counts.val
-    per_image = 1 / rates.decode_images + 1 / rates.frozen_views + 1 / rates.score_views
+    forward = 1 / rates.whole_images if rates.whole_images else 1 / rates.frozen_views + 1 / rates.score_views
+    per_image = 1 / rates.decode_images + forward
     return passes * per_image + _FIXED_END_SECONDS
 
 
@@ -264,6 +269,8 @@ def plan_budget(model: torch.nn.Module, spec, cfg: TrainConfig, images: list, se
     bottom, top = parts if parts else (None, None)
     runner = FrozenRunner(FrozenFeatures(model, bottom, top), training_preprocess(spec.preprocess, cfg), device, notes)
     rates = measure(model, top, runner, images, sets.train, cfg, augment_from(cfg), decode_rate)
+    if cfg.evaluate and len(sets.test):
+        rates = dataclasses.replace(rates, whole_images=_whole_network_rate(model, spec, images, sets.train, cfg, device))
     classes = int(sets.labels.max()) + 1 if len(sets.labels) else 0
     counts = Counts(len(sets.train), len(sets.val), len(sets.test), classes)
     refit = cfg.refit and counts.val > 0 and not cfg.distill.teacher  # as training.crossfit.uses_refit decides
@@ -272,7 +279,7 @@ def plan_budget(model: torch.nn.Module, spec, cfg: TrainConfig, images: list, se
     plan = choose(parse_duration(cfg.budget), time.perf_counter() - started, counts, rates, cfg.head_epochs,
                   phase2=phase2, folds=folds, evaluate=cfg.evaluate)
     notes.append(f"plan: {plan.describe()} (warm-up on this machine: {rates.frozen_views:.0f} frozen-pass views/s, "
-                 f"{rates.train_views:.0f} phase-2 views/s)")
+                 f"{rates.train_views:.0f} phase-2 views/s, {rates.whole_images:.0f} images/s through the whole network)")
     replanner = Replanner(plan, started, counts, rates, folds, cfg.finetune_epochs if phase2 else 0, cfg.evaluate,
                           notes, record)
     return plan, runner, replanner
@@ -305,6 +312,21 @@ def measure(model: torch.nn.Module, top: torch.nn.Module | None, runner: FrozenR
     probe.eval()
     score_rate = _steps_per_second(probe, boundary, 256, train=False, params=trained)
     return Rates(frozen, train_rate, score_rate, head_rate, decode_rate)
+
+
+def _whole_network_rate(model: torch.nn.Module, spec, images: list, train: np.ndarray, cfg: TrainConfig,
+                        device: torch.device) -> float:
+    """Centre crops a second through the whole network at the evaluation's input size, run as the evaluation runs
+    its long passes (ONNX Runtime on a CPU). Measured rather than derived: the PyTorch forward was 3 times slower
+    than the evaluation's and the frozen pass 4 times faster (flower_photos, --budget 2m)."""
+    runner = FrozenRunner(FrozenFeatures(model, None, None), spec.preprocess, device, [])
+    count = min(3 * _WARMUP_BATCH_IMAGES, len(train))
+    sample = train[np.linspace(0, len(train) - 1, count).astype(int)]
+    first, timed = sample[:_WARMUP_BATCH_IMAGES], sample[_WARMUP_BATCH_IMAGES:] if count > _WARMUP_BATCH_IMAGES else sample
+    build_view_cache(images, first, 1, runner, spec.preprocess, None, cfg.seed, desc="", quiet=True)  # first-call costs
+    began = time.perf_counter()
+    build_view_cache(images, timed, 1, runner, spec.preprocess, None, cfg.seed, desc="", quiet=True)
+    return len(timed) / max(time.perf_counter() - began, 1e-6)
 
 
 def _steps_per_second(forward, inputs: torch.Tensor, batch: int, *, train: bool, params) -> float:
