@@ -11,6 +11,7 @@ must not look hung. `quiet=True` silences it.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Union
 
@@ -149,6 +150,7 @@ def _train(data: PathLike | Dataset, cfg: TrainConfig, out: PathLike | None, roo
            quiet: bool, run_name: str | None = None):
     from visiontune.training.trainer import train_dataset
 
+    started = time.perf_counter()  # the budget's clock, and the time reported: the whole command, evaluation included
     if out is not None and not isinstance(data, Dataset):  # before the teacher is loaded or a file indexed
         refuse_output_over_inputs(out, [data, *([root] if root else [])], folder=True, what="write the run")
     teacher = _teacher(cfg)
@@ -158,15 +160,19 @@ def _train(data: PathLike | Dataset, cfg: TrainConfig, out: PathLike | None, roo
     label = str(dataset.source) if isinstance(data, Dataset) else str(data)
     run_dir = Path(out) if out is not None else default_run_dir(label, run_name or cfg.model)
     result = train_dataset(dataset, cfg, run_dir, data_label=label, root=str(root) if root else None,
-                           quiet=quiet, overwrite=overwrite, teacher=teacher)
-    return _evaluate_after_training(result, cfg, quiet)
+                           quiet=quiet, overwrite=overwrite, teacher=teacher, started=started)
+    return _evaluate_after_training(result, cfg, quiet, started)
 
 
-def _evaluate_after_training(result, cfg: TrainConfig, quiet: bool):
-    """The end of every train: the report. Only the process that wrote the run (rank 0) has metrics."""
+def _evaluate_after_training(result, cfg: TrainConfig, quiet: bool, started: float):
+    """The end of every train: the report, which states the whole command's time (`started`: its start). Only the
+    process that wrote the run (rank 0) has metrics."""
+    from visiontune.evaluation.evaluate import evaluate_run
+
     if cfg.evaluate and result.metrics and result.metrics.get("images", {}).get("test"):
-        result.evaluation = evaluate(result.run_dir, quiet=quiet)
-        result.metrics["evaluation"] = result.evaluation.metrics
+        result.evaluation = evaluate_run(result.run_dir, config=EvalConfig(), quiet=quiet, command_started=started)
+        # metrics.json now has the whole time and the budget's verdict on it
+        result.metrics = RunDir(result.run_dir).read_metrics()
     return result
 
 
@@ -174,6 +180,7 @@ def _resume(run_dir: Path, quiet: bool):
     from visiontune.training.checkpoint import Checkpoint
     from visiontune.training.trainer import train_dataset
 
+    started = time.perf_counter()
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: no such run directory")
     if not Checkpoint(run_dir).exists():
@@ -182,8 +189,8 @@ def _resume(run_dir: Path, quiet: bool):
     data, root, cfg = RunDir(run_dir).read_config()
     dataset = load_dataset(data, root=root)
     result = train_dataset(dataset, cfg, run_dir, data_label=data, root=root, quiet=quiet, resume=True,
-                           teacher=_teacher(cfg))
-    return _evaluate_after_training(result, cfg, quiet)
+                           teacher=_teacher(cfg), started=started)
+    return _evaluate_after_training(result, cfg, quiet, started)
 
 
 def evaluate(run: PathLike, *, data: PathLike | None = None, root: PathLike | None = None, out: PathLike | None = None,

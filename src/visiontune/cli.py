@@ -206,6 +206,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def _report_training(result, extra: str = "") -> int:
     from visiontune.evaluation.intervals import describe
+    from visiontune.training.budget import describe_time
 
     m = result.metrics
     if not m:  # a process other than rank 0 of a distributed run: rank 0 reports
@@ -213,8 +214,7 @@ def _report_training(result, extra: str = "") -> int:
     val = m.get("val", {}).get("top1")
     scored = m.get("evaluation") or {}
     test = (scored or m.get("test") or {}).get("top1")
-    budget = f", budget {m['budget']['budget_seconds']:.0f} s" if m.get("budget") else ""
-    line = f"run: {result.run_dir}  ({m['train_seconds']:.0f} s{budget}{extra})"
+    line = f"run: {result.run_dir}  ({describe_time(m)}{extra})"
     if val is not None:
         line += f"  val top-1 {val:.2%}"
     if test is not None:

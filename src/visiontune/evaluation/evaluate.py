@@ -12,6 +12,7 @@ import csv
 import io
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from visiontune.files import atomic_write_text
 from visiontune.inference.classifier import Classifier, softmax
 from visiontune.models.bundle import read_meta, update_meta
 from visiontune.models.run_dir import RunDir
+from visiontune.training.budget import whole_time
 
 
 @dataclass
@@ -43,7 +45,10 @@ class Evaluation:
 
 def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | Path | None = None,
                  split: str | None = None, out: Path | None = None, allow_subset: bool = False,
-                 config: EvalConfig | None = None, quiet: bool = True) -> Evaluation:
+                 config: EvalConfig | None = None, quiet: bool = True,
+                 command_started: float | None = None) -> Evaluation:
+    """`command_started`: when the `train` this evaluation ends began (time.perf_counter()): the run's metrics,
+    report and model card then state the whole command's time, evaluation included."""
     cfg = config or EvalConfig()
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
@@ -113,14 +118,18 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
     out_dir.mkdir(parents=True, exist_ok=True)
     target = RunDir(out_dir)
     train_metrics = run.read_metrics()
-    if own:
-        target.write_metrics({**train_metrics, "evaluation": metrics})
-    else:
-        target.write_metrics({"model": str(run_dir), "evaluation": metrics})
     atomic_write_text(target.class_report, classification_report_csv(metrics))
     atomic_write_text(target.predictions, predictions_csv(scored, probs, meta.labels))
     drawn = _draw(target.plots, run, metrics, scored, probs, raw, meta.labels, dataset if own else None,
                   selection, cfg, classifier, quiet)
+    if own and command_started is not None and "train_seconds" in train_metrics:
+        # Taken as late as it can be: only writing this file, the report and the card are left (well under a second).
+        seconds = time.perf_counter() - command_started
+        train_metrics = whole_time(train_metrics, seconds, seconds - train_metrics["train_seconds"])
+    if own:
+        target.write_metrics({**train_metrics, "evaluation": metrics})
+    else:
+        target.write_metrics({"model": str(run_dir), "evaluation": metrics})
     notes = [n for n in train_metrics.get("notes", [])] + [f"{f.path}: {f.reason}" for f in dataset.findings
                                                             if f.level == "info"]
     notes += metrics["notes"] + [f"not scored: {s['path']}: {s['reason']}" for s in metrics["skipped"]]

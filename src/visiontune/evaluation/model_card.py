@@ -41,7 +41,12 @@ def model_card(run_name: str, meta_json: dict, train: dict, evaluation: dict, da
         f"- Backbone: `{arch['backbone']}` (timm `{arch['timm_name']}`), ImageNet-pretrained, fine-tuned.",
         f"- Input: RGB, shorter side resized to {int(pre['input_size'] / pre['crop_pct'])} ({pre['interpolation']}), "
         f"centre crop {pre['input_size']}, mean {pre['mean']}, std {pre['std']}.",
-        f"- Trained in {train.get('train_seconds', '?')} s on {train.get('device', '?')}.",
+        f"- Trained in {train.get('train_seconds', '?')} s on {train.get('device', '?')}"
+        + (f"; the whole `train` command, this evaluation included, took {train['command_seconds']} s"
+           if train.get("evaluation_seconds") is not None else "")
+        + (f" (budget {train['budget']['budget_seconds']:.0f} s: "
+           f"{'kept' if train['budget']['within'] else 'over by %.0f s' % train['budget']['over_seconds']})"
+           if (train.get("budget") or {}).get("seconds") is not None else "") + ".",
         "",
         "## Data",
         f"- Source: `{data}`.",

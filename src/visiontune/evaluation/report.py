@@ -78,8 +78,16 @@ def _cards(d: ReportData) -> str:
               ("macro F1", pct("macro_f1", m["macro"]["f1"])),
               ("ECE", _num(m["ece"])), ("log loss", _num(m["log_loss"])),
               (f"{m['split']} images", str(m["images"]))]
-    if d.train.get("train_seconds") is not None:
+    if d.train.get("command_seconds") is not None and d.train.get("evaluation_seconds") is not None:
+        # the whole `train` command, its closing evaluation included: what the user waited, and what a budget is for
+        cards.append(("train + evaluation", f"{d.train['command_seconds']:.0f} s\n{d.train['train_seconds']:.0f} s + "
+                                            f"{d.train['evaluation_seconds']:.0f} s"))
+    elif d.train.get("train_seconds") is not None:
         cards.append(("train time", f"{d.train['train_seconds']:.0f} s"))
+    budget = d.train.get("budget") or {}
+    if budget.get("seconds") is not None:
+        cards.append(("budget", f"{budget['budget_seconds']:.0f} s\n" + (
+            "kept" if budget["within"] else f"over by {budget['over_seconds']:.0f} s")))
     return '<div class="cards">' + "".join(
         f'<div class="card"><div class="v">{"<br><small>".join(html.escape(p) for p in v.split(chr(10)))}'
         f'{"</small>" if chr(10) in v else ""}</div><div class="k">{html.escape(k)}</div></div>'

@@ -5,6 +5,7 @@ activations."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 from torch import nn
@@ -63,8 +64,11 @@ def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digest
             return found
         if pre.input_size not in runners:
             runners[pre.input_size] = FrozenRunner(FrozenFeatures(model, bottom, top), pre, ctx.device, ctx.notes)
+        began = time.perf_counter()
         built = build_view_cache(images, indices, views, runners[pre.input_size], pre, aug, cfg.seed, desc=desc,
                                  quiet=ctx.quiet)
+        if ctx.budget is not None:  # the pass itself, a far longer sample than the budget's warm-up
+            ctx.budget.observe_frozen(len(indices) * views, time.perf_counter() - began)
         if not disk.save(key, built):
             ctx.notes.append(f"{desc}: not kept in {disk.folder} for the next run (no space left on the device)")
         return built

@@ -138,6 +138,7 @@ class PhaseContext:
     resume: Resume | None = None
     dist: Dist = field(default_factory=Dist)
     summary: dict = field(default_factory=dict)  # what a recipe reports beyond its scores (a refit's choices)
+    budget: object = None  # a training.budget.Replanner while a --budget run re-plans phase 2 as it goes
 
     def evaluate(self, forward, inputs, labels: np.ndarray, batch_size: int = 256) -> Score | None:
         """Score of `forward` on this process's share, summed over all processes (None: nothing to score).

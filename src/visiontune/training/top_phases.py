@@ -7,6 +7,7 @@ and checkpoints carry, so a resumed run continues the phase it was in.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch import nn
 
 from visiontune.config import TrainConfig
 from visiontune.models.attention import head_modules
+from visiontune.settings import override
 from visiontune.training.checkpoint import Checkpoint
 from visiontune.training.feature_cache import ViewCache
 from visiontune.training.loops import batch_rng, optimizer_step, run_epochs
@@ -39,10 +41,16 @@ def fit_phases(model: nn.Module, top: nn.Module | None, cfg: TrainConfig, train:
     held-out images' centre crops (`held`), or its last one without them."""
     head_epoch = fit_head(model, cfg, train, y_train, held, y_held, loss_fn, ctx, prefix + "head")
     head_epoch = _remembered_epoch(ctx, prefix + "head", head_epoch)
+    if top is not None and ctx.budget is not None:  # a --budget run: the epochs again, from the speed measured so far
+        cfg = override(cfg, finetune_epochs=ctx.budget.finetune_epochs(cfg.finetune_epochs, prefix + "finetune"))
     if top is None or cfg.finetune_epochs <= 0:
         return Fitted(head_epoch, 0, None)
     head_alone = head_alone_state(model, ctx, prefix)
+    began = time.perf_counter()
     finetune_epoch = finetune_top(model, top, cfg, train, y_train, held, y_held, loss_fn, ctx, prefix + "finetune")
+    if ctx.budget is not None:
+        ctx.budget.observe_phase2(cfg.finetune_epochs * train.boundary.shape[0] * train.boundary.shape[1],
+                                  time.perf_counter() - began)
     return Fitted(head_epoch, finetune_epoch, head_alone)
 
 

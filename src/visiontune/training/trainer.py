@@ -29,8 +29,9 @@ from visiontune.files import atomic_write_text, exclusive_lock, remove_stale_tem
 from visiontune.models.bundle import ModelMeta, current_versions, save_bundle
 from visiontune.models.classifier import build_classifier, count_parameters
 from visiontune.models.run_dir import RunDir
+from visiontune.settings import override
 from visiontune.training import distributed
-from visiontune.training.budget import plan_budget
+from visiontune.training.budget import plan_budget, whole_time
 from visiontune.training.cached_recipe import cached_recipe
 from visiontune.training.checkpoint import Checkpoint
 from visiontune.training.crossfit import phase_names
@@ -79,10 +80,12 @@ def prepare_run_dir(out: Path, overwrite: bool) -> Path:
 
 
 def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: str, root: str | None = None,
-                  quiet: bool = False, overwrite: bool = False, resume: bool = False, teacher=None) -> TrainResult:
+                  quiet: bool = False, overwrite: bool = False, resume: bool = False, teacher=None,
+                  started: float | None = None) -> TrainResult:
     """Train on `dataset` into run directory `out`; with `resume`, continue the interrupted run there.
-    `teacher` (a training.distill.Teacher, for cfg.distill.teacher) makes it a distillation."""
-    started = time.perf_counter()
+    `teacher` (a training.distill.Teacher, for cfg.distill.teacher) makes it a distillation. `started`: when the
+    command began (time.perf_counter()), the clock a budget runs on; default now."""
+    started = time.perf_counter() if started is None else started
     check_settings(cfg, teacher)
     created = not Path(out).exists()
     d = distributed.setup()
@@ -150,11 +153,19 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
 
     decode_started = time.perf_counter()
     all_sets, images, digests = _decode(dataset, split, spec.preprocess, cfg, quiet, notes)
-    plan = runner = None
+    plan = runner = replanner = None
     if cfg.budget:  # never with --full-finetune: TrainConfig refuses the pair
         decode_rate = len(images) / max(time.perf_counter() - decode_started, 1e-6)
-        plan, runner = plan_budget(model, spec, cfg, images, all_sets, device, notes, time.perf_counter() - started,
-                                   decode_rate)
+        planned = cfg
+
+        def record(epochs: int) -> None:  # a re-plan before the first phase 2: config.yaml says what the run does
+            if d.is_main:
+                run.write_config(data_label, root, override(plan.apply(planned), finetune_epochs=epochs),
+                                 comment=f"planned by --budget: {plan.describe()}; re-planned as it ran: {epochs} "
+                                         f"phase-2 epochs")
+
+        plan, runner, replanner = plan_budget(model, spec, cfg, images, all_sets, device, notes, started,
+                                              decode_rate, record)
         cfg = plan.apply(cfg)
         if d.is_main:
             run.write_config(data_label, root, cfg, comment=f"planned by --budget: {plan.describe()}")
@@ -167,7 +178,8 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
         loaded = Resume(state, tensors, ["full"] if cfg.full_finetune else phase_names(cfg))
     history = History(run, quiet, run.read_history()[: loaded.state["history_rows"]] if loaded else None,
                       write=d.is_main)
-    context = PhaseContext(cfg, device, history, quiet, notes, checkpoint if d.is_main else None, loaded, d)
+    context = PhaseContext(cfg, device, history, quiet, notes, checkpoint if d.is_main else None, loaded, d,
+                           budget=replanner)
     try:
         if cfg.full_finetune:
             scores = full_finetune(model, spec.preprocess, cfg, augment_from(cfg), images, sets, context)
@@ -186,19 +198,21 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
     meta = ModelMeta(spec.name, spec.timm_name, list(dataset.classes), spec.preprocess, cfg.dropout, current_versions(),
                      img_size=spec.img_size, head=cfg.head)
     save_bundle(run_dir, model.cpu().eval(), meta)
+    train_seconds = time.perf_counter() - started
     metrics = {
         "model": spec.name,
         "parameters": count_parameters(model),
-        "train_seconds": round(time.perf_counter() - started, 1),
+        "train_seconds": round(train_seconds, 1),
         "resumed": resume,
         "device": str(device),
         "images": {name: int(len(getattr(all_sets, name))) for name in ("train", "val", "test")},
         "processes": d.world,
-        **({"budget": plan.to_dict()} if plan else {}),
+        **({"budget": {**plan.to_dict(), **replanner.summary()}} if plan else {}),
         **{name: {"loss": s.loss, "top1": s.accuracy} for name, s in scores.items()},
         **({"refit": context.summary["refit"]} if "refit" in context.summary else {}),
         "notes": notes,
     }
+    metrics = whole_time(metrics, train_seconds)  # the evaluation at the end, when there is one, adds its part
     if "out_of_fold" in context.summary:
         run.write_out_of_fold(*context.summary["out_of_fold"])
     run.write_metrics(metrics)
