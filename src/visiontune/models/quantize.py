@@ -38,6 +38,10 @@ class _Batches:
     def __len__(self) -> int:
         return len(self._images)
 
+    @property
+    def first_shape(self) -> tuple[int, ...]:
+        return self._images[0].shape
+
     def set_range(self, start_index: int, end_index: int) -> None:
         self._next, self._end = start_index, min(end_index, len(self._images))
 
@@ -67,30 +71,72 @@ def quantize_int8(fp32_model: bytes, calibration: list[np.ndarray], *, input_nam
     `exclude`: node names left in float (e.g. the first convolution, or the classifier).
     `window`: at most this many images' activations are held in memory at once.
     """
-    import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    with Int8Calibration(fp32_model, calibration, input_name=input_name, per_channel=per_channel,
+                         quant_format=quant_format, method=method, window=window) as calibrated:
+        return calibrated.build(exclude)
 
-    if not calibration:
-        raise ExportError("INT8 quantization needs calibration images, and the run's training split has none that decode")
-    with tempfile.TemporaryDirectory(prefix="visiontune-int8-") as tmp:
-        src, prepared, out = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+
+class Int8Calibration:
+    """One calibration, any number of INT8 graphs: each `build(exclude)` keeps other nodes in float and reuses the
+    activation ranges measured once (ONNX Runtime's calibration cache), so trying which layers to keep in float
+    costs a graph rewrite, not a calibration (the calibration is most of an INT8 export's time)."""
+
+    def __init__(self, fp32_model: bytes, calibration: list[np.ndarray], *, input_name: str,
+                 per_channel: bool = ExportConfig.per_channel, quant_format: str = ExportConfig.quant_format,
+                 method: str = ExportConfig.calibration_method, window: int = ExportConfig.calibration_window):
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        if not calibration:
+            raise ExportError("INT8 quantization needs calibration images, and the run's training split has none "
+                              "that decode")
+        self._tmp = tempfile.TemporaryDirectory(prefix="visiontune-int8-")
+        tmp = Path(self._tmp.name)
+        src, self._prepared, self._ranges = tmp / "fp32.onnx", tmp / "prepared.onnx", tmp / "ranges.json"
         src.write_bytes(fp32_model)
-        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=False)
+        quant_pre_process(str(src), str(self._prepared), skip_symbolic_shape=False)
+        self._options = dict(per_channel=per_channel, quant_format=quant_format, method=method)
+        self._reader = _Batches(input_name, calibration)
+        self._window = window
+        self.input_name = input_name
+
+    @property
+    def prepared(self) -> bytes:
+        """The fp32 graph the INT8 ones are made from (BatchNorm folded): its node names are the ones `exclude`
+        and the sensitivities use."""
+        return self._prepared.read_bytes()
+
+    @property
+    def image_size(self) -> int:
+        return int(self._reader.first_shape[-1])
+
+    def build(self, exclude: Iterable[str] = ()) -> bytes:
+        import onnx
+
+        out = Path(self._tmp.name) / "int8.onnx"
         # Histogram calibrators print their progress to stdout, which belongs to the CLI's own output.
         with contextlib.redirect_stdout(io.StringIO()):
-            _quantize_static(str(prepared), str(out), calibration, input_name, per_channel, quant_format, method, exclude,
-                             window)
-        # Load and re-serialise: the calibration scratch files in `tmp` must not be referenced afterwards.
+            _quantize_static(str(self._prepared), str(out), self._reader, exclude=exclude, window=self._window,
+                             ranges=self._ranges, **self._options)
+        # Load and re-serialise: the calibration scratch files must not be referenced afterwards.
         return onnx.load(str(out)).SerializeToString()
 
+    def close(self) -> None:
+        self._tmp.cleanup()
 
-def _quantize_static(prepared: str, out: str, calibration, input_name, per_channel, quant_format, method, exclude,
-                     window):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _quantize_static(prepared: str, out: str, reader: _Batches, *, per_channel, quant_format, method, exclude,
+                     window, ranges: Path):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    reader = _Batches(input_name, calibration)
+    cached = ranges.is_file()
     quantize_static(
-        prepared, out, reader,
+        prepared, out, None if cached else reader,
         quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
         per_channel=per_channel,
         # uint8 activations x int8 weights is the combination x86 VNNI/AMX integer kernels run natively.
@@ -98,7 +144,8 @@ def _quantize_static(prepared: str, out: str, calibration, input_name, per_chann
         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                           "percentile": CalibrationMethod.Percentile}[method],
         nodes_to_exclude=list(exclude) or None,
-        extra_options={"CalibStridedMinMax": reader.window(window)},
+        extra_options={} if cached else {"CalibStridedMinMax": reader.window(window)},
+        calibration_cache_path=str(ranges),
     )
 
 
