@@ -9,7 +9,7 @@ averages; precision of a label never predicted is 0.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, precision_recall_curve
+from sklearn.metrics import precision_recall_curve
 
 from visiontune.evaluation.intervals import BOOTSTRAP_SAMPLES, wilson
 
@@ -37,13 +37,25 @@ def _summary(y: np.ndarray, p: np.ndarray, predicted: np.ndarray) -> dict:
     present = y.any(axis=0)
     f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
     micro = 2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1e-12)
-    ap = [average_precision_score(y[:, c], p[:, c]) for c in np.flatnonzero(present)]
+    ap = [average_precision(y[:, c], p[:, c]) for c in np.flatnonzero(present)]
     return {"mAP": float(np.mean(ap)) if ap else None,
             "micro_f1": float(micro),
             "macro_f1": float(f1[present].mean()) if present.any() else None,
             "subset_accuracy": float(np.mean((y == predicted).all(axis=1))),
             "hamming_loss": float(np.mean(y != predicted)),
             "images_with_no_label_predicted": int((~predicted.any(axis=1)).sum())}
+
+
+def average_precision(truth: np.ndarray, scores: np.ndarray) -> float:
+    """scikit-learn's average precision (tied scores are one step), in numpy: the bootstrap calls it thousands of
+    times."""
+    order = np.argsort(-scores, kind="stable")
+    s, t = scores[order], truth[order].astype(np.float64)
+    last = np.append(np.flatnonzero(np.diff(s)), len(s) - 1)  # the end of each run of tied scores
+    tp = np.cumsum(t)[last]
+    precision = tp / (last + 1)
+    recall = tp / max(tp[-1], 1e-12)
+    return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
 
 
 def per_label(y: np.ndarray, p: np.ndarray, predicted: np.ndarray, thresholds: np.ndarray, labels: list[str]) -> list:
@@ -55,7 +67,7 @@ def per_label(y: np.ndarray, p: np.ndarray, predicted: np.ndarray, thresholds: n
         recall = tp / support if support else None
         f1 = (2 * tp / (support + n_pred)) if support else None
         rows.append({"label": name, "threshold": float(thresholds[c]), "support": support, "predicted": n_pred,
-                     "ap": float(average_precision_score(truth, p[:, c])) if support else None,
+                     "ap": average_precision(truth, p[:, c]) if support else None,
                      "precision": precision, "recall": recall, "f1": f1, "missed": support - tp})
     return rows
 
