@@ -101,6 +101,8 @@ def test_train_evaluate_export_predict_with_thresholds_carried(run, manifest, tm
         assert got.label == want.label
         assert [p for _, p in got.chosen] == pytest.approx([p for _, p in want.chosen], abs=1e-4)
 
+    done = run_cli("evaluate", run, "--quiet")
+    assert done.returncode == 0 and "mAP" in done.stdout and "subset accuracy" in done.stdout, done.stderr
     done = run_cli("predict", fp32, images[0], "--format", "json")
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)[0]

@@ -100,3 +100,14 @@ def pr_curves(targets: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict
             precision, recall, _ = precision_recall_curve(y[:, c], probs[:, c])
             out[name] = (recall, precision)
     return out
+
+
+def summary_line(m: dict) -> str:
+    """The terminal's line for a multi-label evaluation."""
+    ci = m.get("intervals", {})
+    parts = [f"{name} {m[key]:.3f}" + (f" ({ci[key][0]:.3f}-{ci[key][1]:.3f})" if key in ci else "")
+             for key, name in (("mAP", "mAP"), ("micro_f1", "micro F1"), ("macro_f1", "macro F1"),
+                               ("subset_accuracy", "subset accuracy"), ("hamming_loss", "Hamming loss"))
+             if m.get(key) is not None]
+    missed = ", ".join(f"{r['label']} {r['missed']}/{r['support']}" for r in m.get("most_missed", [])[:3])
+    return f"{m['split']}: {'  '.join(parts)}  ({m['images']} images)" + (f"\n  most missed: {missed}" if missed else "")
