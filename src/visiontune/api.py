@@ -183,7 +183,7 @@ def _resume(run_dir: Path, quiet: bool):
     started = time.perf_counter()
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: no such run directory")
-    if not Checkpoint(run_dir).exists():
+    if not Checkpoint(run_dir).exists() and not RunDir(run_dir).search_study.exists():
         finished = RunDir(run_dir).meta.exists()
         raise ConfigError(f"{run_dir}: nothing to resume ({'the run finished' if finished else 'no checkpoint was written yet'})")
     data, root, cfg = RunDir(run_dir).read_config()
