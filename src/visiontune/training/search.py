@@ -355,7 +355,7 @@ def search_recipe(model, spec, cfg: TrainConfig, budget: float, images: list, di
                "models": sorted({r["model"] for r in rows}), "seconds": round(time.perf_counter() - began, 1),
                "chosen": kept, "oof_top1": kept["oof_top1"],
                "plan_oof_top1": first["oof_top1"] if first else None,
-               "table": RunDir.SEARCH_TRIALS, "study": RunDir.SEARCH_STUDY}
+               "table": RunDir.SEARCH_TRIALS, "study": RunDir.SEARCH_STUDY, "rows": rows}
     notes.append(f"search: {len(rows)} trials in {summary['seconds']:.0f} s over {', '.join(summary['models'])}; "
                  f"chose {kept['trial']} (out-of-fold top-1 {kept['oof_top1']:.2%}, the plan's recipe "
                  f"{summary['plan_oof_top1']:.2%}); every trial in {RunDir.SEARCH_TRIALS}")
