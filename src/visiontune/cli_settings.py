@@ -50,12 +50,12 @@ def add_track_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = EXP
 
 
 def tracked(args: argparse.Namespace):
-    """The TrackConfig of the tracking flags given, or None when none was."""
+    """The TrackConfig of the tracking flags given (any of them means --track mlflow), or None when none was."""
     from visiontune.config import TrackConfig
     from visiontune.settings import override
 
     given = overrides(args, TRACK_PREFIX)
-    return override(TrackConfig(), **given) if given else None
+    return override(TrackConfig(track="mlflow"), **given) if given else None
 
 
 def _kind(spec: Spec) -> dict:

@@ -21,7 +21,7 @@ class TrackConfig(Settings):
                                       "plots, model.json, config.yaml) to this experiment tracker once its folder "
                                       "is written", choices=TRACKERS)
     tracking_uri: str | None = setting(None, f"the tracking server (default: ${TRACKING_URI_ENV}, else MLflow's "
-                                             "local ./mlruns)")
+                                             "default: mlflow.db in the working folder)")
     experiment: str = setting("visiontune", "experiment the run is logged under (made when missing)")
     run_name: str | None = setting(None, "name of the tracked run (default: the run folder's name)")
     tags: str | None = setting(None, "tags of the tracked run, as KEY=VALUE,KEY=VALUE")

@@ -30,7 +30,7 @@ def mlflow_module():
 
 
 def tracking_uri(given: str | None) -> str | None:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else None (MLflow's default, ./mlruns)."""
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else None (MLflow's default: ./mlflow.db)."""
     return given or os.environ.get(TRACKING_URI_ENV) or None
 
 
@@ -60,7 +60,8 @@ def mlflow_errors(uri: str | None) -> Iterator[None]:
         if not isinstance(exc, (mlflow.exceptions.MlflowException, OSError)) and "requests" not in type(exc).__module__:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrackingError(f"MLflow at {uri or 'the default ./mlruns'}: {first[:300]}") from None
+        where = uri or "MLflow's default store (./mlflow.db)"
+        raise TrackingError(f"MLflow at {where}: {first[:300]}") from None
 
 
 def client(uri: str | None):

@@ -37,7 +37,7 @@ class TrackedRun:
     truncated: list[str]
 
     def summary(self) -> str:
-        where = self.uri or "./mlruns"
+        where = self.uri or "MLflow's default store (./mlflow.db)"
         cut = f" ({len(self.truncated)} long parameter(s) truncated)" if self.truncated else ""
         return f"tracked: MLflow run {self.run_id} in experiment {self.experiment_id} at {where}{cut}"
 

@@ -28,8 +28,7 @@ def as_track_config(track: TrackConfig | dict | str | None) -> TrackConfig | Non
         return track
     if isinstance(track, str):
         return TrackConfig(track=track)
-    cfg = override(TrackConfig(), **track)
-    return cfg if cfg.track or not cfg.enabled else override(cfg, track="mlflow")
+    return override(TrackConfig(track="mlflow"), **track)  # settings given mean tracking is wanted
 
 
 def after(verb: str, folder: Path, track: TrackConfig | dict | str | None, *, params: dict | None = None,
