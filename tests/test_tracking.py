@@ -22,6 +22,7 @@ from visiontune.errors import ModelError
 from visiontune.models.locate import locate_model
 from visiontune.tracking import search_run
 from visiontune.tracking.flatten import flat_metrics, flat_params
+from visiontune.tracking.verbs import after
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed (the `tracking` extra: make test installs it)")
 
@@ -79,7 +80,7 @@ def artifacts(client, run_id: str, path: str | None = None) -> set[str]:
 def test_a_run_evaluated_while_the_server_is_down_is_kept_and_sent_later(server, client, tmp_path_factory, capfd):
     run_dir = copy_run(tmp_path_factory, "tracking-later")
     down = f"http://{HOST}:{free_port()}"  # nothing listens there
-    result = visiontune.evaluate(run_dir, gradcam_images=0, top_losses=4, map_points=0, quiet=True,
+    result = visiontune.evaluate(run_dir, gradcam_images=0, top_losses=4, map_points=0, open_set=False, quiet=True,
                                  track={"tracking_uri": down})
     err = capfd.readouterr().err
     assert len([line for line in err.splitlines() if "not tracked" in line]) == 1
@@ -180,6 +181,15 @@ def test_tracking_off_and_a_server_that_is_down_never_stop_a_search(capfd):
             with search.nested_trial({"lr": 0.1}) as log:
                 log({"top1": 1.0})
     assert capfd.readouterr().err.count("tracking off") == 1
+
+
+def test_only_rank_0_of_a_torchrun_job_logs(server, client, monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "1")
+    cfg = TrackConfig(track="mlflow", tracking_uri=server, experiment="ranks")
+    assert after("train", tmp_path, cfg) is None
+    with search_run(cfg) as search, search.nested_trial({"lr": 0.1}) as log:
+        log({"top1": 1.0})
+    assert client.get_experiment_by_name("ranks") is None  # nothing reached the server
 
 
 def test_settings_are_flattened_and_cut_and_intervals_become_low_high():
