@@ -7,6 +7,7 @@ on and where output goes.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import signal
 import sys
@@ -14,7 +15,7 @@ import threading
 
 from visiontune import config as c
 from visiontune.cli_settings import Parser, add_settings, flag_of, overrides
-from visiontune.errors import VisiontuneError
+from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.settings import SettingError
 from visiontune.version import __version__
 
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     predict.add_argument("--format", choices=FORMATS, default=FORMATS[0], help="default %(default)s")
     predict.add_argument("--out", help="write the predictions to this file instead of the terminal")
+    predict.add_argument("--shards", metavar="DIR", help="write resumable Parquet/CSV shards into DIR (see README)")
+    predict.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="with --shards: on a Ray cluster")
+    _quiet(predict)
 
     bench = verb("bench", "latency and throughput of a model's engines (PyTorch, ONNX, OpenVINO) here", cmd_bench,
                  c.BenchConfig)
@@ -323,14 +327,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import io
-
-    from visiontune.api import predict
+    from visiontune.api import predict, predict_shards
     from visiontune.files import atomic_write_text, refuse_output_over_inputs
     from visiontune.inference import output
 
-    settings = overrides(args)
-    cfg = c.override(c.InferenceConfig(), **settings)  # checked before any output file is considered
+    cfg = c.override(c.InferenceConfig(), **overrides(args))  # checked before any output file is considered
+    if args.shards or args.ray is not None:  # a folder of shards, where --out is one file of predictions
+        if not args.shards or args.out:
+            raise ConfigError("--out and --shards: give one" if args.out else "--ray writes shards: give --shards DIR")
+        print(predict_shards(args.model, args.paths, args.shards, ray=args.ray, config=cfg, quiet=args.quiet).summary())
+        return 0
     if args.out:  # the model too: `--out RUN/model.json` once destroyed the run it read
         refuse_output_over_inputs(args.out, [args.model, *args.paths], folder=False, what="write the predictions")
     results = predict(args.model, args.paths, config=cfg)
