@@ -14,12 +14,18 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from visiontune.config import InferenceConfig
 from visiontune.errors import ConfigError
 from visiontune.files import atomic_write_bytes, read_json, remove_stale_temporaries, write_json
-from visiontune.inference.classifier import Prediction
+from visiontune.inference.classifier import Classifier, Prediction
 
 JOB = "_job.json"
 COLUMNS = ("path", "label", "probability", "top_k", "entropy", "uncertain", "unknown", "unknown_score", "error")
+
+
+def predict_rows(clf: Classifier, paths: list[str], cfg: InferenceConfig, workers: int) -> list[dict]:
+    """One shard's paths through the model: what both engines (this machine, a Ray actor) run."""
+    return rows(clf.iter_predict(paths, top_k=cfg.top_k, tta=cfg.tta, workers=workers))
 
 
 def rows(predictions: Iterable[Prediction]) -> list[dict]:

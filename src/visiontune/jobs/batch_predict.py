@@ -1,7 +1,7 @@
 """`predict --shards`: a source of any size through the model into a folder of shards, on this machine or on Ray.
 
 Both paths share the plan (`inference.shard_plan`), the writer (`inference.shard_writer`) and the function that
-turns one shard's paths into rows (`predict_rows`), so they write the same files with the same predictions; only
+turns one shard's paths into rows (`shard_writer.predict_rows`), so they write the same files with the same predictions; only
 who runs `predict_rows` differs. Memory is one shard's predictions (plus Ray's blocks in flight), whatever the input.
 """
 
@@ -16,7 +16,7 @@ from visiontune.config import InferenceConfig
 from visiontune.files import refuse_output_over_inputs
 from visiontune.inference.classifier import Classifier
 from visiontune.inference.shard_plan import Plan, make_plan
-from visiontune.inference.shard_writer import ShardFolder, rows
+from visiontune.inference.shard_writer import ShardFolder, predict_rows
 from visiontune.version import __version__
 
 
@@ -37,10 +37,6 @@ class ShardRun:
         return (f"{self.out}: {self.written} shard(s) written, {self.skipped} already there, of {self.shards}; "
                 f"{self.images} image(s) ({self.errors} with an error) in {self.seconds:.1f} s, {rate:.1f} images/s "
                 f"on {self.engine}")
-
-
-def predict_rows(clf: Classifier, paths: list[str], cfg: InferenceConfig, workers: int) -> list[dict]:
-    return rows(clf.iter_predict(paths, top_k=cfg.top_k, tta=cfg.tta, workers=workers))
 
 
 def predict_shards(model: str | Path, sources: list[str | Path], out: str | Path, cfg: InferenceConfig, *,

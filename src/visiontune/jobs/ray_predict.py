@@ -1,10 +1,11 @@
-"""`predict --shards OUT --ray`: the shards still to write, read, decoded and predicted on a Ray cluster with Ray
-Data; the driver writes each shard when all its rows are back. Ray is imported here only, and only when asked for.
+"""`predict --shards OUT --ray`: the shards still to write, predicted on a Ray cluster with Ray Data; the driver
+writes each shard when all its rows are back. Ray is imported here only, and only when asked for.
 
-Around Ray's known pitfalls: no listing of the paths before work starts (each read task reads its own byte range of
-the listing, see `inference.shard_plan`); the model's threads set per actor, since Ray gives a worker one thread
-by default; rows keyed by (shard, line) since Ray does not keep their order and retries a task whose actor died;
-and shards written once by the driver, temporary name then rename, so a rerun after any kill skips them.
+Around Ray's known pitfalls: no listing of the paths before work starts (the dataset is one small row per shard,
+its byte range of the listing, and the actor reads its own range: see `inference.shard_plan`); the model's
+threads set per actor, since Ray gives a worker one thread by default; rows keyed by (shard, line), since Ray does
+not keep their order and retries a task whose actor died; and shards written once by the driver, temporary name
+then rename, so a rerun after any kill skips them.
 """
 
 from __future__ import annotations
@@ -18,15 +19,12 @@ from visiontune.config import InferenceConfig
 from visiontune.errors import ConfigError
 from visiontune.inference.classifier import Classifier
 from visiontune.inference.shard_plan import Plan, Shard
-from visiontune.inference.shard_writer import COLUMNS, ShardFolder, arrow_schema
-from visiontune.jobs.batch_predict import predict_rows
+from visiontune.inference.shard_writer import ShardFolder, arrow_schema, predict_rows
 
 try:  # this module is imported only for --ray
     import pyarrow as pa
     import ray
     import ray.data
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
 except ImportError:
     raise ConfigError("--ray needs Ray: pip install 'visiontune[ray]' here and on every node of the cluster") from None
 
@@ -47,10 +45,15 @@ def run_on_ray(model: str, plan: Plan, pending: list[Shard], folder: ShardFolder
         engine = f"ray ({actors} model cop{'y' if actors == 1 else 'ies'} x {threads} thread(s), {cpus} CPUs)"
         if not pending:
             return 0, 0, 0, engine
-        ray.data.DataContext.get_current().enable_progress_bars = not quiet
-        ds = ray.data.read_datasource(_Shards(plan, pending), override_num_blocks=len(pending), num_cpus=0)
-        ds = ds.map_batches(_Predictor, fn_constructor_kwargs={"model": model, "cfg": cfg, "threads": threads},
-                            batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = not quiet
+        context.enable_operator_progress_bars = not quiet
+        listing = dataclasses.replace(plan, shards=())  # each row carries its own shard, not the whole list
+        ds = ray.data.from_items([{"index": s.index, "start": s.start, "end": s.end} for s in pending],
+                                 override_num_blocks=len(pending))
+        ds = ds.map_batches(_Predictor, fn_constructor_kwargs={"model": model, "cfg": cfg, "threads": threads,
+                                                               "plan": listing},
+                            batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=threads)
         written, images, errors = _collect(ds, plan, pending, folder, quiet)
         return written, images, errors, engine
@@ -60,16 +63,14 @@ def run_on_ray(model: str, plan: Plan, pending: list[Shard], folder: ShardFolder
 
 
 def _collect(ds, plan: Plan, pending: list[Shard], folder: ShardFolder, quiet: bool) -> tuple[int, int, int]:
-    expected: dict[int, int] = {}
     partial: dict[int, dict[int, dict]] = {}
     written = images = errors = 0
     begun = time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in batch.to_pylist():
-            shard = row.pop("shard")
-            expected[shard] = row.pop("shard_rows")
+            shard, expected = row.pop("shard"), row.pop("shard_rows")
             partial.setdefault(shard, {})[row.pop("line")] = row
-            if len(partial[shard]) == expected[shard]:
+            if len(partial[shard]) == expected:
                 lines = partial.pop(shard)
                 done = [lines[i] for i in sorted(lines)]
                 folder.write(shard, done)
@@ -88,45 +89,20 @@ def _collect(ds, plan: Plan, pending: list[Shard], folder: ShardFolder, quiet: b
     return written, images, errors
 
 
-class _Shards(Datasource):
-    """A Ray Data source: one read task per shard still to write."""
-
-    def __init__(self, plan: Plan, pending: list[Shard]):
-        super().__init__()
-        self.plan = dataclasses.replace(plan, shards=())  # each task carries its own shard, not the whole list
-        self.pending = pending
-
-    def get_name(self) -> str:
-        return "VisiontuneShards"
-
-    def estimate_inmemory_data_size(self):
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-        def task(shard: Shard):
-            meta = BlockMetadata(num_rows=None, size_bytes=shard.end - shard.start, input_files=None, exec_stats=None)
-            return ReadTask(lambda plan=self.plan, shard=shard: [_read(plan, shard)], meta)
-
-        return [task(shard) for shard in self.pending]
-
-
-def _read(plan: Plan, shard: Shard):
-    paths = plan.paths(shard)
-    return pa.table({"path": paths, "shard": [shard.index] * len(paths), "line": list(range(len(paths))),
-                     "shard_rows": [len(paths)] * len(paths)})
-
-
 class _Predictor:
-    """One engine per actor, with its threads set here (Ray would give it one)."""
+    """One engine per actor, with its threads set here (Ray would give it one); reads its shards' paths itself."""
 
-    def __init__(self, model: str, cfg: InferenceConfig, threads: int):
-        self.cfg, self.threads = cfg, threads
+    def __init__(self, model: str, cfg: InferenceConfig, threads: int, plan: Plan):
+        self.cfg, self.threads, self.plan = cfg, threads, plan
         self.clf = Classifier.load(model, cfg.backend, threads=threads, batch_size=cfg.batch_size)
 
-    def __call__(self, batch):
-        found = predict_rows(self.clf, batch.column("path").to_pylist(), self.cfg, self.threads)
-        table = pa.Table.from_pylist(found, schema=arrow_schema())
-        for name in ("shard", "line", "shard_rows"):
-            table = table.append_column(name, batch.column(name))
-        assert table.column_names[:len(COLUMNS)] == list(COLUMNS)
-        return table
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        tables = []
+        for index, start, end in zip(*(batch.column(name).to_pylist() for name in ("index", "start", "end"))):
+            paths = self.plan.paths(Shard(index, start, end))
+            table = pa.Table.from_pylist(predict_rows(self.clf, paths, self.cfg, self.threads), schema=arrow_schema())
+            n = len(paths)
+            tables.append(table.append_column("shard", pa.array([index] * n, pa.int64()))
+                          .append_column("line", pa.array(range(n), pa.int64()))
+                          .append_column("shard_rows", pa.array([n] * n, pa.int64())))
+        return pa.concat_tables(tables)
