@@ -44,6 +44,8 @@ def predict_shards(model: str | Path, sources: list[str | Path], out: str | Path
     """ray: None on this machine; "" for `ray.init()`'s own choice (RAY_ADDRESS, a cluster started here, else a
     local one), or a cluster address ("auto", "ray://head:10001", "head:6379")."""
     out = Path(out)
+    if ray is not None:  # before any file is written: without Ray installed this is one line and exit 2
+        from visiontune.jobs.ray_predict import run_on_ray
     refuse_output_over_inputs(out, [model, *sources], folder=True, what="write the shards")
     model = str(Path(model).resolve())  # Ray workers do not share the driver's working directory
     job = {"model": model, "sources": [str(Path(s).resolve()) if Path(s).exists() else str(s) for s in sources],
@@ -56,8 +58,6 @@ def predict_shards(model: str | Path, sources: list[str | Path], out: str | Path
     if ray is None:
         written, images, errors, engine = _here(model, plan, pending, folder, cfg, quiet)
     else:
-        from visiontune.jobs.ray_predict import run_on_ray
-
         written, images, errors, engine = run_on_ray(model, plan, pending, folder, cfg, ray or None, quiet)
     return ShardRun(out, len(plan.shards), written, len(plan.shards) - len(pending), images, errors,
                     time.perf_counter() - started, engine)
