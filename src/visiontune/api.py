@@ -302,6 +302,20 @@ def predict(model, paths, *, config: InferenceConfig | None = None, **overrides)
     return found + [Prediction(path, error=reason) for path, reason in missing]
 
 
+def predict_shards(model: PathLike, sources, out: PathLike, *, ray: str | None = None, root: PathLike | None = None,
+                   config: InferenceConfig | None = None, quiet: bool = False, **overrides):
+    """Classify a source of any size into a folder of shards (Parquet or CSV: path, label, probability, top_k,
+    entropy, uncertain, unknown, unknown_score, error), streaming, resumable: a rerun skips the shards written.
+    `sources`: folders, files, globs, or one CSV manifest with a `path` column (relative to its folder or `root`).
+    `ray`: None on this machine; "" for a local Ray or the one RAY_ADDRESS names; else a cluster's address.
+    Settings are InferenceConfig's (shard_images=, shard_format=, ray_actors=, threads=, ...). Returns a ShardRun."""
+    from visiontune.jobs.batch_predict import predict_shards as run
+
+    cfg = override(config or InferenceConfig(), **overrides)
+    return run(model, [sources] if isinstance(sources, (str, Path)) else list(sources), out, cfg, ray=ray, root=root,
+               quiet=quiet)
+
+
 def bench(model: PathLike, *, image: PathLike | None = None, config: BenchConfig | None = None, quiet: bool = False,
           **overrides):
     """Batch-1 latency (from a tensor and from JPEG bytes) and throughput per batch size for every engine of `model`

@@ -12,7 +12,7 @@ import threading
 
 from visiontune import config as c
 from visiontune.cli_settings import EXPORT_ONLY, Parser, add_settings, flag_of, overrides, tracked
-from visiontune.errors import VisiontuneError
+from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.settings import SettingError
 from visiontune.version import __version__
 
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     predict.add_argument("--format", choices=FORMATS, default=FORMATS[0], help="default %(default)s")
     predict.add_argument("--out", help="write the predictions to this file instead of the terminal")
+    predict.add_argument("--shards", metavar="DIR", help="write resumable Parquet/CSV shards into DIR (see README)")
+    predict.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="with --shards: on a Ray cluster")
+    _quiet(predict)
 
     bench = verb("bench", "latency and throughput of a model's engines (PyTorch, ONNX, OpenVINO) here", cmd_bench,
                  c.BenchConfig)
@@ -332,32 +335,19 @@ def cmd_track(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import io
-
-    from visiontune.api import predict
-    from visiontune.files import atomic_write_text, refuse_output_over_inputs
+    from visiontune.api import predict, predict_shards
+    from visiontune.files import refuse_output_over_inputs
     from visiontune.inference import output
 
-    settings = overrides(args)
-    cfg = c.override(c.InferenceConfig(), **settings)  # checked before any output file is considered
+    cfg = c.override(c.InferenceConfig(), **overrides(args))  # checked before any output file is considered
+    if args.shards or args.ray is not None:  # a folder of shards, where --out is one file of predictions
+        if not args.shards or args.out:
+            raise ConfigError("--out and --shards: give one" if args.out else "--ray writes shards: give --shards DIR")
+        print(predict_shards(args.model, args.paths, args.shards, ray=args.ray, config=cfg, quiet=args.quiet).summary())
+        return 0
     if args.out:  # the model too: `--out RUN/model.json` once destroyed the run it read
         refuse_output_over_inputs(args.out, [args.model, *args.paths], folder=False, what="write the predictions")
-    results = predict(args.model, args.paths, config=cfg)
-    buffer = io.StringIO()
-    output.write(results, buffer, args.format, cfg.top_k)
-    if args.out:
-        atomic_write_text(args.out, buffer.getvalue())
-    else:
-        sys.stdout.write(buffer.getvalue())
-    failed = [p for p in results if p.error]
-    for p in failed:
-        print(f"skipped: {p.source}: {p.error}", file=sys.stderr)
-    if failed and len(failed) == len(results):
-        print(f"visiontune: error: none of the {len(results)} file(s) could be read as an image", file=sys.stderr)
-        return 2
-    if args.out:
-        print(f"wrote {len(results) - len(failed)} prediction(s) to {args.out}", file=sys.stderr)
-    return 0
+    return output.emit(predict(args.model, args.paths, config=cfg), args.out, args.format, cfg.top_k)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
