@@ -213,3 +213,20 @@ def test_register_without_an_onnx_export_is_refused_before_any_work(tmp_path_fac
         visiontune.api.export(run_dir, format="torchscript", track={"register": "x"})
     assert sorted(p.name for p in run_dir.iterdir()) == before
     shutil.rmtree(run_dir.parent)
+
+
+def test_a_budget_run_sends_its_search_as_nested_trial_runs(server, client, tmp_path):
+    from deploy_run import photos_folder
+
+    data = photos_folder(tmp_path)
+    result = visiontune.train(data, out=tmp_path / "searched", budget="1h", head_epochs=2, val=0.25, test=0.25,
+                              evaluate=False, search_models="efficientnet_lite0", search_trials=2, quiet=True,
+                              track={"tracking_uri": server, "experiment": "budget-search"})
+    runs = client.search_runs([client.get_experiment_by_name("budget-search").experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "searched-search")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    rows = result.metrics["search"]["rows"]
+    assert sorted(r.info.run_name for r in trials) == sorted(r["trial"] for r in rows)
+    first = next(r for r in trials if r.info.run_name == rows[0]["trial"])
+    assert first.data.metrics["oof_top1"] == pytest.approx(rows[0]["oof_top1"])
+    assert parent.data.params["chosen"] == result.metrics["search"]["chosen"]["trial"]

@@ -43,9 +43,25 @@ def after(verb: str, folder: Path, track: TrackConfig | dict | str | None, *, pa
         print(f"visiontune: warning: not tracked: {exc}; everything is in {folder}, and `visiontune track {folder}` "
               f"sends it later", file=sys.stderr)
         return None
+    if verb == "train":
+        _search_trials(folder, cfg)
     if not quiet:
         print(tracked.summary(), file=sys.stderr)
     return tracked
+
+
+def _search_trials(folder: Path, cfg: TrackConfig) -> None:
+    """A --budget search's trials, from the written run, as a parent run with one nested run per trial."""
+    from visiontune.tracking.trials import search_run
+
+    search = (RunDir(folder).read_metrics() if RunDir(folder).metrics.is_file() else {}).get("search") or {}
+    if not search.get("rows"):
+        return
+    with search_run(cfg, f"{Path(folder).name}-search", {"chosen": search["chosen"]["trial"]}) as parent:
+        for row in search["rows"]:
+            params = {k: v for k, v in row.items() if k not in ("oof_top1", "oof_loss", "seconds") and v != ""}
+            with parent.nested_trial(params, name=row["trial"]) as log:
+                log({k: row[k] for k in ("oof_top1", "oof_loss", "seconds") if row.get(k) is not None})
 
 
 def export_and_track(run: Path, export_config, track: TrackConfig | dict | str | None, export, quiet: bool = False):
