@@ -23,6 +23,7 @@ from visiontune.training.search import TrialContext, candidate_models
 
 WIDER = "efficientnet_lite0+efficientnet_lite1"
 FAST = dict(head_epochs=3, seed=0, val=0.25, test=0.25, evaluate=False, search_models=WIDER, search_trials=4)
+EVALUATED = {**FAST, "evaluate": True}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_a_trial_is_pruned_on_its_held_out_scores(tmp_path):
 
 
 def test_a_budget_run_searches_records_every_trial_and_refits_the_chosen_one(tiny, tmp_path):
-    result = visiontune.train(tiny, out=tmp_path / "searched", budget="1h", **FAST)
+    result = visiontune.train(tiny, out=tmp_path / "searched", budget="1h", **EVALUATED)
     rows = trials(result.run_dir)
     assert len(rows) == 4 and {r["state"] for r in rows} <= {"complete", "pruned"}
     assert all(r["state"] == "complete" for r in rows[:2])  # the first trial of each backbone is never pruned
@@ -77,6 +78,9 @@ def test_a_budget_run_searches_records_every_trial_and_refits_the_chosen_one(tin
     assert {r["phase"] for r in result.history} <= {"head", "finetune"}
     assert result.metrics["refit"]["oof_top1"] == pytest.approx(chosen["oof_top1"], abs=1e-4)
     assert any(n.startswith("search: 4 trials") for n in result.metrics["notes"])
+    report = (result.run_dir / "report.html").read_text()
+    assert "Recipe search" in report and f'<tr class="chosen"><td class="">{chosen["trial"]}</td>' in report
+    assert "chosen by `--budget`'s search among 4 trials" in (result.run_dir / "MODEL_CARD.md").read_text()
 
 
 def test_a_search_killed_midway_is_continued_by_resume(tiny, tmp_path, cli):
