@@ -16,7 +16,7 @@ import time
 import pytest
 
 import visiontune
-from deploy_run import copy_run
+from deploy_run import exported_onnx
 from visiontune.errors import ConfigError
 from visiontune.inference.shard_writer import COLUMNS, read_shards
 
@@ -29,9 +29,7 @@ needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed (pip in
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    run = copy_run(tmp_path_factory, "shards")
-    visiontune.api.export(run)
-    return run / "export" / "model.onnx"
+    return exported_onnx(tmp_path_factory, "shards")
 
 
 @pytest.fixture(scope="module")

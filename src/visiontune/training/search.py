@@ -29,6 +29,7 @@ import numpy as np
 from visiontune.config import TrainConfig
 from visiontune.files import atomic_write_text
 from visiontune.models.classifier import build_classifier
+from visiontune.models.registry import get_spec
 from visiontune.models.run_dir import RunDir
 from visiontune.settings import override
 from visiontune.training.budget import Counts, Rates, evaluation_seconds, fit_seconds, fits_of
@@ -111,7 +112,7 @@ class Chosen:
     runner: object = None  # the chosen backbone's frozen layers, ready for the test split's pass
 
 
-def suggest(trial, cfg: TrainConfig, phase2_epochs: int) -> dict:
+def suggest(trial, phase2_epochs: int) -> dict:
     """One trial's settings; a backbone without a stage split (several branches) trains its head only."""
     params = {"head_lr": trial.suggest_float("head_lr", 2e-4, 1e-2, log=True),
               "dropout": trial.suggest_float("dropout", 0.0, 0.5),
@@ -207,13 +208,13 @@ class RecipeSearch:
 
     def _wider(self, name: str) -> Stage | None:
         """Open a backbone with several branches when its frozen pass, one trial and the end fit what is left."""
-        net, spec = build_classifier(name, self.num_classes, dropout=self.cfg.dropout, weights=None,
-                                     from_scratch=self.cfg.from_scratch, allow_download=self.cfg.download,
-                                     input_size=self.cfg.input_size, head="linear")
-        if spec.preprocess != self.spec.preprocess:
+        if get_spec(name).at_size(self.cfg.input_size).preprocess != self.spec.preprocess:  # before building them
             self.ctx.notes.append(f"search: {name} skipped (its preprocessing differs from {self.cfg.model}'s, and "
                                   f"the images are decoded once)")
             return None
+        net, spec = build_classifier(name, self.num_classes, dropout=self.cfg.dropout, weights=None,
+                                     from_scratch=self.cfg.from_scratch, allow_download=self.cfg.download,
+                                     input_size=self.cfg.input_size, head="linear")
         net.to(self.ctx.device)
         rates, runner = self.measure_rates(net, spec, override(self.cfg, model=name))
         for views in [v for v in _VIEW_LADDER if v <= max(self.cfg.views, 1)]:
@@ -286,7 +287,7 @@ class RecipeSearch:
         import optuna
 
         trial = study.ask()
-        params = suggest(trial, self.cfg, epochs)
+        params = suggest(trial, epochs)
         trial_cfg = self._trial_cfg(stage, params)
         began = time.perf_counter()
         ctx = TrialContext(self.ctx, trial)
