@@ -18,6 +18,7 @@ EXPORT_PRECISIONS = ("fp32", "fp16", "int8")
 QUANT_FORMATS = ("qdq", "qoperator")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 SERVE_PRECISIONS = ("auto", "int8", "fp32")
+SHARD_FORMATS = ("parquet", "csv")  # what `predict --shards` writes (Parquet needs pyarrow: the ray extra)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 RANKINGS = ("self_confidence", "margin")  # how `doctor` orders likely mislabelled images
 API_KEY_ENV = "VISIONTUNE_API_KEY"  # where `serve` takes its API key from when none is given (kept out of `ps`)

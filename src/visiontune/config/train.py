@@ -133,6 +133,15 @@ class TrainConfig(Settings):
     # A run with a budget replaces views and phase-2 epochs with its plan and clears budget in its config.yaml.
     budget: str | None = setting(None, "finish within this wall-clock time, e.g. 90s, 5m, 1h: views and phase-2 "
                                        "epochs planned from a short warm-up on this machine")
+    # The search tries recipes on the run's own data (training/search.py): no setting helped both benchmark datasets.
+    search: bool = setting(True, "with --budget, search the recipe in the time the plan leaves: wider backbones, "
+                                 "learning rates, label smoothing, dropout, phase-2 epochs and EMA, scored out of fold "
+                                 "(--no-search: the plan alone)")
+    search_models: str | None = setting(None, "backbones the --budget search may try besides --model, comma "
+                                              "separated (a+b joins branches); default: --model with Lite1, then "
+                                              "with Lite1 and Lite2, when --model is a registry EfficientNet-Lite")
+    search_trials: int = setting(0, "the most trials a --budget search runs (0: as many as the budget allows)",
+                                 low=0)
     # The val split's images are never trained on without it: on oxford102's official split (10 images a class in
     # train and in val) that is half the labelled images (BENCHMARKS.md "Refit on every labelled image").
     refit: bool = setting(True, "train the kept model on train + val: the best epochs and whether phase 2 beats the "

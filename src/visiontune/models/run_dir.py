@@ -38,6 +38,8 @@ class RunDir:
     METRICS = "metrics.json"
     OUT_OF_FOLD = "out_of_fold.safetensors"  # a refit run's held-out logits and labels: what calibration is fitted on
     HISTORY = "history.csv"
+    SEARCH_TRIALS = "search_trials.csv"  # a --budget search's trials: settings, out-of-fold score, seconds, state
+    SEARCH_STUDY = "search_study.jsonl"  # its Optuna study (a journal), which --resume continues
     TENSORBOARD = "tensorboard"
     BENCH = "bench.json"  # written by `visiontune bench RUN`, read by `compare`
     REPORT = "report.html"
@@ -72,6 +74,8 @@ class RunDir:
     metrics = property(lambda self: self.path / self.METRICS)
     out_of_fold = property(lambda self: self.path / self.OUT_OF_FOLD)
     history = property(lambda self: self.path / self.HISTORY)
+    search_trials = property(lambda self: self.path / self.SEARCH_TRIALS)
+    search_study = property(lambda self: self.path / self.SEARCH_STUDY)
     tensorboard = property(lambda self: self.path / self.TENSORBOARD)
     bench = property(lambda self: self.path / self.BENCH)
     report = property(lambda self: self.path / self.REPORT)
