@@ -102,7 +102,7 @@ def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digest
         ctx.notes.append(f"training views at {train_spec.input_size} px, validation and test at "
                          f"{spec.preprocess.input_size} px")
     why_not = uses_refit(cfg, len(sets.val) > 0, ctx.dist.active, teacher)
-    num_classes = sets.labels.shape[1] if sets.labels.ndim == 2 else int(sets.labels.max()) + 1
+    num_classes = sets.num_classes
     test_cache = cache(sets.test, 1, spec.preprocess, "cache test")
     y_test = sets.labels[sets.test]
     if why_not is None:

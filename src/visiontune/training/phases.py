@@ -25,7 +25,16 @@ class Sets:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
-    labels: np.ndarray  # per decoded image
+    labels: np.ndarray  # per decoded image: a class index, or a 0/1 row per label for a multi-label run
+
+    @property
+    def num_classes(self) -> int:
+        return self.labels.shape[1] if self.labels.ndim == 2 else int(self.labels.max()) + 1
+
+    @property
+    def score_name(self) -> str:
+        """What Score.accuracy means for these labels."""
+        return "mAP" if self.labels.ndim == 2 else "top-1"
 
 
 def augment_from(cfg: TrainConfig) -> Augment:
