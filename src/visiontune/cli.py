@@ -224,6 +224,8 @@ def _report_training(result, extra: str = "") -> int:
         line += f"  val top-1 {val:.2%}"
     if test is not None:
         line += f"  test top-1 {describe(test, scored.get('intervals', {}).get('top1'), scored.get('images', 0))}"
+    if scored.get("task") == "multilabel":
+        line += f"  test mAP {scored['mAP']:.3f}  micro F1 {scored['micro_f1']:.3f}"
     print(line)
     if result.evaluation is not None:
         print(f"report: {result.evaluation.report}")
@@ -258,21 +260,22 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from visiontune.api import evaluate
     from visiontune.evaluation.intervals import describe, span
+    from visiontune.evaluation.multilabel import summary_line
     from visiontune.evaluation.open_set import summary as open_set_summary
 
     result = evaluate(args.run_dir, data=args.data, root=args.root, out=args.out, allow_subset=args.allow_subset,
                       quiet=args.quiet, track=tracked(args), **overrides(args))
     m = result.metrics
     ci = m.get("intervals", {})
-    line = f"{m['split']}: top-1 {describe(m['top1'], ci.get('top1'), m['images'])}"
-    for k in (3, 5):
-        if f"top{k}" in m:
-            line += f"  top-{k} {m[f'top{k}']:.2%}"
-    f1 = ci.get("macro_f1")
-    line += f"  macro F1 {m['macro']['f1']:.2%}" + (f" ({span(f1)})" if f1 else "")
-    line += f"  ECE {m['ece']:.3f}"
-    print(line)
-    for pair in m["most_confused"][:3]:
+    if m.get("task") == "multilabel":
+        print(summary_line(m))
+    else:
+        line = f"{m['split']}: top-1 {describe(m['top1'], ci.get('top1'), m['images'])}"
+        line += "".join(f"  top-{k} {m[f'top{k}']:.2%}" for k in (3, 5) if f"top{k}" in m)
+        f1 = ci.get("macro_f1")
+        line += f"  macro F1 {m['macro']['f1']:.2%}" + (f" ({span(f1)})" if f1 else "")
+        print(line + f"  ECE {m['ece']:.3f}")
+    for pair in m.get("most_confused", [])[:3]:
         print(f"  confused: {pair['true']} -> {pair['predicted']} ({pair['count']})")
     if unknown := open_set_summary(m):
         print(f"  {unknown}")

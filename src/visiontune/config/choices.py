@@ -7,6 +7,8 @@ import os as _os  # private: `from visiontune.config.choices import *` gives the
 BACKENDS = ("onnx", "torch")  # the engines a run directory can be scored with
 SCHEDULES = ("cosine", "onecycle", "plateau")
 HEADS = ("linear", "attention")  # what pools the final feature map: the backbone's average, or learned attention
+TASKS = ("multiclass", "multilabel")  # one label an image (softmax), or a set of labels (a sigmoid each)
+TASK_CHOICES = ("auto", *TASKS)  # auto: multilabel when the data holds label sets (a manifest's `labels` column)
 BALANCE = ("none", "weights", "sampler")
 AMP = ("auto", "bf16", "fp16", "off")
 SPLITS = ("train", "val", "test")

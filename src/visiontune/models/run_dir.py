@@ -117,7 +117,8 @@ class RunDir:
                                                    "labels": np.ascontiguousarray(labels, dtype=np.int64)}))
 
     def read_out_of_fold(self):
-        """(logits, labels) of the images a refit run held out before its refit, or None for a run without."""
+        """(logits, labels) of the images a refit run held out before its refit, or None for a run without (labels:
+        class ids, or one 0/1 row per image for a multi-label run)."""
         if not self.out_of_fold.is_file():
             return None
         from safetensors.numpy import load
@@ -127,7 +128,7 @@ class RunDir:
             logits, labels = arrays["logits"], arrays["labels"]
         except Exception as exc:  # truncated or hand-edited: one line, as for every run file
             raise ConfigError(f"{self.out_of_fold}: unreadable ({str(exc).splitlines()[0][:120]})") from None
-        if logits.ndim != 2 or labels.shape != (len(logits),):
+        if logits.ndim != 2 or labels.shape not in ((len(logits),), logits.shape):  # class ids, or multi-label rows
             raise ConfigError(f"{self.out_of_fold}: logits {logits.shape} and labels {labels.shape} do not match")
         return logits, labels
 

@@ -102,7 +102,7 @@ def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digest
         ctx.notes.append(f"training views at {train_spec.input_size} px, validation and test at "
                          f"{spec.preprocess.input_size} px")
     why_not = uses_refit(cfg, len(sets.val) > 0, ctx.dist.active, teacher)
-    num_classes = int(sets.labels.max()) + 1
+    num_classes = sets.num_classes
     test_cache = cache(sets.test, 1, spec.preprocess, "cache test")
     y_test = sets.labels[sets.test]
     if why_not is None:
@@ -141,4 +141,6 @@ def cached_recipe(model: nn.Module, spec, cfg: TrainConfig, images: list, digest
         score = ctx.evaluate(forward, getattr(c, key)[0] if c is not None else None, y)
         if score is not None:
             scores[name] = score
+    if sets.labels.ndim == 2 and val_cache is not None:  # multi-label: the thresholds are chosen on these
+        ctx.summary["held_out"] = (evaluate_logits(forward, getattr(val_cache, key)[0], y_val, ctx.device)[1], y_val)
     return scores

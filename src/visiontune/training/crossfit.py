@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from visiontune.config import TrainConfig
+from visiontune.data.multilabel import iterative_folds
 from visiontune.settings import override
 from visiontune.training.checkpoint import Checkpoint
 from visiontune.training.feature_cache import ViewCache
@@ -58,6 +59,8 @@ def fold_positions(y_pool: np.ndarray, n_train: int, folds: int, seed: int) -> l
     """The held-out rows of the pool, one array a fold: the val split itself for one fold, else stratified folds."""
     if folds == 1:
         return [np.arange(n_train, len(y_pool))]
+    if y_pool.ndim == 2:  # multi-label: folds stratified over the label sets
+        return iterative_folds(y_pool, folds, seed)
     from sklearn.model_selection import StratifiedKFold
 
     smallest = int(np.bincount(y_pool)[np.unique(y_pool)].min())

@@ -322,7 +322,7 @@ class RecipeSearch:
         self.rows.append(row)
         write_trials(self.run_dir, self.rows)
         if not self.ctx.quiet:
-            score = "pruned" if top1 is None else f"out-of-fold top-1 {top1:.2%}"
+            score = "pruned" if top1 is None else f"out-of-fold {self.sets.score_name} {top1:.2%}"
             import sys
 
             print(f"search trial {len(self.rows)} ({row['trial']}): {score} in {seconds:.0f} s", file=sys.stderr)
@@ -343,7 +343,7 @@ def search_recipe(model, spec, cfg: TrainConfig, budget: float, images: list, di
     `measure_rates(model, spec, cfg) -> (Rates, runner)`: the budget's warm-up, for a backbone the search opens."""
     began = time.perf_counter()
     ctx = PhaseContext(cfg, device, History(run, True, write=False), quiet, notes, dist=dist)
-    num_classes = int(sets.labels.max()) + 1
+    num_classes = sets.num_classes
     search = RecipeSearch(cfg, spec, images, digests, sets, ctx, disk, run, counts, rates, budget, started,
                           num_classes, measure_rates)
     best = search.run(model, runner)
@@ -358,7 +358,7 @@ def search_recipe(model, spec, cfg: TrainConfig, budget: float, images: list, di
                "plan_oof_top1": first["oof_top1"] if first else None,
                "table": RunDir.SEARCH_TRIALS, "study": RunDir.SEARCH_STUDY, "rows": rows}
     notes.append(f"search: {len(rows)} trials in {summary['seconds']:.0f} s over {', '.join(summary['models'])}; "
-                 f"chose {kept['trial']} (out-of-fold top-1 {kept['oof_top1']:.2%}, the plan's recipe "
+                 f"chose {kept['trial']} (out-of-fold {sets.score_name} {kept['oof_top1']:.2%}, the plan's recipe "
                  f"{summary['plan_oof_top1']:.2%}); every trial in {RunDir.SEARCH_TRIALS}")
     return Chosen(best.best_cfg, best.net, best.spec, best.best_oof, summary,
                   best.caches.runners.get(best.caches.train_spec.input_size))

@@ -40,6 +40,7 @@ from visiontune.training.distributed import Dist
 from visiontune.training.feature_cache import DiskCache
 from visiontune.training.full_finetune import full_finetune
 from visiontune.training.history import History
+from visiontune.training.multilabel import choose_task, multilabel_entry
 from visiontune.training.phases import PhaseContext, Resume, Sets, augment_from
 from visiontune.training.search import search_recipe
 
@@ -139,7 +140,8 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
         raise DatasetError(report.unusable_reason)
     for path, reason in report.skipped():
         notes.append(f"skipped {path}: {reason}")
-    split = split_dataset(dataset, report.usable, cfg.split, report.exact_duplicates + report.near_duplicates)
+    dataset, usable = choose_task(dataset, report, cfg, notes, quiet)
+    split = split_dataset(dataset, usable, cfg.split, report.exact_duplicates + report.near_duplicates)
     notes += split.notes
     if not len(split.indices("val")):
         notes.append("no validation images: the last epoch is kept, not the best")
@@ -213,7 +215,8 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
         return TrainResult(run_dir, None, {}, history.rows, notes)
 
     meta = ModelMeta(spec.name, spec.timm_name, list(dataset.classes), spec.preprocess, cfg.dropout, current_versions(),
-                     img_size=spec.img_size, head=cfg.head)
+                     img_size=spec.img_size, head=cfg.head,
+                     extra=multilabel_entry(dataset, cfg, context.summary, notes) if dataset.targets is not None else {})
     save_bundle(run_dir, model.cpu().eval(), meta)
     train_seconds = time.perf_counter() - started
     metrics = {
@@ -226,7 +229,8 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
         "processes": d.world,
         **({"budget": {**plan.to_dict(), **(replanner.summary() if replanner else {})}} if plan else {}),
         **({"search": searched} if searched else {}),
-        **{name: {"loss": s.loss, "top1": s.accuracy} for name, s in scores.items()},
+        **{name: {"loss": s.loss, ("top1" if dataset.targets is None else "mAP"): s.accuracy}
+           for name, s in scores.items()},
         **({"refit": context.summary["refit"]} if "refit" in context.summary else {}),
         "notes": notes,
     }
@@ -256,7 +260,7 @@ def _decode(dataset: Dataset, split: Split, spec, cfg: TrainConfig, quiet: bool,
     for i, reason in decoded.failed:
         notes.append(f"skipped {dataset.abspath(order[i])}: {reason}")
     ok = np.array([img is not None for img in decoded.images], dtype=bool)
-    labels = dataset.labels[order]
+    labels = dataset.labels[order] if dataset.targets is None else dataset.targets[order].astype(np.float32)
     sets = Sets(*(np.flatnonzero(ok & (which == k)) for k in range(3)), labels=labels)
     return sets, decoded.images, decoded.digests
 
