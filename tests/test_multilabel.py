@@ -160,3 +160,14 @@ def test_bad_label_sets_are_one_line_and_exit_2(manifest, run, tmp_path):
     done = run_cli("evaluate", run, "--data", unknown, "--allow-subset")
     assert done.returncode == 2 and "unknown to the model: sunflowers" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_budget_search_keeps_one_output_per_label(manifest, tmp_path):
+    wider = "efficientnet_lite0+efficientnet_lite1"
+    result = visiontune.train(manifest, out=tmp_path / "searched", budget="1h", head_epochs=3, seed=0, val=0.3,
+                              test=0.3, evaluate=False, search_models=wider, search_trials=3, quiet=True)
+    search = result.metrics["search"]
+    assert search["trials"] == 3 and wider in search["models"]
+    meta = json.loads((result.run_dir / "model.json").read_text())
+    assert meta["task"] == "multilabel" and meta["architecture"]["num_classes"] == len(CLASSES)
+    assert any("out-of-fold mAP" in n for n in result.metrics["notes"])
