@@ -10,7 +10,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --progress-bar off -e ".[test,openvino,tflite]"
+	$(BIN)/pip install --quiet --progress-bar off -e ".[test,openvino,tflite,tracking,ray]"
 	touch $(STAMP)
 
 demo: install

@@ -168,9 +168,9 @@ def cli():
     return run_cli
 
 
-def kill_train_when(out: Path, marker: str, *args: str, seconds: float = 240) -> None:
-    """Start `visiontune train ... --out OUT`, and kill it (SIGKILL, as a crash would) once its history.csv holds
-    `marker`: a run stopped at a chosen point, for the resume tests."""
+def kill_train_when(out: Path, marker: str, *args: str, seconds: float = 240, watch: str = "history.csv") -> None:
+    """Start `visiontune train ... --out OUT`, and kill it (SIGKILL, as a crash would) once its history.csv (or the
+    run's file `watch`) holds `marker`: a run stopped at a chosen point, for the resume tests."""
     import signal
     import time
 
@@ -178,7 +178,7 @@ def kill_train_when(out: Path, marker: str, *args: str, seconds: float = 240) ->
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and proc.poll() is None:
-        history = Path(out) / "history.csv"
+        history = Path(out) / watch
         if history.is_file() and marker in history.read_text():
             break
         time.sleep(0.01)

@@ -51,3 +51,12 @@ def copy_run(tmp_path_factory, name: str) -> Path:
     target = tmp_path_factory.mktemp(name)
     shutil.copytree(source.parent, target, dirs_exist_ok=True)
     return target / "run"
+
+
+def exported_onnx(tmp_path_factory, name: str) -> Path:
+    """A private copy of the shared run, exported: its lone fp32 .onnx file (the fastest engine to start)."""
+    import visiontune
+
+    run = copy_run(tmp_path_factory, name)
+    visiontune.api.export(run)
+    return run / "export" / "model.onnx"

@@ -18,8 +18,10 @@ LAYERS = [
     ["visiontune.files", "visiontune.samples"],
     ["visiontune.settings"],
     ["visiontune.config"],
+    ["visiontune.tracking.connect"],  # reaching MLflow: below `models`, whose locate fetches `models:/` URIs
     ["visiontune.data"],
     ["visiontune.models"],
+    ["visiontune.tracking"],  # finished folders, exports and searches as MLflow runs; the search in `training` calls it
     ["visiontune.training"],
     ["visiontune.export", "visiontune.explain"],
     ["visiontune.inference"],

@@ -71,7 +71,7 @@ def test_the_richest_plan_that_fits_is_chosen():
 
 
 def test_a_run_with_a_budget_records_its_plan(tiny, tmp_path):
-    result = visiontune.train(tiny, out=tmp_path / "planned", budget="1h", **FAST)
+    result = visiontune.train(tiny, out=tmp_path / "planned", budget="1h", search=False, **FAST)
     plan = result.metrics["budget"]
     assert plan["budget_seconds"] == 3600 and plan["fits"] and (plan["views"], plan["finetune_epochs"]) == LADDER[0]
     text = (result.run_dir / "config.yaml").read_text()
@@ -137,8 +137,8 @@ def test_a_phase_2_slower_than_measured_cuts_the_refit():
 def test_the_reported_time_is_the_whole_command_evaluation_included(tiny, tmp_path, cli):
     out = tmp_path / "whole"
     began = time.perf_counter()
-    done = cli("train", str(tiny), "--out", str(out), "--budget", "1h", "--head-epochs", "2", "--val", "0.25",
-               "--test", "0.25", "--quiet")
+    done = cli("train", str(tiny), "--out", str(out), "--budget", "1h", "--no-search", "--head-epochs", "2", "--val",
+               "0.25", "--test", "0.25", "--quiet")
     wall = time.perf_counter() - began
     assert done.returncode == 0, done.stderr
     m = json.loads((out / "metrics.json").read_text())

@@ -11,7 +11,7 @@ import shutil
 
 import visiontune
 
-SCAN_KEYS = ["source", "root", "layout", "files", "usable_images", "skipped_files", "classes", "class_counts",
+SCAN_KEYS = ["source", "root", "layout", "files", "usable_images", "skipped_files", "classes", "task", "class_counts",
              "class_counts_per_split", "imbalance_ratio", "image_size", "formats", "exact_duplicate_groups",
              "near_duplicate_groups", "leaking_groups", "findings", "counts_by_level", "usable", "unusable_reason"]
 

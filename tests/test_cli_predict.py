@@ -11,16 +11,13 @@ from pathlib import Path
 
 import pytest
 
-import visiontune
-from deploy_run import copy_run
+from deploy_run import exported_onnx
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A lone fp32 .onnx file (the fastest engine to start in a fresh process) plus its run."""
-    run = copy_run(tmp_path_factory, "predict")
-    visiontune.api.export(run)
-    return run / "export" / "model.onnx"
+    return exported_onnx(tmp_path_factory, "predict")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ The verbs live in `visiontune.api` (one function per CLI verb); the ones whose n
 too. Serving is `from visiontune.serve import serve` (FastAPI and uvicorn load only for serving).
 """
 
-from visiontune.api import bench, compare, distill, doctor, ensemble, evaluate, predict, scan, split, train
+from visiontune.api import bench, compare, distill, doctor, ensemble, evaluate, predict, predict_shards, scan, split, track, train
 from visiontune.data.index import load_dataset
 from visiontune.version import __version__
 
@@ -19,4 +19,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["__version__", "Classifier", "Prediction", "bench", "compare", "distill", "doctor", "ensemble", "evaluate",
-           "load_dataset", "predict", "scan", "split", "train"]
+           "load_dataset", "predict", "predict_shards", "scan", "split", "track", "train"]

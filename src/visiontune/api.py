@@ -25,8 +25,10 @@ from visiontune.config import (
     ExportConfig,
     InferenceConfig,
     ScanConfig,
+    TrackConfig,
     TrainConfig,
     override,
+    to_dict,
 )
 from visiontune.data.index import Dataset, load_dataset
 from visiontune.data.integrity import ScanReport, scan_dataset
@@ -36,6 +38,7 @@ from visiontune.files import refuse_output_over_inputs
 from visiontune.models.run_dir import RunDir, read_train_config
 
 PathLike = Union[str, Path]
+Track = Union[TrackConfig, dict, str, None]  # see `train`
 
 
 def scan(data: PathLike | Dataset, *, root: PathLike | None = None, config: ScanConfig | None = None,
@@ -130,24 +133,25 @@ def train_config(config: TrainConfig | PathLike | None = None, **overrides) -> T
 
 def train(data: PathLike | Dataset | None = None, *, out: PathLike | None = None, root: PathLike | None = None,
           resume: PathLike | None = None, overwrite: bool = False, config: TrainConfig | PathLike | None = None,
-          quiet: bool = False, **overrides):
+          quiet: bool = False, track: Track = None, **overrides):
     """Train a classifier on `data` and write a run directory; returns a TrainResult (run_dir, metrics, ...).
 
     Settings are TrainConfig's (model=, views=, epochs=, full_finetune=, seed=, val=, ...); `config` may also be a
-    config.yaml to start from. `resume=RUN` continues an interrupted run with its own data and settings.
+    config.yaml to start from. `resume=RUN` continues an interrupted run with its own data and settings. `track`:
+    send the finished run to MLflow ("mlflow", or TrackConfig's settings as a dict or a TrackConfig).
     """
     if resume is not None:
         if data is not None or overrides or config is not None:
             raise ConfigError("resume continues a run with its own data and settings; give no others")
-        return _resume(Path(resume), quiet)
+        return _resume(Path(resume), quiet, track)
     if data is None:
         raise ConfigError("train needs a dataset (or resume=RUN)")
     cfg = train_config(config, **overrides)  # every setting checked before the data is touched
-    return _train(data, cfg, out, root, overwrite, quiet)
+    return _train(data, cfg, out, root, overwrite, quiet, track=track)
 
 
 def _train(data: PathLike | Dataset, cfg: TrainConfig, out: PathLike | None, root: PathLike | None, overwrite: bool,
-           quiet: bool, run_name: str | None = None):
+           quiet: bool, run_name: str | None = None, track: Track = None):
     from visiontune.training.trainer import train_dataset
 
     started = time.perf_counter()  # the budget's clock, and the time reported: the whole command, evaluation included
@@ -161,7 +165,7 @@ def _train(data: PathLike | Dataset, cfg: TrainConfig, out: PathLike | None, roo
     run_dir = Path(out) if out is not None else default_run_dir(label, run_name or cfg.model)
     result = train_dataset(dataset, cfg, run_dir, data_label=label, root=str(root) if root else None,
                            quiet=quiet, overwrite=overwrite, teacher=teacher, started=started)
-    return _evaluate_after_training(result, cfg, quiet, started)
+    return _tracked(_evaluate_after_training(result, cfg, quiet, started), track, quiet)
 
 
 def _evaluate_after_training(result, cfg: TrainConfig, quiet: bool, started: float):
@@ -176,25 +180,35 @@ def _evaluate_after_training(result, cfg: TrainConfig, quiet: bool, started: flo
     return result
 
 
-def _resume(run_dir: Path, quiet: bool):
+def _tracked(result, track: Track, quiet: bool):
+    """The finished run sent to the tracker by the process that wrote it (rank 0: the only one with metrics)."""
+    if track is not None and result.metrics:
+        from visiontune.tracking.verbs import after
+
+        after("train", result.run_dir, track, quiet=quiet)
+    return result
+
+
+def _resume(run_dir: Path, quiet: bool, track: Track = None):
     from visiontune.training.checkpoint import Checkpoint
     from visiontune.training.trainer import train_dataset
 
     started = time.perf_counter()
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: no such run directory")
-    if not Checkpoint(run_dir).exists():
+    if not Checkpoint(run_dir).exists() and not RunDir(run_dir).search_study.exists():
         finished = RunDir(run_dir).meta.exists()
         raise ConfigError(f"{run_dir}: nothing to resume ({'the run finished' if finished else 'no checkpoint was written yet'})")
     data, root, cfg = RunDir(run_dir).read_config()
     dataset = load_dataset(data, root=root)
     result = train_dataset(dataset, cfg, run_dir, data_label=data, root=root, quiet=quiet, resume=True,
                            teacher=_teacher(cfg), started=started)
-    return _evaluate_after_training(result, cfg, quiet, started)
+    return _tracked(_evaluate_after_training(result, cfg, quiet, started), track, quiet)
 
 
 def evaluate(run: PathLike, *, data: PathLike | None = None, root: PathLike | None = None, out: PathLike | None = None,
-             allow_subset: bool = False, config: EvalConfig | None = None, quiet: bool = False, **overrides):
+             allow_subset: bool = False, config: EvalConfig | None = None, quiet: bool = False, track: Track = None,
+             **overrides):
     """Score a run on its test split (or `data`) and write metrics.json, plots/, report.html, MODEL_CARD.md.
 
     Settings are EvalConfig's (split=, calibrate=, backend=, tta=, top_losses=, map_points=, ...). Returns an Evaluation
@@ -207,8 +221,14 @@ def evaluate(run: PathLike, *, data: PathLike | None = None, root: PathLike | No
         refuse_output_over_inputs(out, [data, *([root] if root else [])], folder=False, what="write the evaluation")
     if RunDir(run).is_ensemble:  # Grad-CAM needs one network's gradients; an ensemble has several
         cfg = override(cfg, gradcam_images=0)
-    return evaluate_run(Path(run), data=data, root=root, split=cfg.split, out=Path(out) if out else None,
-                        allow_subset=allow_subset, config=cfg, quiet=quiet)
+    result = evaluate_run(Path(run), data=data, root=root, split=cfg.split, out=Path(out) if out else None,
+                          allow_subset=allow_subset, config=cfg, quiet=quiet)
+    if track is not None:
+        from visiontune.tracking.verbs import after
+
+        after("evaluate", result.out_dir, track, params={"evaluate": to_dict(cfg), "run": str(run)},
+              metrics={"evaluation": result.metrics}, history=False, quiet=quiet)
+    return result
 
 
 def compare(runs: list[PathLike], *, out: PathLike | None = None):
@@ -243,13 +263,16 @@ def explain(model: PathLike, images, *, target: str | None = None, out: PathLike
     return result
 
 
-def export(run: PathLike, *, config: ExportConfig | None = None, quiet: bool = False, **overrides):
+def export(run: PathLike, *, config: ExportConfig | None = None, quiet: bool = False, track: Track = None,
+           **overrides):
     """Write RUN/export/model[.fp16|.int8].onnx, model.torchscript.pt, model[.int8].openvino.xml or
     model[.fp16].tflite after its parity check passes.
 
     Settings are ExportConfig's (format=, precision=, int8_agreement=, calibration_images=, ...). Returns an
     ExportResult (path, parity numbers), or an ExportResults list of them when format= or precision= names several
-    ("onnx,openvino", "all"); raises ExportError when parity fails (see export/parity.json).
+    ("onnx,openvino", "all"); raises ExportError when parity fails (see export/parity.json). `track`: as train's;
+    with TrackConfig's register= (`track={"register": "flowers", "alias": "champion"}`), the ONNX file is logged as
+    an MLflow model and registered as a new version.
     """
     from visiontune.export.exporter import export_run
 
@@ -257,7 +280,11 @@ def export(run: PathLike, *, config: ExportConfig | None = None, quiet: bool = F
     if RunDir(run).is_ensemble:
         raise ConfigError(f"{run}: an ensemble is several networks, not exported as one file; distil it into one model "
                          f"(`visiontune distill --teacher {run} {RunDir(run).split}`) and export that")
-    return export_run(Path(run), cfg, quiet=quiet)
+    if track is None:
+        return export_run(Path(run), cfg, quiet=quiet)
+    from visiontune.tracking.verbs import export_and_track
+
+    return export_and_track(Path(run), cfg, track, lambda: export_run(Path(run), cfg, quiet=quiet), quiet=quiet)
 
 
 def predict(model, paths, *, config: InferenceConfig | None = None, **overrides) -> list:
@@ -273,6 +300,20 @@ def predict(model, paths, *, config: InferenceConfig | None = None, **overrides)
     files, missing = expand([paths] if isinstance(paths, (str, Path)) else paths)
     found = clf.predict(files, top_k=cfg.top_k, tta=cfg.tta, workers=cfg.decode_workers)
     return found + [Prediction(path, error=reason) for path, reason in missing]
+
+
+def predict_shards(model: PathLike, sources, out: PathLike, *, ray: str | None = None, root: PathLike | None = None,
+                   config: InferenceConfig | None = None, quiet: bool = False, **overrides):
+    """Classify a source of any size into a folder of shards (Parquet or CSV: path, label, probability, top_k,
+    entropy, uncertain, unknown, unknown_score, error), streaming, resumable: a rerun skips the shards written.
+    `sources`: folders, files, globs, or one CSV manifest with a `path` column (relative to its folder or `root`).
+    `ray`: None on this machine; "" for a local Ray or the one RAY_ADDRESS names; else a cluster's address.
+    Settings are InferenceConfig's (shard_images=, shard_format=, ray_actors=, threads=, ...). Returns a ShardRun."""
+    from visiontune.jobs.batch_predict import predict_shards as run
+
+    cfg = override(config or InferenceConfig(), **overrides)
+    return run(model, [sources] if isinstance(sources, (str, Path)) else list(sources), out, cfg, ray=ray, root=root,
+               quiet=quiet)
 
 
 def bench(model: PathLike, *, image: PathLike | None = None, config: BenchConfig | None = None, quiet: bool = False,
@@ -303,7 +344,7 @@ def _teacher(cfg: TrainConfig):
 
 
 def ensemble(runs: list[PathLike], *, out: PathLike, overwrite: bool = False, config: EnsembleConfig | None = None,
-             quiet: bool = False, **overrides):
+             quiet: bool = False, track: Track = None, **overrides):
     """Soft voting over runs trained on the same labels and the same split: writes the ensemble directory `out`
     (ensemble.json, model.json, split.csv, metrics.json), usable wherever a run is (Classifier.load, evaluate,
     predict, bench, compare, serve, and as a distillation teacher).
@@ -321,12 +362,17 @@ def ensemble(runs: list[PathLike], *, out: PathLike, overwrite: bool = False, co
     if cfg.evaluate and result.metrics.get("images", {}).get("test"):
         result.evaluation = evaluate(result.out_dir, quiet=quiet, backend=cfg.backend)
         result.metrics["evaluation"] = result.evaluation.metrics
+    if track is not None:
+        from visiontune.tracking.verbs import after
+
+        after("ensemble", result.out_dir, track, params={"ensemble": to_dict(cfg), "members": [str(r) for r in runs]},
+              quiet=quiet)
     return result
 
 
 def distill(data: PathLike | Dataset | None = None, *, teacher: PathLike, out: PathLike | None = None,
             root: PathLike | None = None, overwrite: bool = False, config: TrainConfig | PathLike | None = None,
-            quiet: bool = False, **overrides):
+            quiet: bool = False, track: Track = None, **overrides):
     """Train a student (`model=` or `student=`) on `data` against a teacher (a run or an ensemble directory): the
     loss on every cached view is alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * label loss,
     with the teacher's logits computed once for exactly the views the student trains on. Otherwise the same recipe
@@ -337,4 +383,18 @@ def distill(data: PathLike | Dataset | None = None, *, teacher: PathLike, out: P
         raise ConfigError("distill needs a dataset")
     cfg = train_config(config, **overrides)
     cfg = override(cfg, distill={"teacher": str(teacher)})
-    return _train(data, cfg, out, root, overwrite, quiet, run_name=f"{cfg.model}-distilled")
+    return _train(data, cfg, out, root, overwrite, quiet, run_name=f"{cfg.model}-distilled", track=track)
+
+
+def track(folder: PathLike, *, config: TrackConfig | None = None, **overrides):
+    """Send a finished run, ensemble or evaluation folder to MLflow now (e.g. after the server was down): its
+    settings, per-epoch history, metrics and artifacts, as `--track mlflow` does. Settings are TrackConfig's
+    (tracking_uri=, experiment=, run_name=, tags=). Returns a TrackedRun (run_id); raises TrackingError."""
+    from visiontune.tracking.run_log import log_folder
+
+    cfg = override(config or TrackConfig(track="mlflow"), **overrides)
+    folder = Path(folder)
+    if not RunDir(folder).metrics.is_file() and not RunDir(folder).meta.is_file():
+        raise ConfigError(f"{folder}: not a finished visiontune folder ({RunDir.METRICS} and {RunDir.META} are missing)")
+    verb = "ensemble" if RunDir(folder).is_ensemble else "train" if RunDir(folder).meta.is_file() else "evaluate"
+    return log_folder(folder, cfg, verb)

@@ -1,7 +1,5 @@
-"""`visiontune <verb>`: parses arguments, calls the Python API, prints. No logic of its own.
-
-Settings flags come from the `config` package (`cli_settings.add_settings`); the arguments declared here say what to work
-on and where output goes.
+"""`visiontune <verb>`: parses arguments, calls the Python API, prints. No logic of its own. Settings flags come from
+the `config` package (`cli_settings.add_settings`); the arguments declared here say what to work on and where output goes.
 """
 
 from __future__ import annotations
@@ -13,8 +11,8 @@ import sys
 import threading
 
 from visiontune import config as c
-from visiontune.cli_settings import Parser, add_settings, flag_of, overrides
-from visiontune.errors import VisiontuneError
+from visiontune.cli_settings import EXPORT_ONLY, Parser, add_settings, flag_of, overrides, tracked
+from visiontune.errors import ConfigError, VisiontuneError
 from visiontune.settings import SettingError
 from visiontune.version import __version__
 
@@ -55,20 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet(doctor)
 
     train = verb("train", "train a classifier and write a run directory", cmd_train, c.TrainConfig,
-                 skip=("split.seed", "distill"))
+                 skip=("split.seed", "distill"), tracked=EXPORT_ONLY)
     _data(train, optional=True)
     train.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its data and settings)")
     _run_output(train)
 
     distill = verb("distill", "train a student against a teacher run or ensemble (knowledge distillation), with "
                               "the same fast recipe as train", cmd_distill, c.TrainConfig,
-                   skip=("split.seed", "distill.teacher"), extra_flags={"model": ["--student"]})
+                   skip=("split.seed", "distill.teacher"), extra_flags={"model": ["--student"]}, tracked=EXPORT_ONLY)
     _data(distill)
     distill.add_argument("--teacher", required=True, help="a run or ensemble directory")
     _run_output(distill)
 
     evaluate = verb("evaluate", "score a run: metrics.json, plots/, report.html, MODEL_CARD.md", cmd_evaluate,
-                    c.EvalConfig)
+                    c.EvalConfig, tracked=EXPORT_ONLY)
     evaluate.add_argument("run_dir", metavar="RUN", help="a run directory")
     evaluate.add_argument("--data", help="score on this dataset instead of the run's own split.csv (any layout)")
     evaluate.add_argument("--root", help="folder a manifest's relative paths start from")
@@ -88,34 +86,41 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--grid", action="store_true", help="one gallery image (grid.<method>.png) instead of one PNG per image")
 
     export = verb("export", "write RUN/export/: ONNX, OpenVINO, TFLite or TorchScript, checked against PyTorch",
-                  cmd_export, c.ExportConfig)
+                  cmd_export, c.ExportConfig, tracked=())
     export.add_argument("run_dir", metavar="RUN", help="a run directory")
     _quiet(export)
 
     from visiontune.inference.output import FORMATS
 
     predict = verb("predict", "classify image files, folders (recursively) or globs", cmd_predict, c.InferenceConfig)
-    predict.add_argument("model", help="a run or ensemble directory, a .onnx file or a TorchScript file")
+    predict.add_argument("model", help="a run or ensemble directory, a model file, models:/NAME/VERSION or models:/NAME@alias")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     predict.add_argument("--format", choices=FORMATS, default=FORMATS[0], help="default %(default)s")
     predict.add_argument("--out", help="write the predictions to this file instead of the terminal")
+    predict.add_argument("--shards", metavar="DIR", help="write resumable Parquet/CSV shards into DIR (see README)")
+    predict.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="with --shards: on a Ray cluster")
+    _quiet(predict)
 
     bench = verb("bench", "latency and throughput of a model's engines (PyTorch, ONNX, OpenVINO) here", cmd_bench,
                  c.BenchConfig)
-    bench.add_argument("model", help="a run directory (every engine it has) or one model file")
+    bench.add_argument("model", help="a run directory (every engine it has), one model file or models:/NAME/VERSION")
     bench.add_argument("--image", help="JPEG for the end-to-end timing (default: a sample photo)")
     bench.add_argument("--json", action="store_true", help="print the full report as JSON")
     _quiet(bench)
 
     serve = verb("serve", "HTTP API and web page for a run directory or an exported model", cmd_serve, c.ServeConfig)
-    serve.add_argument("model", help="a run or ensemble directory, a .onnx file or a TorchScript file")
+    serve.add_argument("model", help="a run or ensemble directory, a model file, models:/NAME/VERSION or models:/NAME@alias")
 
     ens = verb("ensemble", "soft voting over runs trained on the same labels and split: an ensemble directory usable "
-                           "wherever a run is", cmd_ensemble, c.EnsembleConfig)
+                           "wherever a run is", cmd_ensemble, c.EnsembleConfig, tracked=EXPORT_ONLY)
     ens.add_argument("runs", nargs="+", metavar="RUN", help="two or more run (or ensemble) directories")
     ens.add_argument("--out", required=True, help="the ensemble directory to write")
     ens.add_argument("--overwrite", action="store_true", help="replace an ensemble already in --out")
     _quiet(ens)
+
+    track = verb("track", "send a finished run, ensemble or evaluation folder to MLflow now (e.g. after its server "
+                          "was down)", cmd_track, c.TrackConfig, skip=("track", *EXPORT_ONLY))
+    track.add_argument("folder", metavar="RUN", help="a run, ensemble or evaluation folder")
     return parser
 
 
@@ -192,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from visiontune.api import train
 
     result = train(args.data, out=args.out, root=args.root, resume=args.resume, overwrite=args.overwrite,
-                   config=args.config, quiet=args.quiet, **overrides(args))
+                   config=args.config, quiet=args.quiet, track=tracked(args), **overrides(args))
     return _report_training(result)
 
 
@@ -200,7 +205,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from visiontune.api import distill
 
     result = distill(args.data, teacher=args.teacher, out=args.out, root=args.root, overwrite=args.overwrite,
-                     config=args.config, quiet=args.quiet, **overrides(args))
+                     config=args.config, quiet=args.quiet, track=tracked(args), **overrides(args))
     return _report_training(result, f", teacher {args.teacher}")
 
 
@@ -219,6 +224,8 @@ def _report_training(result, extra: str = "") -> int:
         line += f"  val top-1 {val:.2%}"
     if test is not None:
         line += f"  test top-1 {describe(test, scored.get('intervals', {}).get('top1'), scored.get('images', 0))}"
+    if scored.get("task") == "multilabel":
+        line += f"  test mAP {scored['mAP']:.3f}  micro F1 {scored['micro_f1']:.3f}"
     print(line)
     if result.evaluation is not None:
         print(f"report: {result.evaluation.report}")
@@ -229,7 +236,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from visiontune.api import ensemble
     from visiontune.evaluation.intervals import describe
 
-    result = ensemble(args.runs, out=args.out, overwrite=args.overwrite, quiet=args.quiet, **overrides(args))
+    result = ensemble(args.runs, out=args.out, overwrite=args.overwrite, quiet=args.quiet, track=tracked(args), **overrides(args))
     m = result.metrics
     weights = ", ".join(f"{member['path']} {member['weight']:.3f}" for member in m["members"])
     print(f"ensemble: {result.out_dir}  weights ({result.weights_from}): {weights}")
@@ -253,21 +260,22 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from visiontune.api import evaluate
     from visiontune.evaluation.intervals import describe, span
+    from visiontune.evaluation.multilabel import summary_line
     from visiontune.evaluation.open_set import summary as open_set_summary
 
     result = evaluate(args.run_dir, data=args.data, root=args.root, out=args.out, allow_subset=args.allow_subset,
-                      quiet=args.quiet, **overrides(args))
+                      quiet=args.quiet, track=tracked(args), **overrides(args))
     m = result.metrics
     ci = m.get("intervals", {})
-    line = f"{m['split']}: top-1 {describe(m['top1'], ci.get('top1'), m['images'])}"
-    for k in (3, 5):
-        if f"top{k}" in m:
-            line += f"  top-{k} {m[f'top{k}']:.2%}"
-    f1 = ci.get("macro_f1")
-    line += f"  macro F1 {m['macro']['f1']:.2%}" + (f" ({span(f1)})" if f1 else "")
-    line += f"  ECE {m['ece']:.3f}"
-    print(line)
-    for pair in m["most_confused"][:3]:
+    if m.get("task") == "multilabel":
+        print(summary_line(m))
+    else:
+        line = f"{m['split']}: top-1 {describe(m['top1'], ci.get('top1'), m['images'])}"
+        line += "".join(f"  top-{k} {m[f'top{k}']:.2%}" for k in (3, 5) if f"top{k}" in m)
+        f1 = ci.get("macro_f1")
+        line += f"  macro F1 {m['macro']['f1']:.2%}" + (f" ({span(f1)})" if f1 else "")
+        print(line + f"  ECE {m['ece']:.3f}")
+    for pair in m.get("most_confused", [])[:3]:
         print(f"  confused: {pair['true']} -> {pair['predicted']} ({pair['count']})")
     if unknown := open_set_summary(m):
         print(f"  {unknown}")
@@ -318,47 +326,38 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from visiontune.api import export
 
-    print(export(args.run_dir, quiet=args.quiet, **overrides(args)).summary())
+    print(export(args.run_dir, quiet=args.quiet, track=tracked(args), **overrides(args)).summary())
+    return 0
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from visiontune.api import track
+
+    print(track(args.folder, **overrides(args)).summary())
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import io
-
-    from visiontune.api import predict
-    from visiontune.files import atomic_write_text, refuse_output_over_inputs
+    from visiontune.api import predict, predict_shards
+    from visiontune.files import refuse_output_over_inputs
     from visiontune.inference import output
 
-    settings = overrides(args)
-    cfg = c.override(c.InferenceConfig(), **settings)  # checked before any output file is considered
+    cfg = c.override(c.InferenceConfig(), **overrides(args))  # checked before any output file is considered
+    if args.shards or args.ray is not None:  # a folder of shards, where --out is one file of predictions
+        if not args.shards or args.out:
+            raise ConfigError("--out and --shards: give one" if args.out else "--ray writes shards: give --shards DIR")
+        print(predict_shards(args.model, args.paths, args.shards, ray=args.ray, config=cfg, quiet=args.quiet).summary())
+        return 0
     if args.out:  # the model too: `--out RUN/model.json` once destroyed the run it read
         refuse_output_over_inputs(args.out, [args.model, *args.paths], folder=False, what="write the predictions")
-    results = predict(args.model, args.paths, config=cfg)
-    buffer = io.StringIO()
-    output.write(results, buffer, args.format, cfg.top_k)
-    if args.out:
-        atomic_write_text(args.out, buffer.getvalue())
-    else:
-        sys.stdout.write(buffer.getvalue())
-    failed = [p for p in results if p.error]
-    for p in failed:
-        print(f"skipped: {p.source}: {p.error}", file=sys.stderr)
-    if failed and len(failed) == len(results):
-        print(f"visiontune: error: none of the {len(results)} file(s) could be read as an image", file=sys.stderr)
-        return 2
-    if args.out:
-        print(f"wrote {len(results) - len(failed)} prediction(s) to {args.out}", file=sys.stderr)
-    return 0
+    return output.emit(predict(args.model, args.paths, config=cfg), args.out, args.format, cfg.top_k)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from visiontune.api import bench
 
     report = bench(args.model, image=args.image, quiet=args.quiet, **overrides(args))
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-        return 0
-    print(report.summary())
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return 0
 
 

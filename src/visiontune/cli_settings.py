@@ -9,6 +9,7 @@ import sys
 from visiontune.settings import Spec, spec_at, walk
 
 PREFIX = "setting:"  # argparse dest of a settings flag: PREFIX + dotted path
+TRACK_PREFIX = "track:"  # the same for the tracking flags, which are not the verb's own settings
 
 
 class Parser(argparse.ArgumentParser):
@@ -21,17 +22,40 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_settings(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
-                 extra_flags: dict[str, list[str]] | None = None) -> None:
-    """A flag for every setting of config class `cls` (sections flattened: --val sets split.val), but `skip`."""
+                 extra_flags: dict[str, list[str]] | None = None, prefix: str = PREFIX, title: str = "",
+                 tracked: tuple[str, ...] | None = None) -> None:
+    """A flag for every setting of config class `cls` (sections flattened: --val sets split.val), but `skip`; with
+    `tracked`, the tracking flags too, but those it names."""
     groups: dict[tuple, argparse._ArgumentGroup] = {}
     for path, spec in walk(cls, skip):
         section = path[:-1]
         if section not in groups:
-            title = f"{'.'.join(section)} settings" if section else "settings"
-            groups[section] = parser.add_argument_group(title)
+            name = f"{'.'.join(section)} settings" if section else title or "settings"
+            groups[section] = parser.add_argument_group(name)
         flags = [spec.flag, *(extra_flags or {}).get(".".join(path), [])]
-        groups[section].add_argument(*flags, dest=PREFIX + ".".join(path), default=argparse.SUPPRESS,
+        groups[section].add_argument(*flags, dest=prefix + ".".join(path), default=argparse.SUPPRESS,
                                      help=spec.describe().replace("%", "%%"), **_kind(spec))
+    if tracked is not None:
+        add_track_flags(parser, tracked)
+
+
+EXPORT_ONLY = ("register", "alias")  # the tracking flags of `export` alone
+
+
+def add_track_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = EXPORT_ONLY) -> None:
+    """The tracking flags (`config.TrackConfig`), but `skip`."""
+    from visiontune.config import TrackConfig
+
+    add_settings(parser, TrackConfig, skip=skip, prefix=TRACK_PREFIX, title="tracking settings")
+
+
+def tracked(args: argparse.Namespace):
+    """The TrackConfig of the tracking flags given (any of them means --track mlflow), or None when none was."""
+    from visiontune.config import TrackConfig
+    from visiontune.settings import override
+
+    given = overrides(args, TRACK_PREFIX)
+    return override(TrackConfig(track="mlflow"), **given) if given else None
 
 
 def _kind(spec: Spec) -> dict:
@@ -53,13 +77,13 @@ def _list_of(kind: type):
     return parse
 
 
-def overrides(args: argparse.Namespace) -> dict:
+def overrides(args: argparse.Namespace, prefix: str = PREFIX) -> dict:
     """The settings the user gave, as `override(config, **...)` takes them (sections as nested dicts)."""
     out: dict = {}
     for dest, value in vars(args).items():
-        if not dest.startswith(PREFIX):
+        if not dest.startswith(prefix):
             continue
-        *section, name = dest[len(PREFIX):].split(".")
+        *section, name = dest[len(prefix):].split(".")
         tree = out
         for part in section:
             tree = tree.setdefault(part, {})

@@ -38,3 +38,7 @@ class ExportError(VisiontuneError):
 
 class DiskFullError(VisiontuneError):
     """A write failed for lack of space (or quota); the message names the file and what is still intact."""
+
+
+class TrackingError(VisiontuneError):
+    """The experiment tracker or model registry cannot be used (not installed, unreachable, no such model)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from visiontune.config.choices import *  # noqa: F403 (the allowed values and default_workers, one namespace)
 from visiontune.config.choices import default_workers
 from visiontune.config.deploy import BenchConfig, EvalConfig, ExplainConfig, ExportConfig, InferenceConfig, ServeConfig
+from visiontune.config.track import MODEL_URI_PREFIX, TRACKERS, TRACKING_URI_ENV, TrackConfig
 from visiontune.config.train import (
            AugmentConfig,
            DataConfig,
@@ -23,5 +24,6 @@ from visiontune.config.train import (
 from visiontune.settings import from_dict, load_yaml, override, save_yaml, to_dict
 
 __all__ = ["AugmentConfig", "BenchConfig", "DataConfig", "DistillConfig", "DoctorConfig", "EnsembleConfig", "EvalConfig",
-           "ExplainConfig", "ExportConfig", "InferenceConfig", "ScanConfig", "ServeConfig", "SplitConfig", "TrainConfig",
+           "ExplainConfig", "ExportConfig", "InferenceConfig", "ScanConfig", "ServeConfig", "SplitConfig", "TrackConfig",
+           "TrainConfig", "MODEL_URI_PREFIX", "TRACKERS", "TRACKING_URI_ENV",
            "default_workers", "from_dict", "load_yaml", "override", "save_yaml", "to_dict"]

@@ -14,6 +14,7 @@ from visiontune.config.choices import (
     LOG_LEVELS,
     QUANT_FORMATS,
     SERVE_PRECISIONS,
+    SHARD_FORMATS,
     SPLITS,
 )
 from visiontune.config.train import ScanConfig
@@ -69,11 +70,17 @@ class InferenceConfig(Settings):
     top_k: int = setting(3, "labels per image", low=1)
     threshold: float = setting(0.5, "'uncertain' below this top probability, when model.json stores none",
                                cli=False, **FRACTION)
-    threads: int = setting(0, "model threads (0: one per core)", low=0)
+    threads: int = setting(0, "model threads (0: one per core; with --ray, per model copy, 0: 2)", low=0)
     decode_workers: int = setting(0, "threads decoding images while the model runs (0: one per core)", low=0)
     backend: str | None = setting(None, "engine (default: onnx for a .onnx file, torch for a run directory)",
                                   choices=BACKENDS)
     tta: bool = setting(False, "average the centre crop, its mirror and four corner crops")
+    # A shard is what a rerun skips once written: small enough that a kill loses little, large enough that a
+    # million images make a thousand files, not a million.
+    shard_images: int = setting(1000, "images per output shard (--shards)", low=1)
+    shard_format: str = setting("parquet", "file format of the shards (parquet needs pyarrow: pip install "
+                                           "'visiontune[ray]')", choices=SHARD_FORMATS)
+    ray_actors: int = setting(0, "model copies on the Ray cluster (--ray; 0: the cluster's CPUs / --threads)", low=0)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from visiontune.config.choices import AMP, BACKENDS, BALANCE, FRACTION, HEADS, RANKINGS, SCHEDULES
+from visiontune.config.choices import AMP, BACKENDS, BALANCE, FRACTION, HEADS, RANKINGS, SCHEDULES, TASK_CHOICES
 from visiontune.settings import SettingError, Settings, parse_duration, section, setting
 
 
@@ -122,11 +122,26 @@ class TrainConfig(Settings):
     from_scratch: bool = setting(False, "random initialisation, no pretrained weights")
     download: bool = setting(False, "let timm download weights from its hub (only where one is reachable)")
     seed: int = setting(0, "drives the split, augmentations and initialisation", low=0, also=("split.seed",))
+    task: str = setting("auto", "multiclass (one label an image) or multilabel (a set of labels an image: sigmoid "
+                                "outputs, binary cross-entropy, a threshold per label); auto: multilabel when the "
+                                "data holds label sets (a manifest's `labels` column, a|b)", choices=TASK_CHOICES)
+    # A label with a handful of held-out positives gives an F1 curve of a few steps: the threshold it picks is noise.
+    threshold_min_positives: int = setting(3, "multilabel: fewest held-out images of a label for its threshold to be "
+                                              "chosen for the best F1 (fewer: it stays at 0.5)", low=1)
     deterministic: bool = setting(False, "deterministic kernels where torch has them")
     full_finetune: bool = setting(False, "train every layer on fresh augmentations (the natural choice on a GPU)")
     # A run with a budget replaces views and phase-2 epochs with its plan and clears budget in its config.yaml.
     budget: str | None = setting(None, "finish within this wall-clock time, e.g. 90s, 5m, 1h: views and phase-2 "
                                        "epochs planned from a short warm-up on this machine")
+    # The search tries recipes on the run's own data (training/search.py): no setting helped both benchmark datasets.
+    search: bool = setting(True, "with --budget, search the recipe in the time the plan leaves: wider backbones, "
+                                 "learning rates, label smoothing, dropout, phase-2 epochs and EMA, scored out of fold "
+                                 "(--no-search: the plan alone)")
+    search_models: str | None = setting(None, "backbones the --budget search may try besides --model, comma "
+                                              "separated (a+b joins branches); default: --model with Lite1, then "
+                                              "with Lite1 and Lite2, when --model is a registry EfficientNet-Lite")
+    search_trials: int = setting(0, "the most trials a --budget search runs (0: as many as the budget allows)",
+                                 low=0)
     # The val split's images are never trained on without it: on oxford102's official split (10 images a class in
     # train and in val) that is half the labelled images (BENCHMARKS.md "Refit on every labelled image").
     refit: bool = setting(True, "train the kept model on train + val: the best epochs and whether phase 2 beats the "
@@ -184,6 +199,9 @@ class TrainConfig(Settings):
                 raise SettingError("budget", f"{self.budget!r}: {exc}; expected e.g. 90s, 5m or 1h") from None
             if self.full_finetune:
                 raise SettingError("budget", "--budget plans the cached recipe; --full-finetune takes --epochs")
+        if self.task == "multilabel" and (self.full_finetune or self.distill.teacher or self.balance == "sampler"):
+            raise SettingError("task", "multilabel trains with the cached recipe, without a teacher or --balance "
+                                       "sampler (--balance weights weighs each label's positives)")
         if self.distill.teacher and self.full_finetune:
             raise SettingError("full_finetune", "distillation uses the cached recipe (the teacher's logits are computed "
                                                 "once per cached view); --full-finetune draws fresh augmentations "

@@ -25,6 +25,7 @@ import numpy as np
 from visiontune import samples
 from visiontune.config import SPLITS
 from visiontune.data.findings import Finding
+from visiontune.data.multilabel import parse_label_set
 from visiontune.errors import DatasetError
 
 NO_SPLIT = -1
@@ -48,6 +49,19 @@ class Dataset:
     layout: str  # "class-folders" | "split-folders" | "manifest"
     source: Path
     findings: list[Finding] = field(default_factory=list)
+    # Multi-label data: one row of 0/1 per file over `classes`; `labels` then holds each file's first label, so
+    # what only needs one label per file (caches, thumbnails, counts of files) keeps working.
+    targets: np.ndarray | None = None
+
+    @property
+    def task(self) -> str:
+        return "multiclass" if self.targets is None else "multilabel"
+
+    def present(self, mask: np.ndarray) -> set[int]:
+        """Label ids carried by at least one file where `mask` is true."""
+        if self.targets is None:
+            return set(np.unique(self.labels[mask]).tolist())
+        return set(np.flatnonzero(self.targets[mask].any(axis=0)).tolist())
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -60,6 +74,9 @@ class Dataset:
         return self.root / self.paths[i]
 
     def class_counts(self, mask: np.ndarray | None = None) -> dict[str, int]:
+        if self.targets is not None:
+            targets = self.targets if mask is None else self.targets[mask]
+            return {name: int(n) for name, n in zip(self.classes, targets.sum(axis=0))}
         labels = self.labels if mask is None else self.labels[mask]
         counts = np.bincount(labels, minlength=len(self.classes))
         return {name: int(n) for name, n in zip(self.classes, counts)}
@@ -68,7 +85,8 @@ class Dataset:
         """The files where `mask` is true, with the same classes (so label ids stay comparable)."""
         keep = np.flatnonzero(mask)
         return Dataset(self.root, [self.paths[i] for i in keep], self.labels[keep], self.classes,
-                       self.splits[keep], self.layout, self.source, list(self.findings))
+                       self.splits[keep], self.layout, self.source, list(self.findings),
+                       None if self.targets is None else self.targets[keep])
 
 
 def natural_key(name: str) -> list:
@@ -117,6 +135,7 @@ class _Builder:
         self.splits = array("b")
         self.class_ids: dict[str, int] = {}
         self.findings: list[Finding] = []
+        self.label_sets: list[list[int]] | None = None  # multi-label: the class ids of each file
 
     def class_id(self, name: str) -> int:
         if name not in self.class_ids:
@@ -128,6 +147,11 @@ class _Builder:
         self.labels.append(label)
         self.splits.append(split)
 
+    def add_set(self, path: str, label_ids: list[int], split: int) -> None:
+        self.label_sets = [] if self.label_sets is None else self.label_sets
+        self.label_sets.append(label_ids)
+        self.add(path, label_ids[0], split)
+
     def build(self, root: Path, layout: str, source: Path) -> Dataset:
         # Class ids follow the natural order of the names, whatever order the files came in.
         names = sorted(self.class_ids, key=natural_key)
@@ -136,7 +160,14 @@ class _Builder:
             remap[self.class_ids[name]] = new_id
         labels = remap[np.frombuffer(self.labels, dtype=np.int32)] if len(self.labels) else np.zeros(0, np.int32)
         splits = np.frombuffer(self.splits, dtype=np.int8).copy()
-        return Dataset(root, self.paths, labels.astype(np.int32), names, splits, layout, source, self.findings)
+        targets = None
+        if self.label_sets is not None:
+            targets = np.zeros((len(self.paths), len(names)), dtype=np.uint8)
+            for row, ids in enumerate(self.label_sets):
+                targets[row, remap[ids]] = 1
+            labels = targets.argmax(axis=1).astype(np.int32) if len(targets) else labels
+        return Dataset(root, self.paths, labels.astype(np.int32), names, splits, layout, source, self.findings,
+                       targets)
 
 
 def walk_files(folder: Path, findings: list[Finding], dataset_root: Path | None = None) -> Iterator[str]:
@@ -306,10 +337,11 @@ def _load_manifest(csv_path: Path, root: Path) -> Dataset:
 
 def _read_manifest_rows(reader, csv_path: Path, root: Path, builder: "_Builder", seen_paths: set[str]) -> None:
     header = [h.strip().lower() for h in next(reader, [])]
-    if "path" not in header or "label" not in header:
-        raise DatasetError(f"{csv_path}: a manifest needs a header with 'path' and 'label' columns (and optionally "
-                           f"'split'); found {header}")
-    col_path, col_label = header.index("path"), header.index("label")
+    multi = "labels" in header and "label" not in header
+    if "path" not in header or not ("label" in header or multi):
+        raise DatasetError(f"{csv_path}: a manifest needs a header with 'path' and 'label' columns (or 'labels', "
+                           f"several per image as dog|person; and optionally 'split'); found {header}")
+    col_path, col_label = header.index("path"), header.index("labels" if multi else "label")
     col_split = header.index("split") if "split" in header else None
     for line_no, row in enumerate(reader, start=2):
         if not row or all(not cell.strip() for cell in row):
@@ -317,6 +349,9 @@ def _read_manifest_rows(reader, csv_path: Path, root: Path, builder: "_Builder",
         if len(row) < len(header):
             raise DatasetError(f"{csv_path}:{line_no}: expected {len(header)} columns, got {len(row)}")
         rel, label = row[col_path].strip(), row[col_label].strip()
+        if multi and rel and not parse_label_set(label):
+            raise DatasetError(f"{csv_path}:{line_no}: empty label set for {rel} (give at least one label, "
+                               f"several as a|b)")
         if not rel or not label:
             raise DatasetError(f"{csv_path}:{line_no}: empty path or label")
         split = NO_SPLIT
@@ -334,4 +369,7 @@ def _read_manifest_rows(reader, csv_path: Path, root: Path, builder: "_Builder",
             builder.findings.append(Finding("warning", str(root / rel),
                                             f"listed in {csv_path.name} (line {line_no}) but missing"))
             continue
-        builder.add(rel, builder.class_id(label), split)
+        if multi:
+            builder.add_set(rel, [builder.class_id(name) for name in parse_label_set(label)], split)
+        else:
+            builder.add(rel, builder.class_id(label), split)

@@ -18,6 +18,7 @@ from visiontune.data import dedup
 from visiontune.data.decode import decode_full, read_bytes
 from visiontune.data.findings import Finding, sort_findings
 from visiontune.data.index import NO_SPLIT, SPLITS, Dataset
+from visiontune.data.multilabel import co_occurrence
 from visiontune.data.parallel import parallel_map
 from visiontune.data.split import class_set_problem, crossing_pair
 from visiontune.errors import ImageDecodeError
@@ -132,7 +133,9 @@ class ScanReport:
             "usable_images": int(self.usable.sum()),
             "skipped_files": int((~self.usable).sum()),
             "classes": ds.classes,
+            "task": ds.task,
             "class_counts": self.class_counts,
+            **({"label_sets": label_set_summary(ds.targets[self.usable], ds.classes)} if ds.targets is not None else {}),
             "class_counts_per_split": per_split,
             "imbalance_ratio": round(self.imbalance_ratio, 3),
             "image_size": self.size_stats(),
@@ -145,6 +148,14 @@ class ScanReport:
             "usable": self.unusable_reason is None,
             "unusable_reason": self.unusable_reason,
         }
+
+
+def label_set_summary(targets: np.ndarray, classes: list[str]) -> dict:
+    """Multi-label data: how many labels an image carries, and which labels come together."""
+    per_image = targets.sum(axis=1)
+    return {"labels_per_image": {"mean": round(float(per_image.mean()), 3) if len(per_image) else 0.0,
+                                 "max": int(per_image.max()) if len(per_image) else 0},
+            "co_occurrence": co_occurrence(targets, classes)}
 
 
 def scan_dataset(dataset: Dataset, cfg: ScanConfig = ScanConfig(), quiet: bool = False) -> ScanReport:

@@ -19,10 +19,15 @@ def render_scan(report: ScanReport) -> str:
     out = [f"dataset  {data['source']}  ({data['layout']})",
            f"files    {data['files']}  usable {data['usable_images']}  skipped {data['skipped_files']}", ""]
     per_split = data["class_counts_per_split"]
-    header = ["class", "images"] + list(per_split)
+    header = ["class" if data["task"] == "multiclass" else "label", "images"] + list(per_split)
     rows = [[name, str(n)] + [str(per_split[s].get(name, 0)) for s in per_split] for name, n in data["class_counts"].items()]
     out += _table(rows, header)
     out.append(f"imbalance ratio (largest / smallest class): {data['imbalance_ratio']:.2f}")
+    if "label_sets" in data:
+        sets = data["label_sets"]
+        pairs = ", ".join(f"{'+'.join(p['labels'])} {p['images']}" for p in sets["co_occurrence"]) or "none"
+        out.append(f"multi-label: {sets['labels_per_image']['mean']:.2f} labels an image (at most "
+                   f"{sets['labels_per_image']['max']}); seen together most: {pairs}")
     sizes = data["image_size"]
     if sizes:
         w, h = sizes["width"], sizes["height"]

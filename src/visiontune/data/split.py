@@ -16,6 +16,7 @@ import numpy as np
 
 from visiontune.config import SplitConfig
 from visiontune.data.index import NO_SPLIT, SPLITS, Dataset
+from visiontune.data.multilabel import SEPARATOR, iterative_stratification
 from visiontune.errors import SplitError
 from visiontune.files import atomic_write_text
 
@@ -37,7 +38,8 @@ class Split:
         """{class: {split: count}}."""
         table = {}
         for c, name in enumerate(self.dataset.classes):
-            of_class = self.dataset.labels == c
+            ds = self.dataset
+            of_class = ds.labels == c if ds.targets is None else ds.targets[:, c].astype(bool)
             table[name] = {s: int((of_class & (self.assignment == k)).sum()) for k, s in enumerate(SPLITS)}
         return table
 
@@ -57,12 +59,15 @@ class Split:
         ds = self.dataset
         root = ds.root.resolve()
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["path", "label", "split"])
+        # A multi-label split.csv is a multi-label manifest (`labels`, a|b), so it reads back as the same data.
+        writer.writerow(["path", "label" if ds.targets is None else "labels", "split"])
         for i in np.flatnonzero(self.assignment != NO_SPLIT):
             path = ds.paths[i]
             if relative_to is not None:
                 path = _relative(root / path, relative_to)
-            writer.writerow([path, ds.classes[ds.labels[i]], SPLITS[self.assignment[i]]])
+            label = (ds.classes[ds.labels[i]] if ds.targets is None
+                     else SEPARATOR.join(ds.classes[c] for c in np.flatnonzero(ds.targets[i])))
+            writer.writerow([path, label, SPLITS[self.assignment[i]]])
 
 
 def _relative(path: Path, start: Path) -> str:
@@ -154,6 +159,8 @@ def _stratify_grouped(dataset: Dataset, idx: np.ndarray, fractions: dict[int, fl
 def _stratify(dataset: Dataset, idx: np.ndarray, fractions: dict[int, float], rng: np.random.Generator,
               min_per_split: int, notes: list[str]) -> np.ndarray:
     """Split assignment for the files `idx` (in their order): per class, shuffle, then cut."""
+    if dataset.targets is not None:
+        return _stratify_sets(dataset, idx, fractions, rng, notes)
     out = np.full(len(idx), TRAIN, dtype=np.int8)
     labels = dataset.labels[idx]
     asked = [k for k in (VAL, TEST) if fractions.get(k, 0) > 0]
@@ -185,6 +192,23 @@ def _stratify(dataset: Dataset, idx: np.ndarray, fractions: dict[int, float], rn
     return out
 
 
+def _stratify_sets(dataset: Dataset, idx: np.ndarray, fractions: dict[int, float], rng: np.random.Generator,
+                   notes: list[str]) -> np.ndarray:
+    """Multi-label data: iterative stratification over the label sets (a per-class cut cannot place an image that is
+    in several classes)."""
+    parts = [TRAIN] + [k for k in (VAL, TEST) if fractions.get(k, 0) > 0]
+    shares = [1.0 - sum(fractions.get(k, 0) for k in parts[1:])] + [fractions[k] for k in parts[1:]]
+    targets = dataset.targets[idx]
+    out = np.array(parts, dtype=np.int8)[iterative_stratification(targets, shares, rng)]
+    notes.append("multi-label split: iterative stratification over the label sets")
+    for c, name in enumerate(dataset.classes):
+        carried = targets[:, c].astype(bool)
+        empty = [SPLITS[k] for k in parts if carried.any() and not (carried & (out == k)).any()]
+        if empty:
+            notes.append(f"label {name!r} ({int(carried.sum())} images) has none in {', '.join(empty)}")
+    return out
+
+
 def _shrink(take: dict[int, int], n: int) -> dict[int, int]:
     """Fit the requested counts into n images, keeping at least one for training when n > 1."""
     budget = max(n - 1, 0) if n > 1 else 0
@@ -203,7 +227,7 @@ def _check_class_sets(dataset: Dataset, assignment: np.ndarray) -> None:
 
 def class_set_problem(dataset: Dataset, assignment: np.ndarray) -> str | None:
     """Why given splits cannot be trained and scored on (no training image, or a class missing from a split)."""
-    present = {s: set(np.unique(dataset.labels[assignment == k]).tolist()) for k, s in enumerate(SPLITS)}
+    present = {s: dataset.present(assignment == k) for k, s in enumerate(SPLITS)}
     present = {s: labels for s, labels in present.items() if labels}
     if "train" not in present:
         return f"{dataset.source}: the given splits have no usable training image"

@@ -27,6 +27,7 @@ from visiontune.evaluation.embedding import embedding_map, map_summary
 from visiontune.evaluation.features import RunNetwork
 from visiontune.evaluation.metrics import choose_uncertainty_threshold, compute_metrics, fit_temperature, reliability, roc_curves
 from visiontune.evaluation.model_card import model_card
+from visiontune.evaluation.multilabel_eval import evaluate_multilabel
 from visiontune.evaluation.report import ReportData, build_html, thumbnail_jpeg
 from visiontune.evaluation.scoring import Scored, run_split, score, select
 from visiontune.files import atomic_write_text
@@ -54,6 +55,9 @@ def evaluate_run(run_dir: Path, *, data: str | Path | None = None, root: str | P
     run = RunDir(run_dir)
     split = split or cfg.split
     meta = read_meta(run_dir)
+    if meta.task == "multilabel":
+        return evaluate_multilabel(run_dir, data=data, root=root, split=split, out=out, allow_subset=allow_subset,
+                                   cfg=cfg, quiet=quiet, command_started=command_started, result_type=Evaluation)
     own = data is None
     fit_open_set = own and cfg.open_set and not run.is_ensemble  # one network's features; an ensemble has several
     if cfg.negatives and not fit_open_set:

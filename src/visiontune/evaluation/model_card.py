@@ -14,6 +14,15 @@ def _refit_lines(refit: dict | None) -> list[str]:
             f"on those held-out predictions."]
 
 
+def _search_lines(search: dict | None) -> list[str]:
+    if not search:
+        return []
+    return [f"- Recipe: chosen by `--budget`'s search among {search['trials']} trials "
+            f"({', '.join(search['models'])}), scored out of fold: {search['chosen']['trial']} at "
+            f"{_pct(search['oof_top1'])} (the plan's recipe: {_pct(search['plan_oof_top1'])}); every trial is in "
+            f"`{search['table']}`."]
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.1%}"
 
@@ -53,6 +62,7 @@ def model_card(run_name: str, meta_json: dict, train: dict, evaluation: dict, da
         f"- Images: train {images.get('train', '?')}, validation {images.get('val', '?')}, test {images.get('test', '?')} "
         "(the exact files are in `split.csv`).",
         *_refit_lines(train.get("refit")),
+        *_search_lines(train.get("search")),
         "",
         f"## Metrics (on the {m['split']} split, {m['images']} images)",
         "| metric | value | 95 % interval |",

@@ -226,6 +226,28 @@ def _data_section(d: ReportData) -> str:
     return text
 
 
+def _search_section(search: dict) -> str:
+    """What a --budget search tried, scored out of fold, and what it chose (metrics.json's train.search)."""
+    columns = ("trial", "state", "oof_top1", "seconds", "head_lr", "dropout", "label_smoothing", "finetune_epochs",
+               "finetune_lr", "ema")
+    chosen = search["chosen"]["trial"]
+
+    def cell(row: dict, key: str) -> str:
+        value = row.get(key)
+        text = _pct(value) if key == "oof_top1" and value is not None else (
+            f"{value:.3g}" if isinstance(value, float) else html.escape(str(value if value is not None else "-")))
+        return f'<td class="{"n" if key != "trial" and key != "state" else ""}">{text}</td>'
+
+    marks = {True: ' class="chosen"', False: ""}
+    rows = "".join(f"<tr{marks[r['trial'] == chosen]}>{''.join(cell(r, k) for k in columns)}</tr>"
+                   for r in search.get("rows", []))
+    head = "".join(f"<th>{html.escape(c.replace('_', ' '))}</th>" for c in columns)
+    return (f"<p>{search['trials']} trials in {search['seconds']:.0f} s over {html.escape(', '.join(search['models']))}"
+            f", scored out of fold; chosen: <b>{html.escape(chosen)}</b> ({_pct(search['oof_top1'])}; the plan's "
+            f"recipe {_pct(search['plan_oof_top1'])}).</p><table class='sortable' id='search'><thead><tr>{head}</tr>"
+            f"</thead><tbody>{rows}</tbody></table>")
+
+
 def build_html(d: ReportData) -> str:
     m = d.metrics
     sections = [("summary", "Summary", _cards(d))]
@@ -243,6 +265,8 @@ def build_html(d: ReportData) -> str:
         if body:
             sections.append((sid, title, body))
     sections.insert(3, ("classes", "Per-class metrics", _per_class_table(m)))
+    if d.train.get("search"):
+        sections.append(("search", "Recipe search", _search_section(d.train["search"])))
     if d.embedding is not None:
         sections.append(("embedding", "Embedding map", _embedding(d)))
     sections.append(("mistakes", "Worst mistakes", _mistakes(d)))

@@ -49,10 +49,11 @@ def run_split(run_dir: Path) -> Dataset:
 
 
 def select(dataset: Dataset, split: str, model_labels: list[str], *, allow_subset: bool = False,
-           require_split: bool = True) -> Selection:
+           require_split: bool = True, multilabel: bool = False) -> Selection:
     """The images of `split` (every image when the dataset has no splits and `require_split` is false),
     mapped onto the model's label ids; a class the model does not know, or (without `allow_subset`)
-    a model class the data lacks, is an error that lists them."""
+    a model class the data lacks, is an error that lists them. With `multilabel` (or data holding label sets) the
+    labels are one 0/1 row per image over the model's labels."""
     if split not in SPLITS:
         raise DatasetError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     notes = []
@@ -67,7 +68,7 @@ def select(dataset: Dataset, split: str, model_labels: list[str], *, allow_subse
     else:
         mask = np.ones(len(dataset), dtype=bool)
         notes.append(f"{dataset.source} has no splits: all {len(dataset)} images are scored")
-    data_classes = sorted({dataset.classes[i] for i in np.unique(dataset.labels[mask])})
+    data_classes = sorted(dataset.classes[i] for i in dataset.present(mask))
     known = set(model_labels)
     unknown = [c for c in data_classes if c not in known]
     missing = [c for c in model_labels if c not in set(data_classes)]
@@ -81,7 +82,14 @@ def select(dataset: Dataset, split: str, model_labels: list[str], *, allow_subse
         raise DatasetError(f"{dataset.source}: the classes differ from the model's ({'; '.join(parts)}){hint}")
     index = {name: i for i, name in enumerate(model_labels)}
     keep = np.flatnonzero(mask)
-    labels = np.array([index[dataset.classes[dataset.labels[i]]] for i in keep], dtype=np.int64)
+    if multilabel or dataset.targets is not None:
+        columns = [index[name] for name in dataset.classes if name in index]
+        rows = (dataset.targets[keep] if dataset.targets is not None
+                else np.eye(len(dataset.classes), dtype=np.uint8)[dataset.labels[keep]])
+        labels = np.zeros((len(keep), len(model_labels)), dtype=np.int64)
+        labels[:, columns] = rows[:, [c for c, name in enumerate(dataset.classes) if name in index]]
+    else:
+        labels = np.array([index[dataset.classes[dataset.labels[i]]] for i in keep], dtype=np.int64)
     if missing:
         notes.append(f"classes without {split} images: {', '.join(missing)}")
     return Selection([str(dataset.abspath(i)) for i in keep], labels, split, str(dataset.source), notes)

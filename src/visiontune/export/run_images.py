@@ -42,7 +42,8 @@ class RunImages:
         if not len(crops):
             raise ExportError(f"{split_file}: none of the {self.parity_split} images could be read for the parity check")
         self.parity_crops = crops
-        self.parity_labels = self.to_model[self.dataset.labels[keep]]
+        # A multi-label image has no one true class to score top-1 against: its parity is the logits' alone.
+        self.parity_labels = None if meta.task == "multilabel" else self.to_model[self.dataset.labels[keep]]
         self._rng = rng
 
     def _pick(self, order, limit: int, rng) -> tuple[str, np.ndarray]:

@@ -39,9 +39,14 @@ class Prediction:
     unknown: bool | None = None  # unknown score above the model's threshold; None: the model has no such score
     unknown_score: float | None = None  # distance to the nearest trained class, in the model's feature space
     error: str | None = None
+    # Multi-label models: the labels whose probability reaches their threshold, most probable first (None for a
+    # one-label model; empty when no label passes, shown as "none").
+    chosen: list[tuple[str, float]] | None = None
 
     @property
     def label(self) -> str | None:
+        if self.chosen is not None and self.ok:
+            return "|".join(name for name, _ in self.chosen) or "none"
         return self.top_k[0][0] if self.top_k else None
 
     @property
@@ -56,7 +61,9 @@ class Prediction:
         return {"source": self.source, "label": self.label, "probability": self.probability,
                 "top_k": [{"label": name, "probability": p} for name, p in self.top_k],
                 "entropy": self.entropy, "uncertain": self.uncertain, "unknown": self.unknown,
-                "unknown_score": self.unknown_score, "error": self.error}
+                "unknown_score": self.unknown_score, "error": self.error,
+                **({"labels": [{"label": name, "probability": p} for name, p in self.chosen]}
+                   if self.chosen is not None else {})}
 
 
 class Classifier:
@@ -78,6 +85,8 @@ class Classifier:
         self.threshold: float = float(uncertainty.get("threshold", InferenceConfig.threshold))
         stored = open_set.entry(model.meta)
         self.unknown_threshold: float | None = float(stored["threshold"]) if stored else None
+        self.task: str = model.meta.task
+        self.thresholds = np.array(model.meta.thresholds, dtype=np.float64)
         self._explainer = None  # built on the first `explain`, kept for the next with the same method and layer
         self._explainer_key: tuple | None = None
 
@@ -137,13 +146,18 @@ class Classifier:
         return logits, (None if scores is None else scores[starts])
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
-        """softmax(logits / temperature), float32 N x C."""
-        return softmax(self.logits(crops), self.temperature)
+        """softmax(logits / temperature), float32 N x C (a multi-label model: a sigmoid per label)."""
+        return self.to_probabilities(self.logits(crops))
+
+    def to_probabilities(self, logits: np.ndarray) -> np.ndarray:
+        if self.task == "multilabel":
+            return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+        return softmax(logits, self.temperature)
 
     def probabilities_and_scores(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(softmax(logits / temperature), unknown scores or None), from one model call."""
         logits, scores = self.outputs(crops)
-        return softmax(logits, self.temperature), scores
+        return self.to_probabilities(logits), scores
 
     # ----------------------------------------------------------------- images
     def predict(self, images: ImageSource | Sequence[ImageSource], top_k: int = InferenceConfig.top_k,
@@ -183,7 +197,7 @@ class Classifier:
         decode = lambda item: _try(load, item[1])  # noqa: E731
         decoded = list(pool.map(decode, items)) if pool is not None else [decode(item) for item in items]
         logits, scores = self.view_outputs([d for d in decoded if isinstance(d, np.ndarray)])
-        probs = iter(softmax(logits, self.temperature))
+        probs = iter(self.to_probabilities(logits))
         scores = iter(scores if scores is not None else [None] * len(logits))
         results = []
         for (where, _), d in zip(items, decoded):
@@ -196,6 +210,9 @@ class Classifier:
     def _prediction(self, where: str, p: np.ndarray, top_k: int, score: float | None = None) -> Prediction:
         order = np.argsort(-p, kind="stable")[:top_k]
         top = [(self.labels[i], float(p[i])) for i in order]
+        if self.task == "multilabel":  # the set above each label's threshold; entropy and "uncertain" are softmax's
+            passed = [i for i in np.argsort(-p, kind="stable") if p[i] >= self.thresholds[i]]
+            return Prediction(where, top, chosen=[(self.labels[i], float(p[i])) for i in passed])
         entropy = float(entropy_of(p[None])[0])
         score = None if score is None else float(score)
         unknown = None if score is None or self.unknown_threshold is None else bool(score > self.unknown_threshold)

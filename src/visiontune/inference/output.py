@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from typing import Iterable, TextIO
 
 from visiontune.inference.classifier import Prediction
@@ -65,3 +66,25 @@ def table(predictions: list[Prediction], top_k: int) -> str:
         buf.write("unknown: unlike every class the model was trained on (unknown score above the model's threshold); "
                   "the label is only the nearest class\n")
     return "\n".join(line.rstrip() for line in buf.getvalue().split("\n"))
+
+
+def emit(results: list[Prediction], out: str | None, fmt: str, top_k: int) -> int:
+    """`predict`'s output: the predictions to `out` (atomically) or stdout, each unreadable file a line on stderr;
+    the exit code (2 when no file could be read)."""
+    from visiontune.files import atomic_write_text
+
+    buffer = io.StringIO()
+    write(results, buffer, fmt, top_k)
+    if out:
+        atomic_write_text(out, buffer.getvalue())
+    else:
+        sys.stdout.write(buffer.getvalue())
+    failed = [p for p in results if p.error]
+    for p in failed:
+        print(f"skipped: {p.source}: {p.error}", file=sys.stderr)
+    if failed and len(failed) == len(results):
+        print(f"visiontune: error: none of the {len(results)} file(s) could be read as an image", file=sys.stderr)
+        return 2
+    if out:
+        print(f"wrote {len(results) - len(failed)} prediction(s) to {out}", file=sys.stderr)
+    return 0

@@ -42,3 +42,11 @@ def expand(paths: Iterable[str | Path]) -> tuple[list[str], list[tuple[str, str]
         reasons = "; ".join(f"{p}: {r}" for p, r in missing[:3]) or "no paths given"
         raise DatasetError(f"nothing to predict ({reasons})")
     return files, missing
+
+
+def expand_one(text: str) -> list[str]:
+    """The files one name that is not a folder stands for: itself, or a glob's matches; the name itself when it
+    matches nothing (a sharded `predict` lists it, and its row says why it was not read)."""
+    if _GLOB_CHARS & set(text) and not Path(text).exists():
+        return [m for m in sorted(glob.glob(text, recursive=True)) if Path(m).is_file()] or [text]
+    return [text]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from visiontune.config import HEADS
+from visiontune.config import HEADS, TASKS
 from visiontune.data.transforms import INTERPOLATIONS, Preprocess
 from visiontune.errors import ModelError
 from visiontune.files import atomic_write_bytes, atomic_write_text
@@ -43,6 +43,17 @@ class ModelMeta:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def task(self) -> str:
+        """"multiclass" (softmax, one label an image) or "multilabel" (a sigmoid per label, a set of labels)."""
+        return self.extra.get("task", "multiclass")
+
+    @property
+    def thresholds(self) -> list[float]:
+        """Multi-label: the probability each label must reach to be predicted, in label order."""
+        stored = (self.extra.get("multilabel") or {}).get("thresholds") or {}
+        return [float(stored.get(name, 0.5)) for name in self.labels]
 
     def to_dict(self) -> dict:
         return {
@@ -90,6 +101,14 @@ class ModelMeta:
             field_check.number(field_check.section(extra, "calibration"), "calibration.temperature", 1e-3, 1e3)
         if "uncertainty" in extra:
             field_check.number(field_check.section(extra, "uncertainty"), "uncertainty.threshold", 0.0, 1.0)
+        if "task" in extra:
+            field_check.choice(extra, "task", TASKS)
+        if "multilabel" in extra:
+            thresholds = field_check.section(field_check.section(extra, "multilabel"), "thresholds")
+            for name, value in thresholds.items():
+                if name not in labels:
+                    field_check.fail(f"multilabel.thresholds.{name}", "not one of the model's labels")
+                field_check.number({name: value}, f"multilabel.thresholds.{name}", 0.0, 1.0)
         if "open_set" in extra:
             field_check.number(field_check.section(extra, "open_set"), "open_set.threshold", 0.0, 1e12)
         versions = data.get("versions", {})

@@ -1,4 +1,5 @@
-"""What a model path is: a run directory, an ensemble directory, an ONNX, TorchScript, OpenVINO or TFLite file.
+"""What a model path is: a run directory, an ensemble directory, an ONNX, TorchScript, OpenVINO or TFLite file, or a
+model in MLflow's registry (`models:/...`, fetched as its ONNX file).
 
 Decided here once; `inference.resolve` loads what this finds, and explain, serve and bench ask it too.
 """
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from visiontune.errors import ModelError
+from visiontune.models.registered import fetch_registered, is_registered_uri
 from visiontune.models.run_dir import RunDir
 
 ONNX_SUFFIXES = (".onnx",)
@@ -29,7 +31,10 @@ class ModelPath:
 
 
 def locate_model(path: str | Path) -> ModelPath:
-    """Classify `path`; pointing at a bundle's own file (model.json, model.safetensors) means its folder."""
+    """Classify `path`; pointing at a bundle's own file (model.json, model.safetensors) means its folder; a
+    registry URI (models:/NAME/VERSION, models:/NAME@alias) means its ONNX file, fetched from MLflow."""
+    if is_registered_uri(path):
+        return ModelPath("onnx", fetch_registered(str(path)))
     path = Path(path)
     if path.is_file() and path.name in (RunDir.META, RunDir.WEIGHTS):
         path = path.parent

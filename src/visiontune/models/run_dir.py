@@ -38,6 +38,8 @@ class RunDir:
     METRICS = "metrics.json"
     OUT_OF_FOLD = "out_of_fold.safetensors"  # a refit run's held-out logits and labels: what calibration is fitted on
     HISTORY = "history.csv"
+    SEARCH_TRIALS = "search_trials.csv"  # a --budget search's trials: settings, out-of-fold score, seconds, state
+    SEARCH_STUDY = "search_study.jsonl"  # its Optuna study (a journal), which --resume continues
     TENSORBOARD = "tensorboard"
     BENCH = "bench.json"  # written by `visiontune bench RUN`, read by `compare`
     REPORT = "report.html"
@@ -72,6 +74,8 @@ class RunDir:
     metrics = property(lambda self: self.path / self.METRICS)
     out_of_fold = property(lambda self: self.path / self.OUT_OF_FOLD)
     history = property(lambda self: self.path / self.HISTORY)
+    search_trials = property(lambda self: self.path / self.SEARCH_TRIALS)
+    search_study = property(lambda self: self.path / self.SEARCH_STUDY)
     tensorboard = property(lambda self: self.path / self.TENSORBOARD)
     bench = property(lambda self: self.path / self.BENCH)
     report = property(lambda self: self.path / self.REPORT)
@@ -113,7 +117,8 @@ class RunDir:
                                                    "labels": np.ascontiguousarray(labels, dtype=np.int64)}))
 
     def read_out_of_fold(self):
-        """(logits, labels) of the images a refit run held out before its refit, or None for a run without."""
+        """(logits, labels) of the images a refit run held out before its refit, or None for a run without (labels:
+        class ids, or one 0/1 row per image for a multi-label run)."""
         if not self.out_of_fold.is_file():
             return None
         from safetensors.numpy import load
@@ -123,7 +128,7 @@ class RunDir:
             logits, labels = arrays["logits"], arrays["labels"]
         except Exception as exc:  # truncated or hand-edited: one line, as for every run file
             raise ConfigError(f"{self.out_of_fold}: unreadable ({str(exc).splitlines()[0][:120]})") from None
-        if logits.ndim != 2 or labels.shape != (len(logits),):
+        if logits.ndim != 2 or labels.shape not in ((len(logits),), logits.shape):  # class ids, or multi-label rows
             raise ConfigError(f"{self.out_of_fold}: logits {logits.shape} and labels {labels.shape} do not match")
         return logits, labels
 

@@ -93,6 +93,8 @@ def describe(clf: Classifier) -> dict:
     meta = clf.meta
     return {
         "labels": clf.labels,
+        "task": clf.task,
+        **({"thresholds": dict(zip(clf.labels, clf.thresholds.tolist()))} if clf.task == "multilabel" else {}),
         "backbone": meta.backbone,
         "engine": clf.engine_name,
         "preprocess": {**clf.preprocess.to_dict(), "resize_size": clf.preprocess.resize_size},

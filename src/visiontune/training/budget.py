@@ -265,17 +265,13 @@ def plan_budget(model: torch.nn.Module, spec, cfg: TrainConfig, images: list, se
                 record=None) -> tuple[Plan, FrozenRunner, Replanner]:
     """Measure, choose and note the plan; returns it, the frozen-pass runner it measured (the run reuses it) and
     the re-planner the run consults before each phase 2 (`record(epochs)`: writes a re-planned config.yaml)."""
-    parts = frozen_trainable(model, cfg.trainable_stages)
-    bottom, top = parts if parts else (None, None)
-    runner = FrozenRunner(FrozenFeatures(model, bottom, top), training_preprocess(spec.preprocess, cfg), device, notes)
-    rates = measure(model, top, runner, images, sets.train, cfg, augment_from(cfg), decode_rate)
-    if cfg.evaluate and len(sets.test):
-        rates = dataclasses.replace(rates, whole_images=_whole_network_rate(model, spec, images, sets.train, cfg, device))
+    rates, runner = measure_model(model, spec, cfg, images, sets, device, notes, decode_rate)
+    has_top = frozen_trainable(model, cfg.trainable_stages) is not None
     classes = int(sets.labels.max()) + 1 if len(sets.labels) else 0
     counts = Counts(len(sets.train), len(sets.val), len(sets.test), classes)
     refit = cfg.refit and counts.val > 0 and not cfg.distill.teacher  # as training.crossfit.uses_refit decides
     folds = cfg.folds if refit else 0
-    phase2 = top is not None and cfg.finetune_epochs > 0
+    phase2 = has_top and cfg.finetune_epochs > 0
     plan = choose(parse_duration(cfg.budget), time.perf_counter() - started, counts, rates, cfg.head_epochs,
                   phase2=phase2, folds=folds, evaluate=cfg.evaluate)
     notes.append(f"plan: {plan.describe()} (warm-up on this machine: {rates.frozen_views:.0f} frozen-pass views/s, "
@@ -283,6 +279,19 @@ def plan_budget(model: torch.nn.Module, spec, cfg: TrainConfig, images: list, se
     replanner = Replanner(plan, started, counts, rates, folds, cfg.finetune_epochs if phase2 else 0, cfg.evaluate,
                           notes, record)
     return plan, runner, replanner
+
+
+def measure_model(model: torch.nn.Module, spec, cfg: TrainConfig, images: list, sets, device: torch.device,
+                  notes: list[str], decode_rate: float) -> tuple[Rates, FrozenRunner]:
+    """The warm-up of one model (`plan_budget`'s, and the search's for each backbone it opens), and the frozen-pass
+    runner it prepared."""
+    parts = frozen_trainable(model, cfg.trainable_stages)
+    bottom, top = parts if parts else (None, None)
+    runner = FrozenRunner(FrozenFeatures(model, bottom, top), training_preprocess(spec.preprocess, cfg), device, notes)
+    rates = measure(model, top, runner, images, sets.train, cfg, augment_from(cfg), decode_rate)
+    if cfg.evaluate and len(sets.test):
+        rates = dataclasses.replace(rates, whole_images=_whole_network_rate(model, spec, images, sets.train, cfg, device))
+    return rates, runner
 
 
 def measure(model: torch.nn.Module, top: torch.nn.Module | None, runner: FrozenRunner, images: list,
@@ -301,8 +310,8 @@ def measure(model: torch.nn.Module, top: torch.nn.Module | None, runner: FrozenR
     pooled = torch.from_numpy(np.concatenate([p.pooled for p in parts], axis=1).reshape(-1, parts[0].pooled.shape[-1]))
     head = copy.deepcopy(model.get_classifier()).train()
     head_rate = _steps_per_second(lambda x: head(x), pooled, cfg.head_batch_size, train=True, params=head.parameters())
-    if top is None or parts[0].boundary is None:
-        return Rates(frozen, frozen, frozen, head_rate, decode_rate)
+    if top is None or parts[0].boundary is None:  # the head alone: its held-out images are scored as it trains
+        return Rates(frozen, head_rate, head_rate, head_rate, decode_rate)
     probe = copy.deepcopy(TopAndHead(model, top))  # one deep copy: its top stages are those of its model
     boundary = np.concatenate([p.boundary for p in parts], axis=1)
     boundary = torch.from_numpy(boundary.reshape(-1, *boundary.shape[2:]).astype(np.float32))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from visiontune.config import TrainConfig
+from visiontune.data.multilabel import iterative_folds
 from visiontune.settings import override
 from visiontune.training.checkpoint import Checkpoint
 from visiontune.training.feature_cache import ViewCache
@@ -58,6 +59,8 @@ def fold_positions(y_pool: np.ndarray, n_train: int, folds: int, seed: int) -> l
     """The held-out rows of the pool, one array a fold: the val split itself for one fold, else stratified folds."""
     if folds == 1:
         return [np.arange(n_train, len(y_pool))]
+    if y_pool.ndim == 2:  # multi-label: folds stratified over the label sets
+        return iterative_folds(y_pool, folds, seed)
     from sklearn.model_selection import StratifiedKFold
 
     smallest = int(np.bincount(y_pool)[np.unique(y_pool)].min())
@@ -77,10 +80,30 @@ def rows(cache: ViewCache, positions: np.ndarray, views: int | None = None) -> V
 
 
 def crossfit(model: nn.Module, top: nn.Module | None, cfg: TrainConfig, pool: ViewCache, y_pool: np.ndarray,
-             n_train: int, make_loss, ctx: PhaseContext) -> OutOfFold:
+             n_train: int, make_loss, ctx: PhaseContext, *, refit: bool = True,
+             known: OutOfFold | None = None) -> OutOfFold:
     """Fit every fold from the same starting weights, choose out of fold, then refit on the whole pool; the model is
-    left as the refit made it. `make_loss(labels)`: the loss for a fold's training labels."""
+    left as the refit made it. `make_loss(labels)`: the loss for a fold's training labels. `refit=False` (a search
+    trial) stops after the choices and puts the starting weights back; `known`: the folds' outcome with these
+    settings, already fitted (by the search's trial), so only the refit runs."""
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    oof = known if known is not None else _choose(model, top, cfg, pool, y_pool, n_train, make_loss, ctx, initial)
+    if not refit:
+        model.load_state_dict(initial)
+        return oof
+    ctx.notes.append(f"refit on train + val ({len(y_pool)} images) with {oof.head_epochs} head epochs and "
+                     f"{oof.finetune_epochs} phase-2 epochs, chosen on {oof.summary['held_out']}; validation numbers "
+                     f"are out-of-fold")
+    model.load_state_dict(initial)
+    refit_cfg = override(cfg, head_epochs=oof.head_epochs, finetune_epochs=oof.finetune_epochs)
+    fit_phases(model, top if oof.finetune_epochs else None, refit_cfg, pool, y_pool, None, y_pool[:0],
+               make_loss(y_pool), ctx)
+    return oof
+
+
+def _choose(model: nn.Module, top: nn.Module | None, cfg: TrainConfig, pool: ViewCache, y_pool: np.ndarray,
+            n_train: int, make_loss, ctx: PhaseContext, initial: dict) -> OutOfFold:
+    """Every fold's fit, and what they choose together."""
     folds = fold_positions(y_pool, n_train, cfg.folds, cfg.seed)
     results = [_fold(model, top, cfg, pool, y_pool, held, make_loss, ctx, initial, k)
                for k, held in enumerate(folds, 1)]
@@ -98,15 +121,10 @@ def crossfit(model: nn.Module, top: nn.Module | None, cfg: TrainConfig, pool: Vi
                          f"{tuned_score.accuracy:.2%} against {alone_score.accuracy:.2%}): the refit trains the head "
                          f"alone")
     held_out = "the val split" if cfg.folds == 1 else f"{cfg.folds} stratified folds over train + val"
-    ctx.notes.append(f"refit on train + val ({len(y_pool)} images) with {head_epochs} head epochs and "
-                     f"{finetune_epochs} phase-2 epochs, chosen on {held_out}; validation numbers are out-of-fold")
-    model.load_state_dict(initial)
-    refit_cfg = override(cfg, head_epochs=head_epochs, finetune_epochs=finetune_epochs)
-    fit_phases(model, top if finetune_epochs else None, refit_cfg, pool, y_pool, None, y_pool[:0], make_loss(y_pool),
-               ctx)
     kept = tuned if phase2 else alone
+    kept_score = tuned_score if phase2 else alone_score
     summary = {"folds": cfg.folds, "held_out": held_out, "images": int(len(y_pool)), "oof_images": int(len(labels)),
-               "oof_top1": (tuned_score if phase2 else alone_score).accuracy,
+               "oof_top1": kept_score.accuracy, "oof_loss": kept_score.loss,
                "oof_top1_head_alone": alone_score.accuracy,
                "oof_top1_finetuned": tuned_score.accuracy if tuned_score is not None else None,
                "head_epochs": head_epochs, "finetune_epochs": finetune_epochs,

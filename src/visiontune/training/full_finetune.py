@@ -58,7 +58,7 @@ def _mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, r
 def full_finetune(model: nn.Module, spec: Preprocess, cfg: TrainConfig, aug: Augment, images: list, sets,
                   ctx) -> dict[str, Score]:
     device = ctx.device
-    num_classes = int(sets.labels.max()) + 1
+    num_classes = sets.num_classes
     y_train = sets.labels[sets.train]
     loss_fn = make_loss(cfg, y_train, num_classes)
     dtype = amp_dtype(cfg, device)

@@ -34,7 +34,19 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, logits:
     else:
         loss.backward()
         optimizer.step()
+    if target.ndim == 2:  # multi-label: an image counts as right when its whole label set is
+        return loss.item(), int(((logits > 0) == (target > 0.5)).all(1).sum().item())
     return loss.item(), int((logits.argmax(1) == target).sum().item())
+
+
+def repeat_views(labels: np.ndarray, views: int) -> np.ndarray:
+    """The labels of `views` stacked copies of the images (class ids, or multi-label rows)."""
+    return np.concatenate([labels] * views) if labels.ndim == 2 else np.tile(labels, views)
+
+
+def target_tensor(labels: np.ndarray, device) -> torch.Tensor:
+    """Class ids as int64; multi-label rows as float32 (what binary cross-entropy takes)."""
+    return torch.from_numpy(labels.astype(np.float32 if labels.ndim == 2 else np.int64)).to(device)
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -47,7 +59,7 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 def batches(labels: np.ndarray, batch_size: int, rng: np.random.Generator, balance: str) -> Iterator[np.ndarray]:
     """Indices into `labels`, one epoch's worth. With balance="sampler", classes are drawn equally often."""
     n = len(labels)
-    if balance == "sampler":
+    if balance == "sampler" and labels.ndim == 1:
         counts = np.bincount(labels)
         p = 1.0 / counts[labels]
         order = rng.choice(n, size=n, replace=True, p=p / p.sum())
@@ -60,6 +72,8 @@ def batches(labels: np.ndarray, batch_size: int, rng: np.random.Generator, balan
 
 
 def make_loss(cfg: TrainConfig, train_labels: np.ndarray, num_classes: int) -> Callable:
+    if train_labels.ndim == 2:  # multi-label rows: one sigmoid per label
+        return multilabel_loss(train_labels, cfg.balance == "weights")
     weight = class_weights(train_labels, num_classes) if cfg.balance == "weights" else None
 
     def loss(logits: torch.Tensor, target: torch.Tensor, rows=None, mix=None) -> torch.Tensor:
@@ -68,6 +82,20 @@ def make_loss(cfg: TrainConfig, train_labels: np.ndarray, num_classes: int) -> C
         if target.dtype.is_floating_point:  # soft targets (mixup/cutmix)
             return torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
         return F.cross_entropy(logits.float(), target, weight=w, label_smoothing=cfg.label_smoothing)
+
+    return loss
+
+
+def multilabel_loss(train_labels: np.ndarray, weighted: bool) -> Callable:
+    """Binary cross-entropy over every label; with `weighted` (--balance weights), each label's positives are
+    weighed by its negatives / positives, so a rare label is not learnt as "never"."""
+    positives = train_labels.sum(axis=0).astype(np.float64)
+    ratio = np.where(positives > 0, (len(train_labels) - positives) / np.maximum(positives, 1), 1.0)
+    pos_weight = torch.tensor(ratio, dtype=torch.float32) if weighted else None
+
+    def loss(logits: torch.Tensor, target: torch.Tensor, rows=None, mix=None) -> torch.Tensor:
+        w = pos_weight.to(logits.device) if pos_weight is not None else None
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=w)
 
     return loss
 

@@ -25,7 +25,16 @@ class Sets:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
-    labels: np.ndarray  # per decoded image
+    labels: np.ndarray  # per decoded image: a class index, or a 0/1 row per label for a multi-label run
+
+    @property
+    def num_classes(self) -> int:
+        return self.labels.shape[1] if self.labels.ndim == 2 else int(self.labels.max()) + 1
+
+    @property
+    def score_name(self) -> str:
+        """What Score.accuracy means for these labels."""
+        return "mAP" if self.labels.ndim == 2 else "top-1"
 
 
 def augment_from(cfg: TrainConfig) -> Augment:
@@ -53,10 +62,27 @@ def evaluate_logits(forward: Callable[[torch.Tensor], torch.Tensor], inputs: np.
         x = torch.from_numpy(np.asarray(inputs[start:start + batch_size], dtype=np.float32)).to(device)
         chunks.append(forward(x).float().cpu())
     logits = torch.cat(chunks) if chunks else torch.zeros(0, 1)
+    if labels.ndim == 2:
+        return multilabel_score(logits, labels), logits.numpy()
     target = torch.from_numpy(labels.astype(np.int64))
     loss = F.cross_entropy(logits, target).item() if len(labels) else float("nan")
     acc = (logits.argmax(1) == target).float().mean().item() if len(labels) else float("nan")
     return Score(loss, acc), logits.numpy()
+
+
+def multilabel_score(logits: torch.Tensor, labels: np.ndarray) -> Score:
+    """Multi-label: binary cross-entropy, and mean average precision (over the labels present) as the "accuracy"
+    that epochs and phases are chosen by (it needs no threshold, which is chosen after training)."""
+    if not len(labels):
+        return Score(float("nan"), float("nan"))
+    from sklearn.metrics import average_precision_score
+
+    target = torch.from_numpy(labels.astype(np.float32))
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target).item()
+    present = labels.sum(axis=0) > 0
+    scores = logits.numpy()
+    ap = [average_precision_score(labels[:, c], scores[:, c]) for c in np.flatnonzero(present)]
+    return Score(loss, float(np.mean(ap)) if ap else float("nan"))
 
 
 @dataclass

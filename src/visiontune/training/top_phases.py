@@ -20,7 +20,7 @@ from visiontune.models.attention import head_modules
 from visiontune.settings import override
 from visiontune.training.checkpoint import Checkpoint
 from visiontune.training.feature_cache import ViewCache
-from visiontune.training.loops import batch_rng, optimizer_step, run_epochs
+from visiontune.training.loops import batch_rng, optimizer_step, repeat_views, run_epochs, target_tensor
 from visiontune.training.phases import BestState, PhaseContext, WeightAverage
 
 HEAD_ALONE = "head_alone"  # the phase-1 model, kept in phase-2 checkpoints
@@ -101,8 +101,8 @@ def fit_head(model: nn.Module, cfg: TrainConfig, train: ViewCache, y_train: np.n
     head, device = model.get_classifier(), ctx.device
     views, n, dim = train.pooled.shape
     features = torch.from_numpy(np.ascontiguousarray(train.pooled).reshape(views * n, dim)).to(device)
-    labels = np.tile(y_train, views)
-    target_all = torch.from_numpy(labels.astype(np.int64)).to(device)
+    labels = repeat_views(y_train, views)
+    target_all = target_tensor(labels, device)
     for p in head.parameters():
         p.requires_grad_(True)
 
@@ -146,7 +146,7 @@ def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: View
     device = ctx.device
     views, n = train.boundary.shape[:2]
     activations = train.boundary.reshape(views * n, *train.boundary.shape[2:])
-    labels = np.tile(y_train, views)
+    labels = repeat_views(y_train, views)
     head = nn.ModuleList(head_modules(model))  # the classifier, and the attention pool when there is one
     for p in list(top.parameters()) + list(head.parameters()):
         p.requires_grad_(True)
@@ -158,14 +158,14 @@ def finetune_top(model: nn.Module, top: nn.Module, cfg: TrainConfig, train: View
         model.train()
         idx = np.sort(idx)  # ascending reads from a memory-mapped cache
         x = torch.from_numpy(activations[idx].astype(np.float32)).to(device)
-        target = torch.from_numpy(labels[idx].astype(np.int64)).to(device)
+        target = target_tensor(labels[idx], device)
         soft, mix = target, None
         if cfg.feature_mixup > 0:
             mix_rng = batch_rng(cfg.seed, epoch, idx)
             lam = float(mix_rng.beta(cfg.feature_mixup, cfg.feature_mixup))
             perm = torch.from_numpy(mix_rng.permutation(len(idx))).to(device)
             x = lam * x + (1 - lam) * x[perm]
-            onehot = F.one_hot(target, num_classes).float()
+            onehot = target if target.ndim == 2 else F.one_hot(target, num_classes).float()
             soft = lam * onehot + (1 - lam) * onehot[perm]
             mix = (lam, perm)
         logits = trained(x)

@@ -31,16 +31,18 @@ from visiontune.models.classifier import build_classifier, count_parameters
 from visiontune.models.run_dir import RunDir
 from visiontune.settings import override
 from visiontune.training import distributed
-from visiontune.training.budget import plan_budget, whole_time
+from visiontune.training.budget import measure_model, plan_budget, whole_time
 from visiontune.training.cached_recipe import cached_recipe
 from visiontune.training.checkpoint import Checkpoint
-from visiontune.training.crossfit import phase_names
+from visiontune.training.crossfit import phase_names, uses_refit
 from visiontune.training.distill import check_settings
 from visiontune.training.distributed import Dist
 from visiontune.training.feature_cache import DiskCache
 from visiontune.training.full_finetune import full_finetune
 from visiontune.training.history import History
+from visiontune.training.multilabel import choose_task, multilabel_entry
 from visiontune.training.phases import PhaseContext, Resume, Sets, augment_from
+from visiontune.training.search import search_recipe
 
 
 @dataclass
@@ -72,10 +74,12 @@ def prepare_run_dir(out: Path, overwrite: bool) -> Path:
     out = Path(out)
     if RunDir(out).meta.exists() and not overwrite:
         raise ConfigError(f"{out}: a trained run is already there; pass --overwrite, or another --out")
-    if Checkpoint(out).exists() and not overwrite:
+    if (Checkpoint(out).exists() or RunDir(out).search_study.exists()) and not overwrite:
         raise ConfigError(f"{out}: an interrupted run is there; continue it with --resume {out}, or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     Checkpoint(out).remove()
+    for stale in (RunDir(out).search_study, RunDir(out).search_trials):  # an earlier run's search
+        stale.unlink(missing_ok=True)
     return out
 
 
@@ -100,7 +104,7 @@ def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: 
     except BaseException:
         # A run that failed before its first checkpoint leaves nothing behind in a folder it made (nothing to
         # resume, and an empty run folder would look like a result).
-        if created and d.is_main and not Checkpoint(Path(out)).exists():
+        if created and d.is_main and not Checkpoint(Path(out)).exists() and not RunDir(out).search_study.exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
@@ -119,7 +123,7 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
     run = RunDir(run_dir)
     d.barrier()
     checkpoint = Checkpoint(run_dir)
-    saved = checkpoint.load() if resume else None  # a damaged checkpoint fails before minutes of decoding
+    saved = checkpoint.load() if resume and checkpoint.exists() else None  # a damaged checkpoint fails before minutes of decoding
     device = d.device()
     notes: list[str] = []
     # The model first: a wrong name or missing weights should fail before minutes of decoding.
@@ -136,7 +140,8 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
         raise DatasetError(report.unusable_reason)
     for path, reason in report.skipped():
         notes.append(f"skipped {path}: {reason}")
-    split = split_dataset(dataset, report.usable, cfg.split, report.exact_duplicates + report.near_duplicates)
+    dataset, usable = choose_task(dataset, report, cfg, notes, quiet)
+    split = split_dataset(dataset, usable, cfg.split, report.exact_duplicates + report.near_duplicates)
     notes += split.notes
     if not len(split.indices("val")):
         notes.append("no validation images: the last epoch is kept, not the best")
@@ -153,7 +158,7 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
 
     decode_started = time.perf_counter()
     all_sets, images, digests = _decode(dataset, split, spec.preprocess, cfg, quiet, notes)
-    plan = runner = replanner = None
+    plan = runner = replanner = known = searched = None
     if cfg.budget:  # never with --full-finetune: TrainConfig refuses the pair
         decode_rate = len(images) / max(time.perf_counter() - decode_started, 1e-6)
         planned = cfg
@@ -166,11 +171,25 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
 
         plan, runner, replanner = plan_budget(model, spec, cfg, images, all_sets, device, notes, started,
                                               decode_rate, record)
+        budget_seconds, searching = plan.budget, cfg.search and uses_refit(cfg, len(all_sets.val) > 0, d.active,
+                                                                            teacher) is None
         cfg = plan.apply(cfg)
-        if d.is_main:
-            run.write_config(data_label, root, cfg, comment=f"planned by --budget: {plan.describe()}")
+        comment = f"planned by --budget: {plan.describe()}"
         if not quiet:
             print(f"plan: {plan.describe()}", file=sys.stderr)
+        if searching:  # config.yaml keeps the budget until the search ends, so --resume continues the search
+
+            def measure_rates(net, net_spec, net_cfg):
+                return measure_model(net, net_spec, net_cfg, images, all_sets, device, notes, decode_rate)
+
+            chosen = search_recipe(model, spec, cfg, budget_seconds, images, digests, all_sets, device, d, notes,
+                                   quiet, _disk(cfg, run), run, replanner.counts, replanner.rates, started, runner,
+                                   measure_rates)
+            model, spec, cfg, known, searched = chosen.model, chosen.spec, chosen.cfg, chosen.known, chosen.summary
+            replanner, runner = None, chosen.runner  # the search kept the time the end needs
+            comment = f"chosen by --budget's search: {searched['chosen']['trial']} ({searched['trials']} trials)"
+        if d.is_main:
+            run.write_config(data_label, root, cfg, comment=comment)
     sets = Sets(d.train_shard(all_sets.train), d.eval_shard(all_sets.val), d.eval_shard(all_sets.test), all_sets.labels)
     loaded = None
     if saved is not None:
@@ -184,19 +203,20 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
         if cfg.full_finetune:
             scores = full_finetune(model, spec.preprocess, cfg, augment_from(cfg), images, sets, context)
         else:
-            cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run.cache
-            scores = cached_recipe(model, spec, cfg, images, digests, sets, context, DiskCache(cache_dir), teacher,
-                                   runner=runner)
+            disk = _disk(cfg, run)
+            scores = cached_recipe(model, spec, cfg, images, digests, sets, context, disk, teacher, runner=runner,
+                                   known=known)
             d.barrier()
             if not cfg.cache_dir and d.is_main:
-                shutil.rmtree(cache_dir, ignore_errors=True)
+                shutil.rmtree(disk.folder, ignore_errors=True)
     finally:
         history.close()
     if not d.is_main:
         return TrainResult(run_dir, None, {}, history.rows, notes)
 
     meta = ModelMeta(spec.name, spec.timm_name, list(dataset.classes), spec.preprocess, cfg.dropout, current_versions(),
-                     img_size=spec.img_size, head=cfg.head)
+                     img_size=spec.img_size, head=cfg.head,
+                     extra=multilabel_entry(dataset, cfg, context.summary, notes) if dataset.targets is not None else {})
     save_bundle(run_dir, model.cpu().eval(), meta)
     train_seconds = time.perf_counter() - started
     metrics = {
@@ -207,8 +227,10 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
         "device": str(device),
         "images": {name: int(len(getattr(all_sets, name))) for name in ("train", "val", "test")},
         "processes": d.world,
-        **({"budget": {**plan.to_dict(), **replanner.summary()}} if plan else {}),
-        **{name: {"loss": s.loss, "top1": s.accuracy} for name, s in scores.items()},
+        **({"budget": {**plan.to_dict(), **(replanner.summary() if replanner else {})}} if plan else {}),
+        **({"search": searched} if searched else {}),
+        **{name: {"loss": s.loss, ("top1" if dataset.targets is None else "mAP"): s.accuracy}
+           for name, s in scores.items()},
         **({"refit": context.summary["refit"]} if "refit" in context.summary else {}),
         "notes": notes,
     }
@@ -218,6 +240,10 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
     run.write_metrics(metrics)
     checkpoint.remove()
     return TrainResult(run_dir, meta, metrics, history.rows, notes)
+
+
+def _disk(cfg: TrainConfig, run: RunDir) -> DiskCache:
+    return DiskCache(Path(cfg.cache_dir) if cfg.cache_dir else run.cache)
 
 
 def _split_csv(split: Split, run_dir: Path) -> str:
@@ -234,7 +260,7 @@ def _decode(dataset: Dataset, split: Split, spec, cfg: TrainConfig, quiet: bool,
     for i, reason in decoded.failed:
         notes.append(f"skipped {dataset.abspath(order[i])}: {reason}")
     ok = np.array([img is not None for img in decoded.images], dtype=bool)
-    labels = dataset.labels[order]
+    labels = dataset.labels[order] if dataset.targets is None else dataset.targets[order].astype(np.float32)
     sets = Sets(*(np.flatnonzero(ok & (which == k)) for k in range(3)), labels=labels)
     return sets, decoded.images, decoded.digests
 

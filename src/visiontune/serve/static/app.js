@@ -118,6 +118,12 @@ function showResult(result) {
     return row;
   }));
   const summary = $("summary");
+  if (result.labels) {
+    // A multi-label model: the set of labels above their thresholds ("none" when no label passes).
+    const names = result.labels.map((entry) => `${entry.label} ${percent(entry.probability)}`);
+    summary.replaceChildren(el("span", names.length ? `labels: ${names.join(", ")}` : "labels: none", "badge"));
+    return;
+  }
   summary.replaceChildren(document.createTextNode(`entropy ${result.entropy.toFixed(3)} nats `));
   if (result.unknown) {
     // Far from every class the model was trained on: the bars show only the nearest classes.
