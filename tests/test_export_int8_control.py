@@ -51,6 +51,30 @@ def test_a_layer_asked_for_stays_float_and_its_cost_is_timed(run):
     assert "1 layer(s) kept in float" in result.summary()
 
 
+def test_a_layer_kept_in_float_reads_float_tensors(run):
+    """ONNX Runtime's quantizer leaves an excluded node reading the Q/DQ'd activation of its input; the graph built
+    here must not: no input of a float node comes out of a DequantizeLinear, a Clip the quantizer folded away is put
+    back in front of it, and with every node kept in float the INT8 graph computes exactly what fp32 does."""
+    fp32 = visiontune.api.export(run).path.read_bytes()
+    images = np.random.default_rng(2).normal(size=(4, 3, 224, 224)).astype(np.float32)
+    with Int8Calibration(fp32, [images], input_name="input") as calibrated:
+        prepared = onnx.load_from_string(calibrated.prepared).graph
+        pwl = next(n.name for n in prepared.node if n.name.endswith("conv_pwl/Conv"))
+        stem = next(n.name for n in prepared.node if n.op_type == "Conv")
+        graph = onnx.load_from_string(calibrated.build([pwl, stem])).graph
+        everything = calibrated.build([n.name for n in prepared.node])
+        fp32_out = ort_logits(calibrated.prepared, images)
+    made_by = {out: node for node in graph.node for out in node.output}
+    for name in (pwl, stem):
+        node = next(n for n in graph.node if n.name == name)
+        assert all(made_by[i].op_type != "DequantizeLinear" for i in node.input if i in made_by), name
+    clip = made_by[next(n for n in graph.node if n.name == pwl).input[0]]
+    assert clip.op_type == "Clip" and made_by[clip.input[0]].op_type == "Conv"  # ReLU6 again, on float values
+    assert {n.op_type for n in onnx.load_from_string(everything).graph.node}.isdisjoint(
+        {"QuantizeLinear", "DequantizeLinear"})
+    np.testing.assert_array_equal(ort_logits(everything, images), fp32_out)
+
+
 def test_a_gate_that_still_fails_is_one_line_and_writes_nothing(run, cli):
     fp32 = (run / "export" / "model.onnx").read_bytes()
     images = np.random.default_rng(1).normal(size=(4, 3, 224, 224)).astype(np.float32)

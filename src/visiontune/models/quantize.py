@@ -118,7 +118,10 @@ class Int8Calibration:
             _quantize_static(str(self._prepared), str(out), self._reader, exclude=exclude, window=self._window,
                              ranges=self._ranges, **self._options)
         # Load and re-serialise: the calibration scratch files must not be referenced afterwards.
-        return onnx.load(str(out)).SerializeToString()
+        graph = onnx.load(str(out))
+        if exclude:
+            float_again(graph, onnx.load(str(self._prepared)), set(exclude))
+        return graph.SerializeToString()
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -147,6 +150,91 @@ def _quantize_static(prepared: str, out: str, reader: _Batches, *, per_channel, 
         extra_options={} if cached else {"CalibStridedMinMax": reader.window(window)},
         calibration_cache_path=str(ranges),
     )
+
+
+def float_again(int8, prepared, exclude: set[str]) -> None:
+    """Make the nodes in `exclude` really float, in place: each reads the float tensors its fp32 (`prepared`) twin
+    reads, not a DequantizeLinear's output.
+
+    ONNX Runtime leaves an excluded node unquantized but not its inputs: `_add_qdq_pair_for_activation` renames a
+    quantized activation for every reader (`replace_input_of_all_nodes`), the excluded ones included, so a layer
+    "kept in float" computed on INT8-rounded activations and the gate barely moved however many went back. Where
+    the quantizer removed a Clip/Relu after a convolution (its range folded into the QuantizeLinear), the float
+    tensor no longer exists and a copy of that activation is put back for the excluded readers. Q/DQ pairs and
+    initializers nobody reads afterwards are dropped."""
+    import onnx
+
+    graph, twin = int8.graph, {n.name: n for n in prepared.graph.node}
+    made_by = {out: node for node in graph.node for out in node.output}
+    twin_made_by = {out: node for node in prepared.graph.node for out in node.output}
+    initializers = {i.name for i in graph.initializer}
+    twin_initializers = {i.name: i for i in prepared.graph.initializer}
+    removed: dict[str, onnx.NodeProto] = {}  # float tensor -> the folded-away activation that made it
+    for node in graph.node:
+        original = twin.get(node.name)
+        if node.name not in exclude or original is None or len(original.input) != len(node.input):
+            continue
+        for i, (now, before) in enumerate(zip(node.input, original.input)):
+            dq = made_by.get(now)
+            if now == before or dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            maker, twin_maker = made_by.get(before), twin_made_by.get(before)
+            if before in twin_initializers:  # a weight the quantizer quantized: the float one again
+                _need(graph, [before], initializers, twin_initializers)
+            elif maker is not None and twin_maker is not None and maker.name != twin_maker.name:
+                # The activation that made `before` was folded away; `before` now holds its input's value.
+                removed[before] = twin_maker
+                before = f"{before}/float"
+            node.input[i] = before
+    for tensor, activation in removed.items():
+        _put_back(graph, activation, tensor, initializers, twin_initializers)
+    _drop_unread(graph)
+    onnx.checker.check_model(int8)
+
+
+def _need(graph, names, initializers: set[str], twin_initializers: dict) -> None:
+    """Copy the fp32 graph's initializers among `names` that the INT8 graph no longer has."""
+    for name in names:
+        if name in twin_initializers and name not in initializers:
+            graph.initializer.append(twin_initializers[name])
+            initializers.add(name)
+
+
+def _put_back(graph, activation, tensor: str, initializers: set[str], twin_initializers: dict) -> None:
+    """A copy of a removed activation (Clip, Relu) applied to `tensor` (now its input's value), written to
+    `tensor/float`, placed right after the node that makes `tensor` so the graph stays in topological order."""
+    import onnx
+
+    copy = onnx.NodeProto()
+    copy.CopyFrom(activation)
+    copy.name = f"{activation.name}/float"
+    copy.input[0] = tensor
+    del copy.output[:]
+    copy.output.append(f"{tensor}/float")
+    _need(graph, copy.input[1:], initializers, twin_initializers)
+    nodes = list(graph.node)
+    at = next(k for k, n in enumerate(nodes) if tensor in n.output) + 1
+    nodes.insert(at, copy)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _drop_unread(graph) -> None:
+    """Remove Q/DQ nodes whose outputs nobody reads (repeatedly: a DQ gone leaves its Q unread), then unread
+    initializers."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        unread = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                  and not any(o in read for o in n.output)]
+        if not unread:
+            break
+        for n in unread:
+            graph.node.remove(n)
+    read = {name for node in graph.node for name in node.input} | outputs
+    kept = [i for i in graph.initializer if i.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def node_names(model: bytes, op_type: str) -> list[str]:
