@@ -19,7 +19,8 @@ from visiontune.config import TrainConfig
 from visiontune.models.run_dir import RunDir
 from visiontune.training.history import History
 from visiontune.training.phases import PhaseContext
-from visiontune.training.search import TrialContext, candidate_models
+from visiontune.training.search import candidate_models
+from visiontune.training.trials import TrialContext
 
 WIDER = "efficientnet_lite0+efficientnet_lite1"
 FAST = dict(head_epochs=3, seed=0, val=0.25, test=0.25, evaluate=False, search_models=WIDER, search_trials=4)

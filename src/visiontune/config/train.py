@@ -142,6 +142,12 @@ class TrainConfig(Settings):
                                               "with Lite1 and Lite2, when --model is a registry EfficientNet-Lite")
     search_trials: int = setting(0, "the most trials a --budget search runs (0: as many as the budget allows)",
                                  low=0)
+    # Ray, not processes we start: a cluster users already run, with its own scheduling, retries and dashboard.
+    search_ray: str | None = setting(None, "run the --budget search's TPE trials on a Ray cluster: local (a Ray "
+                                           "started for the run), auto (the cluster this node is in), or an "
+                                           "address (ray://head:10001)", flag="--ray")
+    search_ray_threads: int = setting(0, "torch threads of each trial worker on Ray (0: 2, or the cluster's CPUs "
+                                         "when fewer)", low=0)
     # The val split's images are never trained on without it: on oxford102's official split (10 images a class in
     # train and in val) that is half the labelled images (BENCHMARKS.md "Refit on every labelled image").
     refit: bool = setting(True, "train the kept model on train + val: the best epochs and whether phase 2 beats the "
@@ -199,6 +205,8 @@ class TrainConfig(Settings):
                 raise SettingError("budget", f"{self.budget!r}: {exc}; expected e.g. 90s, 5m or 1h") from None
             if self.full_finetune:
                 raise SettingError("budget", "--budget plans the cached recipe; --full-finetune takes --epochs")
+        if self.search_ray is not None and not self.search:
+            raise SettingError("search_ray", "--ray runs the trials of --budget's search, which --no-search turns off")
         if self.task == "multilabel" and (self.full_finetune or self.distill.teacher or self.balance == "sampler"):
             raise SettingError("task", "multilabel trains with the cached recipe, without a teacher or --balance "
                                        "sampler (--balance weights weighs each label's positives)")

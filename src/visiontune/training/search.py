@@ -39,6 +39,7 @@ from visiontune.training.feature_cache import DiskCache
 from visiontune.training.history import History
 from visiontune.training.loops import make_loss
 from visiontune.training.phases import PhaseContext, Sets
+from visiontune.training.trials import TrialContext, pruner, suggest
 
 _LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 # Views a wider backbone's cache may hold, richest first: its frozen pass costs every branch, so views give way first.
@@ -83,25 +84,6 @@ class Stage:
     best_cfg: TrainConfig | None = None
 
 
-class TrialContext(PhaseContext):
-    """A trial's phases: quiet, no checkpoint, and each held-out score reported to Optuna, which may prune."""
-
-    def __init__(self, base: PhaseContext, trial):
-        super().__init__(base.cfg, base.device, base.history, True, [], None, None, base.dist)
-        self.trial, self.step = trial, 0
-
-    def evaluate(self, forward, inputs, labels, batch_size: int = 256):
-        score = super().evaluate(forward, inputs, labels, batch_size)
-        if score is not None and self.trial is not None:
-            import optuna
-
-            self.trial.report(score.accuracy, self.step)
-            self.step += 1
-            if self.trial.should_prune():
-                raise optuna.TrialPruned()
-        return score
-
-
 @dataclass
 class Chosen:
     cfg: TrainConfig
@@ -110,18 +92,6 @@ class Chosen:
     known: OutOfFold | None
     summary: dict = field(default_factory=dict)
     runner: object = None  # the chosen backbone's frozen layers, ready for the test split's pass
-
-
-def suggest(trial, phase2_epochs: int) -> dict:
-    """One trial's settings; a backbone without a stage split (several branches) trains its head only."""
-    params = {"head_lr": trial.suggest_float("head_lr", 2e-4, 1e-2, log=True),
-              "dropout": trial.suggest_float("dropout", 0.0, 0.5),
-              "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.3)}
-    if phase2_epochs:
-        params["finetune_epochs"] = trial.suggest_int("finetune_epochs", 1, phase2_epochs)
-        params["finetune_lr"] = trial.suggest_float("finetune_lr", 3e-5, 5e-4, log=True)
-        params["ema"] = trial.suggest_categorical("ema", [0.0, 0.999])
-    return params
 
 
 class RecipeSearch:
@@ -236,8 +206,7 @@ class RecipeSearch:
         if key not in self.studies:
             study = optuna.create_study(
                 study_name=key, storage=self.storage, direction="maximize", load_if_exists=True,
-                sampler=optuna.samplers.TPESampler(seed=self.cfg.seed, n_startup_trials=3),
-                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+                sampler=optuna.samplers.TPESampler(seed=self.cfg.seed, n_startup_trials=3), pruner=pruner())
             if not study.trials:  # the plan's recipe first: the search never ends worse out of fold than without it
                 study.enqueue_trial(self._defaults(stage))
             self.studies[key] = study
@@ -254,14 +223,25 @@ class RecipeSearch:
         study, epochs = self._study(stage), self._epochs_of(stage)
         self._replay(stage, study)
         done = sum(r["model"] == stage.model and r["views"] == stage.views for r in self.rows)  # resumed ones count
-        while (most is None or done < most) and len(study.trials) < _MOST_TRIALS:
-            if self.cfg.search_trials and len(self.rows) >= self.cfg.search_trials and not (always and not done):
-                return
-            needed = self._folds_seconds(stage, epochs) + self._end_seconds(stage, epochs)
-            if not (always and not done) and not self._fits(needed):
-                return
+        if most is None and self.cfg.search_ray is not None:
+            from visiontune.training.search_ray import trials_on_ray
+
+            trials_on_ray(self, stage, study, epochs, on_trial)
+            return
+        while self.may_start(stage, study, epochs, most, done, always=always):
             self._one(stage, study, epochs, on_trial)
             done += 1
+
+    def may_start(self, stage: Stage, study, epochs: int, most: int | None, done: int, running: int = 0,
+                  always: bool = False) -> bool:
+        """Whether one more trial of `stage` may start (`done` of its trials finished, `running` under way)."""
+        if (most is not None and done + running >= most) or len(study.trials) >= _MOST_TRIALS:
+            return False
+        if always and not done and not running:  # the plan's recipe runs whatever is left
+            return True
+        if self.cfg.search_trials and len(self.rows) + running >= self.cfg.search_trials:
+            return False
+        return self._fits(self._folds_seconds(stage, epochs) + self._end_seconds(stage, epochs))
 
     def _replay(self, stage: Stage, study) -> None:
         """Trials a resumed search finished before it was stopped: rows again, never fitted again."""
@@ -283,24 +263,38 @@ class RecipeSearch:
         return override(self.cfg, model=stage.model, views=stage.views, **params,
                         **({} if self._epochs_of(stage) else {"finetune_epochs": 0}))
 
+    def ask(self, stage: Stage, study, epochs: int):
+        """(a new trial of `study`, its settings, the run's settings with them)."""
+        trial = study.ask()
+        params = suggest(trial, epochs)
+        return trial, params, self._trial_cfg(stage, params)
+
     def _one(self, stage: Stage, study, epochs: int, on_trial) -> None:
         import optuna
 
-        trial = study.ask()
-        params = suggest(trial, epochs)
-        trial_cfg = self._trial_cfg(stage, params)
+        trial, params, trial_cfg = self.ask(stage, study, epochs)
         began = time.perf_counter()
-        ctx = TrialContext(self.ctx, trial)
         try:
             oof = crossfit(stage.net, stage.top, trial_cfg, stage.pool, self.y_pool, len(self.sets.train),
-                           lambda y: make_loss(trial_cfg, y, self.num_classes), ctx, refit=False)
+                           lambda y: make_loss(trial_cfg, y, self.num_classes), TrialContext(self.ctx, trial),
+                           refit=False)
         except optuna.TrialPruned:
             stage.net.load_state_dict(stage.initial)
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            self._row(stage, trial.number, "pruned", params, None, None, time.perf_counter() - began, [0, 0])
+            oof = None
+        self.tell(stage, study, trial, params, trial_cfg, oof, time.perf_counter() - began, on_trial)
+
+    def tell(self, stage: Stage, study, trial, params: dict, trial_cfg: TrainConfig, oof: OutOfFold | None,
+             seconds: float, on_trial, failed: bool = False) -> None:
+        """A finished trial (`oof` None: pruned, or `failed`: its worker was lost) told to the study, written as a
+        row, and kept when it is the best."""
+        import optuna
+
+        if oof is None:
+            state = optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.PRUNED
+            study.tell(trial, state=state)
+            self._row(stage, trial.number, "failed" if failed else "pruned", params, None, None, seconds, [0, 0])
             return
-        seconds = time.perf_counter() - began
-        stage.timed.append((trial_cfg.finetune_epochs if epochs else 0, seconds))
+        stage.timed.append((trial_cfg.finetune_epochs if self._epochs_of(stage) else 0, seconds))
         top1, loss = oof.summary["oof_top1"], oof.summary["oof_loss"]
         trial.set_user_attr("oof_loss", loss)
         trial.set_user_attr("seconds", round(seconds, 1))
@@ -360,5 +354,5 @@ def search_recipe(model, spec, cfg: TrainConfig, budget: float, images: list, di
     notes.append(f"search: {len(rows)} trials in {summary['seconds']:.0f} s over {', '.join(summary['models'])}; "
                  f"chose {kept['trial']} (out-of-fold {sets.score_name} {kept['oof_top1']:.2%}, the plan's recipe "
                  f"{summary['plan_oof_top1']:.2%}); every trial in {RunDir.SEARCH_TRIALS}")
-    return Chosen(best.best_cfg, best.net, best.spec, best.best_oof, summary,
+    return Chosen(override(best.best_cfg, search_ray=None), best.net, best.spec, best.best_oof, summary,
                   best.caches.runners.get(best.caches.train_spec.input_size))

@@ -91,6 +91,8 @@ def train_dataset(dataset: Dataset, cfg: TrainConfig, out: Path, *, data_label: 
     command began (time.perf_counter()), the clock a budget runs on; default now."""
     started = time.perf_counter() if started is None else started
     check_settings(cfg, teacher)
+    if cfg.search_ray is not None and cfg.budget is None and not resume:  # a budget's plan clears budget, not ray
+        raise ConfigError("--ray runs the trials of --budget's search: give --budget")
     created = not Path(out).exists()
     d = distributed.setup()
     try:
