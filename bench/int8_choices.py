@@ -1,6 +1,7 @@
 """Which INT8 calibration and which layers kept in float pass the export gate, measured on a run's test split.
 
-    python bench/int8_choices.py RUN [--methods minmax,entropy,percentile] [--counts 128,256,512] [--out FILE]
+    python bench/int8_choices.py RUN [--methods minmax,entropy,percentile] [--counts 128,256,512]
+        [--roundings gptq,nearest] [--search] [--out FILE]
 
 One process loads the run, its test images, PyTorch's reference and the fp32 ONNX graph once (what `visiontune
 export` does), then for every calibration (method x image count, per channel) builds the INT8 graphs the exporter
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--methods", default="minmax,entropy,percentile")
     parser.add_argument("--counts", default="128,256,512")
     parser.add_argument("--per-channel", default="1", help="1, 0 or 1,0")
+    parser.add_argument("--roundings", default="gptq", help="INT8 weight rounding(s): gptq, nearest or both")
     parser.add_argument("--search", action="store_true", help="also run the exporter's layer search on each")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -61,27 +63,30 @@ def main() -> None:
         return result
 
     always = scoped_nodes(fp32, SCOPE)
-    for per_channel in [bool(int(x)) for x in args.per_channel.split(",")]:
-        for method in args.methods.split(","):
-            for count in [int(c) for c in args.counts.split(",")]:
-                shared.images.cfg = cfg_n = ExportConfig(precision="int8", calibration_images=count,
-                                                         calibration_method=method, per_channel=per_channel)
-                shared.images._rng = np.random.default_rng(cfg.seed)  # the sample the exporter would draw
-                calibration = shared.images.calibration_batches()
-                t0 = time.perf_counter()
-                with Int8Calibration(fp32, calibration, input_name=INPUT, per_channel=per_channel,
-                                     method=method) as calibrated:
-                    built = calibrated.build(always)  # the unknown score's own nodes stay float, as in the exporter
-                    seconds = time.perf_counter() - t0
-                    for name, exclude in (("all int8", []), ("stem+classifier float", _ends(calibrated))):
-                        result = gate(built if not exclude else calibrated.build([*always, *exclude]))
-                        _record(records, method, count, per_channel, name, result, seconds)
-                    if args.search:
-                        t1 = time.perf_counter()
-                        _, result, info = controlled(calibrated, always, gate, cfg_n, lambda: _sens(calibration, cfg),
-                                                     lambda m: print("   ", m, flush=True))
-                        _record(records, method, count, per_channel, "search", result,
-                                seconds + time.perf_counter() - t1, float_layers=info["float_layers"])
+    choices = [(per_channel, method, int(count), rounding) for per_channel in args.per_channel.split(",")
+               for method in args.methods.split(",") for count in args.counts.split(",")
+               for rounding in args.roundings.split(",")]
+    for per_channel, method, count, rounding in choices:
+        per_channel = bool(int(per_channel))
+        shared.images.cfg = cfg_n = ExportConfig(precision="int8", calibration_images=count,
+                                                 calibration_method=method, per_channel=per_channel,
+                                                 weight_rounding=rounding)
+        shared.images._rng = np.random.default_rng(cfg.seed)  # the sample the exporter would draw
+        calibration = shared.images.calibration_batches()
+        t0 = time.perf_counter()
+        with Int8Calibration(fp32, calibration, input_name=INPUT, per_channel=per_channel,
+                             method=method, weight_rounding=rounding) as calibrated:
+            built = calibrated.build(always)  # the unknown score's own nodes stay float, as in the exporter
+            seconds = time.perf_counter() - t0
+            for name, exclude in (("all int8", []), ("stem+classifier float", _ends(calibrated))):
+                result = gate(built if not exclude else calibrated.build([*always, *exclude]))
+                _record(records, cfg_n, name, result, seconds)
+            if args.search:
+                t1 = time.perf_counter()
+                _, result, info = controlled(calibrated, always, gate, cfg_n, lambda: _sens(calibration, cfg),
+                                             lambda m: print("   ", m, flush=True))
+                _record(records, cfg_n, "search", result,
+                        seconds + time.perf_counter() - t1, float_layers=info["float_layers"])
     if args.out:
         args.out.write_text(json.dumps(records, indent=1))
 
@@ -100,8 +105,9 @@ def _sens(calibration, cfg):
     return [images[i:i + 16] for i in range(0, len(images), 16)]
 
 
-def _record(records, method, count, per_channel, name, result, seconds, **extra):
-    row = dict(method=method, calibration_images=count, per_channel=per_channel, float=name,
+def _record(records, cfg, name, result, seconds, **extra):
+    row = dict(method=cfg.calibration_method, calibration_images=cfg.calibration_images, per_channel=cfg.per_channel,
+               weight_rounding=cfg.weight_rounding, float=name,
                agreement=round(result["top1_agreement"], 4), accuracy_change=result.get("accuracy_change_points"),
                unknown_agreement=round(result.get("unknown_agreement", 1.0), 4), passed=result["passed"],
                flip_margins=result.get("flip_margins"), seconds=round(seconds, 1), **extra)

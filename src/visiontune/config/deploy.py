@@ -13,6 +13,7 @@ from visiontune.config.choices import (
     FRACTION,
     LOG_LEVELS,
     QUANT_FORMATS,
+    WEIGHT_ROUNDINGS,
     SERVE_PRECISIONS,
     SHARD_FORMATS,
     SPLITS,
@@ -127,6 +128,10 @@ class ExportConfig(Settings):
     # Percentile (99.999) clips rare outliers: on flower_photos lite0 it agreed with fp32 on 99.7 % of test images
     # against minmax's 99.5 % and entropy's 99.5 %, at about 3x the calibration time.
     calibration_method: str = setting("percentile", "INT8 calibration", choices=CALIBRATION_METHODS)
+    # Measured in BENCHMARKS.md ("INT8 weights rounded by GPTQ"): nearest rounding was most of the INT8 error.
+    weight_rounding: str = setting("gptq", "INT8 weights rounded to what each layer's output needs on the "
+                                           "calibration images (gptq; qdq graphs) or to the nearest integer",
+                                   choices=WEIGHT_ROUNDINGS)
     seed: int = setting(0, "which training / test images are sampled", low=0)
 
     def check(self) -> None:

@@ -190,7 +190,7 @@ class _Shared:
 
         with Int8Calibration(fp32, calibration, input_name=INPUT, per_channel=cfg.per_channel,
                              quant_format=cfg.quant_format, method=cfg.calibration_method,
-                             window=cfg.calibration_window) as calibrated:
+                             window=cfg.calibration_window, weight_rounding=cfg.weight_rounding) as calibrated:
             data, result, control = controlled(calibrated, scoped_nodes(fp32, SCOPE), gate, cfg, sensitivity_batches,
                                                self.say)
         result["int8_control"] = control
@@ -200,6 +200,7 @@ class _Shared:
                               f"--int8-agreement sets the bar (accuracies of both are in parity.json)")
         how = {"calibration_images": n_cal, "method": cfg.calibration_method, "per_channel": cfg.per_channel,
                "quant_format": cfg.quant_format, "activations": "uint8", "weights": "int8",
+               "weight_rounding": cfg.weight_rounding,
                "float_layers": control["float_layers"]}
         return data, result, how
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from visiontune.config import ExportConfig
 from visiontune.errors import ExportError
+from visiontune.models.int8_rounding import InputMoments, round_weights
 
 
 class _Batches:
@@ -37,6 +38,10 @@ class _Batches:
 
     def __len__(self) -> int:
         return len(self._images)
+
+    @property
+    def images(self) -> list[np.ndarray]:
+        return self._images
 
     @property
     def first_shape(self) -> tuple[int, ...]:
@@ -64,7 +69,8 @@ class _Batches:
 def quantize_int8(fp32_model: bytes, calibration: list[np.ndarray], *, input_name: str,
                   per_channel: bool = ExportConfig.per_channel, quant_format: str = ExportConfig.quant_format,
                   method: str = ExportConfig.calibration_method, exclude: Iterable[str] = (),
-                  window: int = ExportConfig.calibration_window) -> bytes:
+                  window: int = ExportConfig.calibration_window,
+                  weight_rounding: str = ExportConfig.weight_rounding) -> bytes:
     """The INT8 model (weights int8 per output channel, activations uint8) as serialised ONNX bytes.
 
     `calibration`: normalised N x 3 x S x S batches of representative images (training images, eval crop).
@@ -72,7 +78,8 @@ def quantize_int8(fp32_model: bytes, calibration: list[np.ndarray], *, input_nam
     `window`: at most this many images' activations are held in memory at once.
     """
     with Int8Calibration(fp32_model, calibration, input_name=input_name, per_channel=per_channel,
-                         quant_format=quant_format, method=method, window=window) as calibrated:
+                         quant_format=quant_format, method=method, window=window,
+                         weight_rounding=weight_rounding) as calibrated:
         return calibrated.build(exclude)
 
 
@@ -83,7 +90,8 @@ class Int8Calibration:
 
     def __init__(self, fp32_model: bytes, calibration: list[np.ndarray], *, input_name: str,
                  per_channel: bool = ExportConfig.per_channel, quant_format: str = ExportConfig.quant_format,
-                 method: str = ExportConfig.calibration_method, window: int = ExportConfig.calibration_window):
+                 method: str = ExportConfig.calibration_method, window: int = ExportConfig.calibration_window,
+                 weight_rounding: str = ExportConfig.weight_rounding):
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         if not calibration:
@@ -97,6 +105,7 @@ class Int8Calibration:
         self._options = dict(per_channel=per_channel, quant_format=quant_format, method=method)
         self._reader = _Batches(input_name, calibration)
         self._window = window
+        self._rounding, self._moments = weight_rounding, None
         self.input_name = input_name
 
     @property
@@ -112,6 +121,7 @@ class Int8Calibration:
     def build(self, exclude: Iterable[str] = ()) -> bytes:
         import onnx
 
+        exclude = list(exclude)
         out = Path(self._tmp.name) / "int8.onnx"
         # Histogram calibrators print their progress to stdout, which belongs to the CLI's own output.
         with contextlib.redirect_stdout(io.StringIO()):
@@ -121,7 +131,17 @@ class Int8Calibration:
         graph = onnx.load(str(out))
         if exclude:
             float_again(graph, onnx.load(str(self._prepared)), set(exclude))
+        if self._rounding == "gptq":
+            round_weights(graph, self.input_moments(), skip=exclude)
         return graph.SerializeToString()
+
+    def input_moments(self) -> InputMoments:
+        """What GPTQ rounds against, measured on the calibration images once for every graph built."""
+        if self._moments is None:
+            images = np.concatenate([batch for batch in self._reader.images])
+            self._moments = InputMoments(self.prepared, [images[i:i + 16] for i in range(0, len(images), 16)],
+                                         self.input_name)
+        return self._moments
 
     def close(self) -> None:
         self._tmp.cleanup()
