@@ -34,6 +34,7 @@ from visiontune.training.feature_cache import view_crop
 from visiontune.training.phases import augment_from
 
 TINY_AGREEMENT = 0.5  # as in test_export: six test images of a barely-trained model can flip under INT8
+LOOSE_DROP = 100.0  # and one flipped image of six is 16.7 points of accuracy
 
 
 # ------------------------------------------------------------------ arithmetic on hand-made logits
@@ -237,7 +238,8 @@ def test_distillation_brings_the_student_closer_to_the_teacher(distilled, ens):
 
 
 def test_distilled_run_exports_to_int8(distilled):
-    result = visiontune.api.export(distilled["distilled"], precision="int8", int8_agreement=TINY_AGREEMENT)
+    result = visiontune.api.export(distilled["distilled"], precision="int8", int8_agreement=TINY_AGREEMENT,
+                                   int8_max_drop=LOOSE_DROP)
     assert result.path.name == "model.int8.onnx" and result.path.is_file()
     assert Classifier.load(result.path).labels == ["daisy", "roses", "tulips"]
 

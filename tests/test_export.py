@@ -21,6 +21,7 @@ from visiontune.inference import Classifier
 # Twelve training photos and three barely-trained classes leave logits close together, so a few of the
 # six test images can flip class under INT8 rounding; real runs keep the 0.99 default.
 TINY_AGREEMENT = 0.5
+LOOSE_DROP = 100.0  # and one flipped image of six is 16.7 points of accuracy
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(run):
     return {"fp32": visiontune.api.export(run),
-            "int8": visiontune.api.export(run, precision="int8", int8_agreement=TINY_AGREEMENT)}
+            "int8": visiontune.api.export(run, precision="int8", int8_agreement=TINY_AGREEMENT, int8_max_drop=LOOSE_DROP)}
 
 
 def test_fp32_onnx_matches_pytorch_and_records_parity(run, exported):
@@ -76,7 +77,7 @@ def test_int8_is_static_qdq_per_channel_and_reports_accuracy_change(run, exporte
     assert result.path == run / "export" / "model.int8.onnx"
     assert result.path.stat().st_size < exported["fp32"].path.stat().st_size / 2.5
     parity = json.loads((run / "export" / "parity.json").read_text())["model.int8.onnx"]
-    assert parity["reference"] == "onnx fp32" and parity["thresholds"] == {"top1_agreement": TINY_AGREEMENT}
+    assert parity["reference"] == "onnx fp32" and parity["thresholds"]["top1_agreement"] == TINY_AGREEMENT
     for key in ("top1_agreement", "reference_accuracy", "accuracy", "accuracy_change_points", "vs_pytorch"):
         assert key in parity
     graph = onnx.load(str(result.path)).graph
@@ -142,7 +143,7 @@ def test_several_formats_in_one_call_share_one_traced_graph_and_one_calibration(
     # Every format one call at a time re-traced ONNX and re-ran its checks each time (8.4 minutes).
     capfd.readouterr()
     results = visiontune.api.export(run, format="onnx,torchscript,openvino", precision="fp32,int8",
-                                    int8_agreement=TINY_AGREEMENT)
+                                    int8_agreement=TINY_AGREEMENT, int8_max_drop=LOOSE_DROP)
     err = capfd.readouterr().err
     assert [(r.format, r.precision) for r in results] == [("onnx", "fp32"), ("onnx", "int8"), ("torchscript", "fp32"),
                                                          ("openvino", "fp32"), ("openvino", "int8")]
@@ -206,7 +207,8 @@ def test_calibration_in_windows_bounds_memory_and_keeps_minmax_ranges(run, expor
 
 def test_openvino_fp32_and_int8_export_load_predict_and_bench(run, exported, photos, cli):
     fp32 = visiontune.api.export(run, format="openvino")
-    int8 = visiontune.api.export(run, format="openvino", precision="int8", int8_agreement=TINY_AGREEMENT)
+    int8 = visiontune.api.export(run, format="openvino", precision="int8", int8_agreement=TINY_AGREEMENT,
+                                 int8_max_drop=LOOSE_DROP)
     assert fp32.path.name == "model.openvino.xml" and fp32.path.with_suffix(".bin").is_file()
     assert int8.path.name == "model.int8.openvino.xml"
     record = json.loads((run / "export" / "parity.json").read_text())

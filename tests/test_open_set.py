@@ -114,7 +114,7 @@ def test_the_tflite_export_carries_the_score_as_its_second_output(run, strange, 
 
 
 def test_int8_keeps_the_score_in_float_and_records_its_agreement(run, strange, known):
-    result = visiontune.api.export(run, precision="int8", int8_agreement=0.5, int8_unknown_agreement=0.5)
+    result = visiontune.api.export(run, precision="int8", int8_agreement=0.5, int8_unknown_agreement=0.5, int8_max_drop=100.0)
     record = json.loads((run / "export" / "parity.json").read_text())["model.int8.onnx"]
     assert "unknown_agreement" in record and record["thresholds"]["unknown_agreement"] == 0.5
     nodes = onnx.load(str(result.path)).graph.node

@@ -440,7 +440,8 @@ def test_engine_choice_prefers_the_int8_export(run, tmp_path):
     assert exported_onnx(other, "auto") == int8
     assert load_model(other, ServeConfig(max_batch=2)).engine_name == "onnx int8"
     assert load_model(other, ServeConfig(precision="fp32", max_batch=2)).engine_name == "onnx fp32"
-    visiontune.api.export(other, format="openvino", precision="int8", int8_agreement=0.5, int8_unknown_agreement=0.5)
+    visiontune.api.export(other, format="openvino", precision="int8", int8_agreement=0.5, int8_unknown_agreement=0.5,
+                          int8_max_drop=100.0)
     assert load_model(other, ServeConfig(max_batch=2)).engine_name == "openvino int8"  # measured the fastest
     assert load_model(other, ServeConfig(precision="int8", max_batch=2)).engine_name == "onnx int8"
 

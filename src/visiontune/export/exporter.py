@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from visiontune.config import ExportConfig, default_workers
 from visiontune.errors import ExportError
 from visiontune.export import parity
@@ -53,6 +55,11 @@ class ExportResult:
             if "accuracy_change_points" in p:
                 line += (f", test accuracy {p['reference_accuracy']:.2%} -> {p['accuracy']:.2%} "
                          f"({p['accuracy_change_points']:+.2f} points)")
+            control = p.get("int8_control") or {}
+            if control.get("float_layers"):
+                ms = control["latency_ms_batch1"]
+                line += (f"; {len(control['float_layers'])} layer(s) kept in float (batch-1 {ms['int8']:.1f} ms "
+                         f"against {ms['int8_all_layers']:.1f} ms all-INT8, {ms['fp32']:.1f} ms fp32)")
         else:
             line += f"max |diff| {p['max_abs_diff']:.2e}, min cosine {p['min_cosine']:.6f}"
         if "unknown_agreement" in p:
@@ -158,27 +165,43 @@ class _Shared:
 
     @cached_property
     def int8(self) -> tuple[bytes, dict, dict]:
-        """(the INT8 ONNX graph, its parity with fp32 ONNX, how it was calibrated), calibrated once."""
-        from visiontune.models.quantize import quantize_int8, scoped_nodes
+        """(the INT8 ONNX graph, its parity with fp32 ONNX, how it was calibrated and which layers stayed float),
+        calibrated once; layers go back to float only when the fully quantized graph fails the gate."""
+        from visiontune.export.int8_control import controlled
+        from visiontune.models.quantize import Int8Calibration, scoped_nodes
 
         cfg = self.cfg
         fp32, fp32_logits, _ = self.fp32
         calibration = self.images.calibration_batches()
         n_cal = sum(len(b) for b in calibration)
         self.say(f"calibrating INT8 on {n_cal} training images")
-        data = quantize_int8(fp32, calibration, input_name=INPUT, per_channel=cfg.per_channel,
+
+        def gate(data: bytes) -> dict:
+            int8_logits = onnx_logits(data, self.images)
+            result = parity.check_agreement("ONNX INT8", self.compare(int8_logits, fp32_logits),
+                                            agreement=cfg.int8_agreement, max_drop=cfg.int8_max_drop,
+                                            unknown_agreement=cfg.int8_unknown_agreement)
+            result["vs_pytorch"] = self.compare(int8_logits)
+            return result
+
+        def sensitivity_batches() -> list:
+            images = np.concatenate(calibration)[:cfg.sensitivity_images]
+            return [images[i:i + 16] for i in range(0, len(images), 16)]
+
+        with Int8Calibration(fp32, calibration, input_name=INPUT, per_channel=cfg.per_channel,
                              quant_format=cfg.quant_format, method=cfg.calibration_method,
-                             window=cfg.calibration_window, exclude=scoped_nodes(fp32, SCOPE))
-        int8_logits = onnx_logits(data, self.images)
-        result = parity.check_agreement("ONNX INT8", self.compare(int8_logits, fp32_logits),
-                                        agreement=cfg.int8_agreement, unknown_agreement=cfg.int8_unknown_agreement)
-        result["vs_pytorch"] = self.compare(int8_logits)
-        if n_cal < cfg.calibration_images:  # every training image calibrated already: more cannot be had
+                             window=cfg.calibration_window, weight_rounding=cfg.weight_rounding) as calibrated:
+            data, result, control = controlled(calibrated, scoped_nodes(fp32, SCOPE), gate, cfg, sensitivity_batches,
+                                               self.say)
+        result["int8_control"] = control
+        if n_cal < cfg.calibration_images and "hint" not in result:  # every training image calibrated already
             result["hint"] = (f"; calibration already saw all {n_cal} training images, and on {result['images']} "
                               f"test images one disagreement is {1 / max(result['images'], 1):.1%}: "
                               f"--int8-agreement sets the bar (accuracies of both are in parity.json)")
         how = {"calibration_images": n_cal, "method": cfg.calibration_method, "per_channel": cfg.per_channel,
-               "quant_format": cfg.quant_format, "activations": "uint8", "weights": "int8"}
+               "quant_format": cfg.quant_format, "activations": "uint8", "weights": "int8",
+               "weight_rounding": cfg.weight_rounding,
+               "float_layers": control["float_layers"]}
         return data, result, how
 
 
@@ -236,7 +259,8 @@ def _export_openvino(shared: _Shared, target: Path, onnx_data: bytes, cfg: Expor
     logits = stack([run_ir(b) for b in shared.images.parity_batches()])
     if cfg.precision == "int8":
         result = parity.check_agreement("OpenVINO INT8", shared.compare(logits, fp32_logits),
-                                        agreement=cfg.int8_agreement, unknown_agreement=cfg.int8_unknown_agreement)
+                                        agreement=cfg.int8_agreement, max_drop=cfg.int8_max_drop,
+                                        unknown_agreement=cfg.int8_unknown_agreement)
         result["vs_pytorch"] = shared.compare(logits)
     else:
         result = parity.check_close("OpenVINO fp32", shared.compare(logits), atol=cfg.fp32_atol,

@@ -78,10 +78,14 @@ def check_cosine(name: str, result: dict, *, cosine: float, score_atol: float) -
     return _verdict(result, {"min_cosine": cosine}, {"unknown_max_abs_diff": score_atol})
 
 
-def check_agreement(name: str, result: dict, *, agreement: float, unknown_agreement: float) -> dict:
-    """INT8: the same top-1 class as fp32 on at least `agreement` of the images, and the same unknown decision
-    on at least `unknown_agreement` of them."""
-    return _verdict(result, {"top1_agreement": agreement}, {"unknown_agreement": unknown_agreement})
+def check_agreement(name: str, result: dict, *, agreement: float, unknown_agreement: float,
+                    max_drop: float | None = None) -> dict:
+    """INT8: the same top-1 class as fp32 on at least `agreement` of the images, the same unknown decision on at
+    least `unknown_agreement` of them, and (where labels are known) accuracy at most `max_drop` points lower."""
+    optional = {"unknown_agreement": unknown_agreement}
+    if max_drop is not None:
+        optional["accuracy_change_points"] = -max_drop
+    return _verdict(result, {"top1_agreement": agreement}, optional)
 
 
 _UPPER_BOUNDS = ("max_abs_diff", "unknown_max_abs_diff")
@@ -103,7 +107,7 @@ def raise_if_failed(name: str, result: dict, where: str) -> None:
               if (result[key] > bound if key in _UPPER_BOUNDS else result[key] < bound)]
     if result.get("unknown_missing"):
         failed.append("the unknown score is missing from the export's outputs")
-    hint = (result.get("hint") or "; more --calibration-images may help (accuracies of both are in parity.json)"
-            if "top1_agreement" in result["thresholds"] else "")
+    hint = result.get("hint") or ("; more --calibration-images may help (accuracies of both are in parity.json)"
+                                  if "top1_agreement" in result["thresholds"] else "")
     raise ExportError(f"{where}: {name} failed its parity check against the reference on {result['images']} images: "
                       f"{'; '.join(failed)}; nothing was written (details in parity.json){hint}")
