@@ -13,10 +13,10 @@ from visiontune.config.choices import (
     FRACTION,
     LOG_LEVELS,
     QUANT_FORMATS,
-    WEIGHT_ROUNDINGS,
     SERVE_PRECISIONS,
     SHARD_FORMATS,
     SPLITS,
+    WEIGHT_ROUNDINGS,
 )
 from visiontune.config.train import ScanConfig
 from visiontune.settings import SettingError, Settings, setting
