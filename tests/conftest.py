@@ -185,3 +185,13 @@ def kill_train_when(out: Path, marker: str, *args: str, seconds: float = 240, wa
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray (2 CPUs) per test process, for every test file that needs one: a second `ray.init` in the same
+    process fails, and starting Ray costs seconds."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'; make test does)")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

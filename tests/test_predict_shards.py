@@ -45,15 +45,6 @@ def album(tmp_path_factory, photos):
     return root
 
 
-@pytest.fixture(scope="session")
-def local_ray():
-    if ray is None:
-        pytest.skip("Ray is not installed (pip install -e '.[ray]'; make test does)")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def by_path(rows: list[dict]) -> dict[str, dict]:
     found = {r["path"]: r for r in rows}
     assert len(found) == len(rows), "an image was written twice"

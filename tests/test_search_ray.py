@@ -20,13 +20,6 @@ FAST = dict(head_epochs=2, seed=0, val=0.25, test=0.25, evaluate=False, search_m
             search_trials=5)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def kill_one_trial_worker(killed: list, seconds: float = 240) -> None:
     """SIGKILL the first Ray worker seen running a trial, as a lost node would end it."""
     import psutil
