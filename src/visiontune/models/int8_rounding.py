@@ -71,7 +71,7 @@ def round_weights(int8, moments: InputMoments, skip: Iterable[str] = ()) -> int:
     """Re-round, in place, the int8 weights of the INT8 graph (`onnx.ModelProto`) whose convolutions `moments`
     measured, from the prepared graph's float weights; returns how many layers were re-rounded. `skip`: nodes kept
     in float (their weights are no longer quantized)."""
-    from onnx import numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     graph = int8.graph
     initializers = {i.name: i for i in graph.initializer}
@@ -85,7 +85,7 @@ def round_weights(int8, moments: InputMoments, skip: Iterable[str] = ()) -> int:
             continue
         q_init, scale_init = initializers.get(dq.input[0]), initializers.get(dq.input[1])
         zero = initializers.get(dq.input[2]) if len(dq.input) > 2 else None
-        if q_init is None or scale_init is None or q_init.data_type != 3:  # 3: int8
+        if q_init is None or scale_init is None or q_init.data_type != TensorProto.INT8:
             continue
         q = numpy_helper.to_array(q_init)
         scale = numpy_helper.to_array(scale_init).astype(np.float64).reshape(-1)

@@ -138,7 +138,7 @@ class Int8Calibration:
     def input_moments(self) -> InputMoments:
         """What GPTQ rounds against, measured on the calibration images once for every graph built."""
         if self._moments is None:
-            images = np.concatenate([batch for batch in self._reader.images])
+            images = np.concatenate(self._reader.images)
             self._moments = InputMoments(self.prepared, [images[i:i + 16] for i in range(0, len(images), 16)],
                                          self.input_name)
         return self._moments
