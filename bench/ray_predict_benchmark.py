@@ -15,6 +15,7 @@ group; its memory is the RSS summed over the whole process tree (Ray's raylet, G
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import re
@@ -32,13 +33,10 @@ from machine import describe, save_json
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flower_photos"
 
 
-def make_images(target: Path, count: int, seed: int = 0) -> Path:
-    done = target / f".complete-{count}"
-    if done.exists():
-        return target
-    photos = sorted(PHOTOS.rglob("*.jpg"))
-    rng = random.Random(seed)
-    for i in range(count):
+def _make_folder(job: tuple[Path, list[Path], int, int, int]) -> None:
+    target, photos, start, stop, seed = job
+    rng = random.Random(seed * 1_000_003 + start)  # one stream per folder, so the processes agree on every image
+    for i in range(start, stop):
         source = photos[i % len(photos)]
         folder = target / source.parent.name / f"{i // 1000:03d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -50,6 +48,17 @@ def make_images(target: Path, count: int, seed: int = 0) -> Path:
             if rng.random() < 0.5:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
             im.save(folder / f"img_{i:06d}.jpg", quality=85)
+
+
+def make_images(target: Path, count: int, seed: int = 0) -> Path:
+    done = target / f".complete-{count}"
+    if done.exists():
+        return target
+    photos = sorted(PHOTOS.rglob("*.jpg"))
+    jobs = [(target, photos, start, min(start + 1000, count), seed) for start in range(0, count, 1000)]
+    with multiprocessing.Pool(os.cpu_count()) as pool:
+        for _ in pool.imap_unordered(_make_folder, jobs):
+            pass
     done.write_text("")
     return target
 
