@@ -19,7 +19,7 @@ import visiontune
 from deploy_run import copy_run
 from test_serve import Server
 from visiontune.data.loader import load_for_model
-from visiontune.errors import ConfigError, ExportError, ModelError
+from visiontune.errors import ExportError, ModelError
 from visiontune.inference import Classifier
 
 needs_tflite = pytest.mark.skipif(
@@ -133,11 +133,30 @@ def test_a_failed_tflite_parity_check_writes_no_model(tmp_path_factory):
     assert record["passed"] is False and record["min_cosine"] < 1.0 and "stage" not in record
 
 
-def test_tflite_int8_is_refused_before_any_work(tmp_path_factory):
+@needs_tflite
+def test_tflite_int8_is_full_integer_and_judged_by_the_int8_gate(tmp_path_factory, crops, cli):
     run = copy_run(tmp_path_factory, "tflite-int8")
-    with pytest.raises(ConfigError, match="TFLite export is fp32 or fp16"):
-        visiontune.api.export(run, format="tflite", precision="int8")
-    assert not (run / "export").exists()
+    target = run / "export" / "model.int8.tflite"
+    # The default gate, on the tiny run's 6 test images: written only when it passes, one line when it does not.
+    done = cli("export", run, "--format", "tflite", "--precision", "int8", "--calibration-images", "8", "--quiet")
+    record = json.loads((run / "export" / "parity.json").read_text())["model.int8.tflite"]
+    assert record["reference"] == "onnx fp32" and record["thresholds"]["top1_agreement"] == 0.995
+    assert (done.returncode == 0) == record["passed"] == target.exists()
+    if not record["passed"]:
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "cannot keep single layers" in done.stderr
+
+    # A bar every model meets, to check what is written: int8 tensors inside, float in and out, and it classifies.
+    result = visiontune.api.export(run, format="tflite", precision="int8", calibration_images=8, int8_agreement=0.0,
+                                   int8_unknown_agreement=0.0, int8_max_drop=100.0)
+    assert result.path == target and result.parity["passed"] and "vs_pytorch" in result.parity
+    from ai_edge_litert.interpreter import Interpreter
+
+    details = Interpreter(model_path=str(target)).get_tensor_details()
+    assert sum(d["dtype"] == np.int8 for d in details) > 20
+    reference, batch, _ = crops
+    int8 = Classifier.load(target)
+    assert int8.engine_name == "tflite int8"
+    assert int8.logits(batch).shape == reference.logits(batch).shape
 
 
 @needs_tflite

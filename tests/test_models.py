@@ -354,7 +354,7 @@ def test_model_json_describes_the_model(bundle):
     assert data["format"] == "visiontune-model" and data["format_version"] == 1
     assert data["id2label"] == {"0": "daisy", "1": "dandelion", "2": "roses"}
     assert Preprocess.from_dict(data["preprocess"]) == meta.preprocess
-    assert set(data["preprocess"]) == {"input_size", "crop_pct", "mean", "std", "interpolation"}
+    assert set(data["preprocess"]) == {"input_size", "crop_pct", "mean", "std", "interpolation", "version"}
     assert data["architecture"] == {"backbone": "test_efficientnet", "timm_name": "test_efficientnet",
                                     "num_classes": 3, "dropout": 0.1}
     assert data["versions"]["torch"] == torch.__version__ and data["versions"]["timm"] == timm.__version__
@@ -525,7 +525,7 @@ def test_preprocess_round_trips_through_json():
         data = json.loads(json.dumps(spec.to_dict()))
         assert Preprocess.from_dict(data) == spec
     assert LITE0.to_dict() == {"input_size": 224, "crop_pct": 0.875, "mean": (0.5, 0.5, 0.5),
-                               "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
+                               "std": (0.5, 0.5, 0.5), "interpolation": "bicubic", "version": 2}
 
 
 @pytest.mark.parametrize("name, size", [("test_resnet", 0), ("test_vit", 64), ("mobilenetv3_small_050", 0)])

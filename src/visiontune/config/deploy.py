@@ -173,11 +173,6 @@ def _unsupported(format: str, precision: str) -> str | None:
     if format == "openvino" and precision == "fp16":
         return ("OpenVINO export is fp32 or int8 (OpenVINO picks bf16 or fp16 itself where the hardware has them); "
                 "use --format onnx for fp16")
-    if format == "tflite" and precision == "int8":
-        # Measured: TFLite's full-integer INT8 of the flower_photos Lite0 run picked fp32's class on 98.4 % of
-        # its test images (128 calibration images; 98.1 % with 512), under the 99 % every INT8 export must meet.
-        return ("TFLite export is fp32 or fp16 (TFLite's INT8 did not keep parity with fp32, see BENCHMARKS.md); "
-                "use --format onnx or openvino for int8")
     return None
 
 

@@ -11,13 +11,13 @@ import numpy as np
 from visiontune.config import ScanConfig
 from visiontune.data.decode import ImageSource, decode_full, describe_source, read_bytes, unreadable_as_decode_error
 from visiontune.data.parallel import parallel_map
-from visiontune.data.transforms import Preprocess, center_crop, resize_shorter, resize_shorter_image
+from visiontune.data.transforms import Preprocess, center_crop, resized_for_crop
 from visiontune.errors import ImageDecodeError
 
 
 def load_resized(source: ImageSource, spec: Preprocess, max_pixels: int = ScanConfig.max_pixels) -> np.ndarray:
     """uint8 RGB with the shorter side at `spec.resize_size`: the common start of training and inference."""
-    return resize_shorter(_resized_image(source, spec, max_pixels), spec.resize_size, spec.interpolation)
+    return np.asarray(_resized_image(source, spec, max_pixels))
 
 
 def load_for_model(source: ImageSource, spec: Preprocess, max_pixels: int = ScanConfig.max_pixels) -> np.ndarray:
@@ -30,7 +30,7 @@ def load_for_model(source: ImageSource, spec: Preprocess, max_pixels: int = Scan
 def _resized_image(source: ImageSource, spec: Preprocess, max_pixels: int):
     decoded = decode_full(source, draft=spec.resize_size, max_pixels=max_pixels)  # path, bytes, PIL or array
     with unreadable_as_decode_error(describe_source(source, 0)):  # a resize can still run out of memory
-        return resize_shorter_image(decoded.image, spec.resize_size, spec.interpolation)
+        return resized_for_crop(decoded.image, spec)
 
 
 @dataclass

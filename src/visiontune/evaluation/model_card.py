@@ -48,8 +48,9 @@ def model_card(run_name: str, meta_json: dict, train: dict, evaluation: dict, da
         f"- Backbone: `{arch['backbone']}` (timm `{arch['timm_name']}`), ImageNet-pretrained, fine-tuned; "
         f"{train.get('parameters', '?'):,} parameters." if isinstance(train.get("parameters"), int) else
         f"- Backbone: `{arch['backbone']}` (timm `{arch['timm_name']}`), ImageNet-pretrained, fine-tuned.",
-        f"- Input: RGB, shorter side resized to {int(pre['input_size'] / pre['crop_pct'])} ({pre['interpolation']}), "
-        f"centre crop {pre['input_size']}, mean {pre['mean']}, std {pre['std']}.",
+        f"- Input: RGB, shorter side resized to {int(pre['input_size'] / pre['crop_pct'])} ({pre['interpolation']}, "
+        f"preprocessing version {pre.get('version', 1)}), centre crop {pre['input_size']}, mean {pre['mean']}, "
+        f"std {pre['std']}.",
         f"- Trained in {train.get('train_seconds', '?')} s on {train.get('device', '?')}"
         + (f"; the whole `train` command, this evaluation included, took {train['command_seconds']} s"
            if train.get("evaluation_seconds") is not None else "")

@@ -285,17 +285,31 @@ def _export_tflite(shared: _Shared, target: Path, cfg: ExportConfig, info: dict)
     if not onnx_result["passed"]:
         _finish(shared.run, target, dict(onnx_result, stage="fp32 ONNX graph the TFLite model is converted from"))
     shared.say(f"converting to TFLite ({cfg.precision})")
-    data = tflite.convert(onnx_fp32, cfg.precision)
+    calibration = shared.images.calibration_batches() if cfg.precision == "int8" else None
+    data = tflite.convert(onnx_fp32, cfg.precision, calibration)
     run_tflite = tflite.interpreter(data, "the TFLite model", default_workers(0))
-    compared = shared.compare(stack([run_tflite(b) for b in shared.images.parity_batches()]))
-    if cfg.precision == "fp16":
+    logits = stack([run_tflite(b) for b in shared.images.parity_batches()])
+    compared = shared.compare(logits)
+    if cfg.precision == "int8":  # judged against fp32 ONNX by the gate every INT8 export meets
+        result = parity.check_agreement("TFLite INT8", shared.compare(logits, shared.fp32[1]),
+                                        agreement=cfg.int8_agreement, max_drop=cfg.int8_max_drop,
+                                        unknown_agreement=cfg.int8_unknown_agreement)
+        result["vs_pytorch"] = compared
+        if not result["passed"]:  # TFLite's full-integer model has no float fallback for single layers: say so
+            result["hint"] = ("; TFLite's full-integer INT8 cannot keep single layers in float: --format onnx or "
+                              "openvino --precision int8 can, or --int8-agreement lowers the bar (accuracies of "
+                              "both are in parity.json)")
+        info["int8"] = {"calibration_images": sum(len(b) for b in calibration), "activations": "int8",
+                        "weights": "int8 per channel", "converter": "TensorFlow full-integer, float input and output"}
+    elif cfg.precision == "fp16":
         result = parity.check_cosine("TFLite fp16", compared, cosine=cfg.fp16_cosine, score_atol=cfg.fp16_score_atol)
     else:
         result = parity.check_close("TFLite fp32", compared, atol=cfg.fp32_atol, cosine=cfg.fp32_cosine,
                                     score_atol=cfg.fp32_score_atol)
-    result.update(reference="pytorch", split=shared.images.parity_split)
+    result.update(reference="onnx fp32" if cfg.precision == "int8" else "pytorch", split=shared.images.parity_split)
     _finish(shared.run, target, result)
-    info.update(parity=result, input="float32 N x S x S x 3 (NHWC), normalised as in model.preprocess")
+    info.update(parity={k: v for k, v in result.items() if k != "vs_pytorch"},
+                input="float32 N x S x S x 3 (NHWC), normalised as in model.preprocess")
     info["versions"].update(tflite.versions())
     _finish(shared.run, target, result,
             lambda: atomic_write_bytes(target, tflite.embed(data, shared.meta, shared.metrics, info)))

@@ -92,14 +92,15 @@ def _rate(images_per_s: float) -> str:
 
 def engines_for(model: str | Path, *, threads: int) -> list[Classifier]:
     """PyTorch and ONNX fp32 for a run or ensemble folder, then every other export a run has (ONNX INT8, OpenVINO
-    fp32 and INT8, TFLite fp32 and fp16), side by side in one run; a file's own engine."""
+    fp32 and INT8, TFLite fp32, fp16 and INT8), side by side in one run; a file's own engine."""
     found = locate_model(model)
     if not found.is_folder:
         return [Classifier.load(found.path, threads=threads)]
     engines = [Classifier.load(found.path, "torch", threads=threads), Classifier.load(found.path, "onnx", threads=threads)]
     if found.kind == "run" and RunDir(found.path).export_file("onnx", "int8").is_file():
         engines.append(Classifier.load(found.path, "onnx", precision="int8", threads=threads))
-    for format, precision in (("openvino", "fp32"), ("openvino", "int8"), ("tflite", "fp32"), ("tflite", "fp16")):
+    for format, precision in (("openvino", "fp32"), ("openvino", "int8"), ("tflite", "fp32"), ("tflite", "fp16"),
+                              ("tflite", "int8")):
         exported = RunDir(found.path).export_file(format, precision)
         if found.kind == "run" and exported.is_file():
             engines.append(Classifier.load(exported, threads=threads))

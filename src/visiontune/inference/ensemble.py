@@ -11,9 +11,8 @@ the member's own calibration temperature, and returns log of the weighted mean o
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
-from visiontune.data.transforms import Preprocess, resample
+from visiontune.data.transforms import Preprocess, resize_to
 from visiontune.errors import ModelError
 from visiontune.inference.backends import LoadedModel
 from visiontune.inference.voting import ensemble_logits, normalise, softmax
@@ -24,7 +23,7 @@ def fit_crops(crops: np.ndarray, source: Preprocess, target: Preprocess) -> np.n
 
     A centre crop covers `crop_pct` of the image's shorter side; the target's region is the centre
     target.crop_pct / source.crop_pct of the given crop (all of it when the target wants more than there is),
-    resized to target.input_size with the target's interpolation (Pillow, antialiased like training's)."""
+    resized to target.input_size as the target's preprocessing resizes."""
     crops = np.asarray(crops)
     size, out_size = crops.shape[1], target.input_size
     keep = min(1.0, target.crop_pct / source.crop_pct)
@@ -33,10 +32,9 @@ def fit_crops(crops: np.ndarray, source: Preprocess, target: Preprocess) -> np.n
         return crops
     top = (size - side) // 2
     out = np.empty((len(crops), out_size, out_size, 3), dtype=np.uint8)
-    method = resample(target.interpolation)
     for k, crop in enumerate(crops):
         region = np.ascontiguousarray(crop[top:top + side, top:top + side])
-        out[k] = region if side == out_size else np.asarray(Image.fromarray(region).resize((out_size, out_size), method))
+        out[k] = region if side == out_size else np.asarray(resize_to(region, (out_size, out_size), target))
     return out
 
 

@@ -100,7 +100,7 @@ def _tflite_file(path: Path, threads: int) -> LoadedModel:
     meta = ModelMeta.from_dict(data, f"{path} (metadata)")
     engine = TfliteBackend(path, str(path), threads)
     check_output_width(engine, meta, path)
-    precision = "fp16" if ".fp16" in path.suffixes else "fp32"
+    precision = "int8" if ".int8" in path.suffixes else "fp16" if ".fp16" in path.suffixes else "fp32"
     return LoadedModel(engine, meta, path, "tflite", f"tflite {precision}", metrics)
 
 

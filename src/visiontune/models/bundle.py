@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from visiontune.config import HEADS, TASKS
-from visiontune.data.transforms import INTERPOLATIONS, Preprocess
+from visiontune.data.transforms import INTERPOLATIONS, PREPROCESS_VERSIONS, Preprocess
 from visiontune.errors import ModelError
 from visiontune.files import atomic_write_bytes, atomic_write_text
 from visiontune.models.run_dir import RunDir
@@ -84,7 +84,9 @@ class ModelMeta:
             field_check.number(pre, "preprocess.crop_pct", 0.05, 1.0),
             field_check.triple(pre, "preprocess.mean", positive=False),
             field_check.triple(pre, "preprocess.std", positive=True),
-            field_check.choice(pre, "preprocess.interpolation", INTERPOLATIONS))
+            field_check.choice(pre, "preprocess.interpolation", INTERPOLATIONS),
+            field_check.number({"version": pre.get("version", 1)}, "preprocess.version", min(PREPROCESS_VERSIONS),
+                               max(PREPROCESS_VERSIONS), integer=True))
         dropout = field_check.number({"dropout": arch.get("dropout", 0.0)}, "architecture.dropout", 0.0, 0.999)
         img_size = arch.get("img_size")
         if img_size is not None:

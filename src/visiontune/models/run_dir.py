@@ -24,7 +24,8 @@ HISTORY_COLUMNS = ["phase", "epoch", "train_loss", "train_acc", "val_loss", "val
 EXPORT_FILES = {("onnx", "fp32"): "model.onnx", ("onnx", "fp16"): "model.fp16.onnx", ("onnx", "int8"): "model.int8.onnx",
                 ("torchscript", "fp32"): "model.torchscript.pt",
                 ("openvino", "fp32"): "model.openvino.xml", ("openvino", "int8"): "model.int8.openvino.xml",
-                ("tflite", "fp32"): "model.tflite", ("tflite", "fp16"): "model.fp16.tflite"}
+                ("tflite", "fp32"): "model.tflite", ("tflite", "fp16"): "model.fp16.tflite",
+                ("tflite", "int8"): "model.int8.tflite"}
 
 
 class RunDir:
