@@ -286,7 +286,16 @@ def _export_tflite(shared: _Shared, target: Path, cfg: ExportConfig, info: dict)
         _finish(shared.run, target, dict(onnx_result, stage="fp32 ONNX graph the TFLite model is converted from"))
     shared.say(f"converting to TFLite ({cfg.precision})")
     calibration = shared.images.calibration_batches() if cfg.precision == "int8" else None
-    data = tflite.convert(onnx_fp32, cfg.precision, calibration)
+    source = onnx_fp32
+    if cfg.precision == "int8" and cfg.weight_rounding == "gptq" and cfg.per_channel:
+        from visiontune.models.int8_rounding import on_int8_grid
+        from visiontune.models.quantize import Int8Calibration
+
+        shared.say("rounding the weights by GPTQ on ONNX Runtime's per-channel grid")
+        with Int8Calibration(onnx_fp32, calibration, input_name=INPUT, quant_format=cfg.quant_format,
+                             method=cfg.calibration_method, window=cfg.calibration_window) as calibrated:
+            source = on_int8_grid(onnx_fp32, calibrated.build([]))
+    data = tflite.convert(source, cfg.precision, calibration)
     run_tflite = tflite.interpreter(data, "the TFLite model", default_workers(0))
     logits = stack([run_tflite(b) for b in shared.images.parity_batches()])
     compared = shared.compare(logits)
@@ -300,7 +309,8 @@ def _export_tflite(shared: _Shared, target: Path, cfg: ExportConfig, info: dict)
                               "openvino --precision int8 can, or --int8-agreement lowers the bar (accuracies of "
                               "both are in parity.json)")
         info["int8"] = {"calibration_images": sum(len(b) for b in calibration), "activations": "int8",
-                        "weights": "int8 per channel", "converter": "TensorFlow full-integer, float input and output"}
+                        "weights": "int8 per channel", "weight_rounding": cfg.weight_rounding if source is not onnx_fp32
+                        else "nearest", "converter": "TensorFlow full-integer, float input and output"}
     elif cfg.precision == "fp16":
         result = parity.check_cosine("TFLite fp16", compared, cosine=cfg.fp16_cosine, score_atol=cfg.fp16_score_atol)
     else:

@@ -202,3 +202,32 @@ def _upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
     inverse = np.linalg.inv(np.linalg.cholesky(h))  # L⁻¹, with H = L Lᵀ
     inverse_h = np.swapaxes(inverse, 1, 2) @ inverse  # H⁻¹ = L⁻ᵀ L⁻¹
     return np.swapaxes(np.linalg.cholesky(inverse_h), 1, 2)
+
+
+def on_int8_grid(fp32_model: bytes, int8_model: bytes) -> bytes:
+    """`fp32_model` with each convolution weight that `int8_model` (made from it) holds as per-channel int8
+    replaced by its dequantized value, integer x scale: a quantizer that rounds each output channel on max|w| / 127,
+    as TFLite's does, then lands on (nearly) the same integers, so GPTQ's rounding carries over to it. Weights that
+    stayed float, or whose name or shape differ, are left as they are."""
+    import onnx
+    from onnx import numpy_helper
+
+    int8 = onnx.load_from_string(int8_model)
+    initializers = {t.name: t for t in int8.graph.initializer}
+    dequantized = {}
+    for node in int8.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
+            continue
+        q = numpy_helper.to_array(initializers[node.input[0]])
+        if q.dtype != np.int8 or q.ndim != 4 or node.input[1] not in initializers:
+            continue
+        scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+        shape = [1] * q.ndim
+        shape[next((a.i for a in node.attribute if a.name == "axis"), 1)] = -1
+        dequantized[node.input[0].removesuffix("_quantized")] = q.astype(np.float32) * scale.reshape(shape)
+    fp32 = onnx.load_from_string(fp32_model)
+    for tensor in fp32.graph.initializer:
+        weight = dequantized.get(tensor.name)
+        if weight is not None and tuple(tensor.dims) == weight.shape:
+            tensor.CopyFrom(numpy_helper.from_array(weight, tensor.name))
+    return fp32.SerializeToString()
