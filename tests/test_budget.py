@@ -81,7 +81,9 @@ def test_a_run_with_a_budget_records_its_plan(tiny, tmp_path):
     assert [r["phase"] for r in result.history].count("fold1.finetune") == 4  # the planned epochs, before the refit
     assert any(n.startswith("plan: budget 60 min") and "frozen-pass views/s" in n for n in result.metrics["notes"])
     # checked again before phase 2 with the speed the run measured, which leaves a 1 h budget's plan as it was
-    assert [r["phase"] for r in plan["replans"]] == ["fold1.finetune"] and plan["replans"][0]["finetune_epochs"] == 4
+    # (and before the refit's phase 2 when the held-out images chose to keep phase 2)
+    assert [r["phase"] for r in plan["replans"]] in (["fold1.finetune"], ["fold1.finetune", "finetune"])
+    assert plan["replans"][0]["finetune_epochs"] == 4
     assert any(n.startswith("budget checked before fold1.finetune") and "4 phase-2 epochs kept" in n
                for n in result.metrics["notes"])
     assert plan["seconds"] == result.metrics["command_seconds"] and plan["within"]  # no evaluation: training alone
