@@ -22,6 +22,8 @@ _RESAMPLE = {
     "box": Image.Resampling.BOX,
 }
 INTERPOLATIONS = frozenset(_RESAMPLE)
+_OPENCV_ENLARGE = {"bicubic": "INTER_CUBIC", "bilinear": "INTER_LINEAR", "nearest": "INTER_NEAREST",
+                   "lanczos": "INTER_LANCZOS4", "box": "INTER_AREA"}  # OpenCV's names: it is imported on first use
 # How the shorter side is brought to the resize size. 1: Pillow, on the whole decoded image (every model made before
 # 2026-12-06; a model.json without a version is 1, and stays on that path bit for bit). 2: OpenCV, area-averaging
 # when it shrinks and the spec's interpolation when it enlarges: a flower_photos JPEG decoded, resized and cropped in
@@ -72,13 +74,11 @@ def resize_to(rgb: np.ndarray | Image.Image, size: tuple[int, int], spec: Prepro
         image = rgb if isinstance(rgb, Image.Image) else Image.fromarray(rgb)
         return image.resize(size, resample(spec.interpolation))
     cv2 = _opencv()
-    enlarge = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST,
-               "lanczos": cv2.INTER_LANCZOS4, "box": cv2.INTER_AREA}
     rgb = np.ascontiguousarray(rgb)
     # Area averaging when shrinking: OpenCV's cubic does not widen its kernel with the scale as Pillow's does, so
     # it would alias; the JPEG draft already keeps a decoded photo within twice the target.
-    flag = cv2.INTER_AREA if size[0] < rgb.shape[1] else enlarge.get(spec.interpolation, cv2.INTER_CUBIC)
-    return cv2.resize(rgb, size, interpolation=flag)
+    flag = "INTER_AREA" if size[0] < rgb.shape[1] else _OPENCV_ENLARGE.get(spec.interpolation, "INTER_CUBIC")
+    return cv2.resize(rgb, size, interpolation=getattr(cv2, flag))
 
 
 def _shorter_at(w: int, h: int, size: int) -> tuple[int, int]:

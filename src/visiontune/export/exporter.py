@@ -164,6 +164,24 @@ class _Shared:
         return data, logits, result
 
     @cached_property
+    def calibration(self) -> list[np.ndarray]:
+        """The seeded sample of training images every INT8 file of this call is calibrated on."""
+        return self.images.calibration_batches()
+
+    @cached_property
+    def fp32_on_int8_grid(self) -> bytes:
+        """The fp32 graph with its convolution weights on ONNX Runtime's GPTQ-rounded per-channel INT8 grid, which
+        TFLite's own per-channel scales reproduce (every layer quantized: TFLite keeps none in float)."""
+        from visiontune.models.int8_rounding import on_int8_grid
+        from visiontune.models.quantize import Int8Calibration
+
+        cfg, fp32 = self.cfg, self.fp32[0]
+        self.say("rounding the weights by GPTQ on ONNX Runtime's per-channel grid")
+        with Int8Calibration(fp32, self.calibration, input_name=INPUT, quant_format=cfg.quant_format,
+                             method=cfg.calibration_method, window=cfg.calibration_window) as calibrated:
+            return on_int8_grid(fp32, calibrated.build([]))
+
+    @cached_property
     def int8(self) -> tuple[bytes, dict, dict]:
         """(the INT8 ONNX graph, its parity with fp32 ONNX, how it was calibrated and which layers stayed float),
         calibrated once; layers go back to float only when the fully quantized graph fails the gate."""
@@ -172,7 +190,7 @@ class _Shared:
 
         cfg = self.cfg
         fp32, fp32_logits, _ = self.fp32
-        calibration = self.images.calibration_batches()
+        calibration = self.calibration
         n_cal = sum(len(b) for b in calibration)
         self.say(f"calibrating INT8 on {n_cal} training images")
 
@@ -285,21 +303,15 @@ def _export_tflite(shared: _Shared, target: Path, cfg: ExportConfig, info: dict)
     if not onnx_result["passed"]:
         _finish(shared.run, target, dict(onnx_result, stage="fp32 ONNX graph the TFLite model is converted from"))
     shared.say(f"converting to TFLite ({cfg.precision})")
-    calibration = shared.images.calibration_batches() if cfg.precision == "int8" else None
-    source = onnx_fp32
-    if cfg.precision == "int8" and cfg.weight_rounding == "gptq" and cfg.per_channel:
-        from visiontune.models.int8_rounding import on_int8_grid
-        from visiontune.models.quantize import Int8Calibration
-
-        shared.say("rounding the weights by GPTQ on ONNX Runtime's per-channel grid")
-        with Int8Calibration(onnx_fp32, calibration, input_name=INPUT, quant_format=cfg.quant_format,
-                             method=cfg.calibration_method, window=cfg.calibration_window) as calibrated:
-            source = on_int8_grid(onnx_fp32, calibrated.build([]))
+    int8 = cfg.precision == "int8"
+    gptq = int8 and cfg.weight_rounding == "gptq" and cfg.per_channel
+    calibration = shared.calibration if int8 else None
+    source = shared.fp32_on_int8_grid if gptq else onnx_fp32
     data = tflite.convert(source, cfg.precision, calibration)
     run_tflite = tflite.interpreter(data, "the TFLite model", default_workers(0))
     logits = stack([run_tflite(b) for b in shared.images.parity_batches()])
     compared = shared.compare(logits)
-    if cfg.precision == "int8":  # judged against fp32 ONNX by the gate every INT8 export meets
+    if int8:  # judged against fp32 ONNX by the gate every INT8 export meets
         result = parity.check_agreement("TFLite INT8", shared.compare(logits, shared.fp32[1]),
                                         agreement=cfg.int8_agreement, max_drop=cfg.int8_max_drop,
                                         unknown_agreement=cfg.int8_unknown_agreement)
@@ -309,14 +321,14 @@ def _export_tflite(shared: _Shared, target: Path, cfg: ExportConfig, info: dict)
                               "openvino --precision int8 can, or --int8-agreement lowers the bar (accuracies of "
                               "both are in parity.json)")
         info["int8"] = {"calibration_images": sum(len(b) for b in calibration), "activations": "int8",
-                        "weights": "int8 per channel", "weight_rounding": cfg.weight_rounding if source is not onnx_fp32
-                        else "nearest", "converter": "TensorFlow full-integer, float input and output"}
+                        "weights": "int8 per channel", "weight_rounding": "gptq" if gptq else "nearest",
+                        "converter": "TensorFlow full-integer, float input and output"}
     elif cfg.precision == "fp16":
         result = parity.check_cosine("TFLite fp16", compared, cosine=cfg.fp16_cosine, score_atol=cfg.fp16_score_atol)
     else:
         result = parity.check_close("TFLite fp32", compared, atol=cfg.fp32_atol, cosine=cfg.fp32_cosine,
                                     score_atol=cfg.fp32_score_atol)
-    result.update(reference="onnx fp32" if cfg.precision == "int8" else "pytorch", split=shared.images.parity_split)
+    result.update(reference="onnx fp32" if int8 else "pytorch", split=shared.images.parity_split)
     _finish(shared.run, target, result)
     info.update(parity={k: v for k, v in result.items() if k != "vs_pytorch"},
                 input="float32 N x S x S x 3 (NHWC), normalised as in model.preprocess")

@@ -71,17 +71,49 @@ def round_weights(int8, moments: InputMoments, skip: Iterable[str] = ()) -> int:
     """Re-round, in place, the int8 weights of the INT8 graph (`onnx.ModelProto`) whose convolutions `moments`
     measured, from the prepared graph's float weights; returns how many layers were re-rounded. `skip`: nodes kept
     in float (their weights are no longer quantized)."""
-    from onnx import TensorProto, numpy_helper
+    from onnx import numpy_helper
 
-    graph = int8.graph
-    initializers = {i.name: i for i in graph.initializer}
-    made_by = {out: node for node in graph.node for out in node.output}
     skip = set(skip)
     done = 0
-    for node in graph.node:
+    for node, q_init, q, scale in _quantized_conv_weights(int8.graph):
         layer = moments.layers.get(node.name)
+        if layer is None or node.name in skip or layer.weight.shape != q.shape:
+            continue
+        low = -127 if q.min() >= -127 else -128  # ONNX Runtime's symmetric weights never use -128
+        rounded = _gptq(layer.weight.astype(np.float64), scale, layer, low)
+        q_init.CopyFrom(numpy_helper.from_array(rounded.astype(np.int8).reshape(q.shape), q_init.name))
+        done += 1
+    return done
+
+
+def on_int8_grid(fp32_model: bytes, int8_model: bytes) -> bytes:
+    """`fp32_model` with each convolution weight that `int8_model` (made from it) holds as per-channel int8
+    replaced by its dequantized value, integer x scale: a quantizer that rounds each output channel on max|w| / 127,
+    as TFLite's does, then lands on (nearly) the same integers, so GPTQ's rounding carries over to it. Weights that
+    stayed float, or whose name or shape differ, are left as they are."""
+    import onnx
+    from onnx import numpy_helper
+
+    dequantized = {q_init.name.removesuffix("_quantized"): q * scale.reshape(-1, 1, 1, 1)
+                   for _, q_init, q, scale in _quantized_conv_weights(onnx.load_from_string(int8_model).graph)}
+    fp32 = onnx.load_from_string(fp32_model)
+    for tensor in fp32.graph.initializer:
+        weight = dequantized.get(tensor.name)
+        if weight is not None and tuple(tensor.dims) == weight.shape:
+            tensor.CopyFrom(numpy_helper.from_array(weight.astype(np.float32), tensor.name))
+    return fp32.SerializeToString()
+
+
+def _quantized_conv_weights(graph):
+    """(Conv node, its int8 weight initializer, the integers, the per-output-channel scales as float64) of every
+    convolution of an INT8 graph whose weight is read through a DequantizeLinear with zero point 0."""
+    from onnx import TensorProto, numpy_helper
+
+    initializers = {i.name: i for i in graph.initializer}
+    made_by = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
         dq = made_by.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        if layer is None or node.name in skip or dq is None or dq.op_type != "DequantizeLinear":
+        if dq is None or dq.op_type != "DequantizeLinear":
             continue
         q_init, scale_init = initializers.get(dq.input[0]), initializers.get(dq.input[1])
         zero = initializers.get(dq.input[2]) if len(dq.input) > 2 else None
@@ -91,13 +123,7 @@ def round_weights(int8, moments: InputMoments, skip: Iterable[str] = ()) -> int:
         scale = numpy_helper.to_array(scale_init).astype(np.float64).reshape(-1)
         if scale.size != q.shape[0] or (zero is not None and np.any(numpy_helper.to_array(zero))):
             continue
-        if layer.weight.shape != q.shape:
-            continue
-        low = -127 if q.min() >= -127 else -128  # ONNX Runtime's symmetric weights never use -128
-        rounded = _gptq(layer.weight.astype(np.float64), scale, layer, low)
-        q_init.CopyFrom(numpy_helper.from_array(rounded.astype(np.int8).reshape(q.shape), q_init.name))
-        done += 1
-    return done
+        yield node, q_init, q, scale
 
 
 def _layer(node, weights) -> _Layer | None:
@@ -203,31 +229,3 @@ def _upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
     inverse_h = np.swapaxes(inverse, 1, 2) @ inverse  # H⁻¹ = L⁻ᵀ L⁻¹
     return np.swapaxes(np.linalg.cholesky(inverse_h), 1, 2)
 
-
-def on_int8_grid(fp32_model: bytes, int8_model: bytes) -> bytes:
-    """`fp32_model` with each convolution weight that `int8_model` (made from it) holds as per-channel int8
-    replaced by its dequantized value, integer x scale: a quantizer that rounds each output channel on max|w| / 127,
-    as TFLite's does, then lands on (nearly) the same integers, so GPTQ's rounding carries over to it. Weights that
-    stayed float, or whose name or shape differ, are left as they are."""
-    import onnx
-    from onnx import numpy_helper
-
-    int8 = onnx.load_from_string(int8_model)
-    initializers = {t.name: t for t in int8.graph.initializer}
-    dequantized = {}
-    for node in int8.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
-            continue
-        q = numpy_helper.to_array(initializers[node.input[0]])
-        if q.dtype != np.int8 or q.ndim != 4 or node.input[1] not in initializers:
-            continue
-        scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
-        shape = [1] * q.ndim
-        shape[next((a.i for a in node.attribute if a.name == "axis"), 1)] = -1
-        dequantized[node.input[0].removesuffix("_quantized")] = q.astype(np.float32) * scale.reshape(shape)
-    fp32 = onnx.load_from_string(fp32_model)
-    for tensor in fp32.graph.initializer:
-        weight = dequantized.get(tensor.name)
-        if weight is not None and tuple(tensor.dims) == weight.shape:
-            tensor.CopyFrom(numpy_helper.from_array(weight, tensor.name))
-    return fp32.SerializeToString()
