@@ -120,6 +120,10 @@ class ExportConfig(Settings):
     # float, as few as pass the gate (export/int8_control.py).
     int8_max_float: int = setting(16, "most layers INT8 keeps in float, the most sensitive first, to pass its gate "
                                       "(0: quantize all, and the gate decides)", low=0)
+    # A layer kept in float costs far more than its own fp32 time (the INT8 kernels around it lose their fused
+    # integer path): on Lite0 about 1.2 ms each at batch 1 against 2.5 ms for the whole all-INT8 graph.
+    int8_min_speedup: float = setting(1.5, "the search keeps layers in float only while INT8 stays at least this many "
+                                           "times faster than fp32 at batch 1 (0: no limit)", low=0.0)
     int8_float: str = setting("", "ONNX node names always kept in float, comma-separated (parity.json lists the "
                                   "most sensitive ones)")
     sensitivity_images: int = setting(16, "calibration images the per-layer INT8 error is measured on", low=1)

@@ -8,6 +8,11 @@ rewrites and parity passes, never a second calibration. The ranking is made once
 
 The gate is judged on the parity images (the run's test split); the layers are chosen by their error on
 calibration (training) images, so the test split only says when to stop.
+
+Float layers cost speed out of proportion (each breaks the fused integer kernels around it), so every graph the
+search makes is timed at batch 1 first: one that is not `int8_min_speedup` times faster than fp32 is not judged,
+and the search stops there, since more layers in float are slower still. An INT8 file no faster than fp32 is
+refused, with what speed it would have had.
 """
 
 from __future__ import annotations
@@ -34,14 +39,27 @@ def controlled(calibrated: Int8Calibration, always_float: list[str], check: Call
     (its result then says so)."""
     forced = _forced(calibrated, cfg)
     tried: dict[int, tuple[bytes, dict]] = {}
+    fp32_ms: list[float] = []  # timed once, when the search first keeps a layer in float
 
     def attempt(k: int, ranking: list[str]) -> dict:
         if k not in tried:
             data = calibrated.build([*always_float, *forced, *ranking[:k]])
+            speedup = _speedup(data, calibrated, fp32_ms) if k and cfg.int8_min_speedup > 0 else None
+            if speedup is not None and speedup < cfg.int8_min_speedup:
+                tried[k] = data, {"passed": False, "too_slow": True, "speedup_batch1": speedup}
+                say(f"INT8 with {len(forced) + k} layer(s) in float: {speedup:.2f}x fp32's speed at batch 1, "
+                    f"under --int8-min-speedup {cfg.int8_min_speedup:g}: not judged")
+                return tried[k][1]
             tried[k] = data, check(data)
+            if speedup is not None:
+                tried[k][1]["speedup_batch1"] = speedup
             say(f"INT8 with {len(forced) + k} layer(s) in float: top-1 agreement "
                 f"{tried[k][1]['top1_agreement']:.2%}, {'passed' if tried[k][1]['passed'] else 'refused'}")
         return tried[k][1]
+
+    def verdict(k: int) -> bool | None:  # None: too slow, and more layers in float are slower still
+        result = attempt(k, ranking)
+        return None if result.get("too_slow") else result["passed"]
 
     info = {"float_layers": list(forced), "forced": list(forced), "by_sensitivity": [], "tries": []}
     ranking: list[str] = []
@@ -52,20 +70,38 @@ def controlled(calibrated: Int8Calibration, always_float: list[str], check: Call
         info["sensitivity"] = {n: round(ranked[n], 5) for n in ranking[:_LISTED]}
         info["sensitivity_seconds"] = round(time.perf_counter() - start, 2)
         say(f"ranked {len(ranking)} quantized layers by the error each adds; keeping the most sensitive in float")
-        _search(lambda k: attempt(k, ranking)["passed"], min(cfg.int8_max_float, len(ranking)))
-    chosen = min((k for k, (_, r) in tried.items() if r["passed"]), default=max(tried))
+        _search(verdict, min(cfg.int8_max_float, len(ranking)))
+    judged = [k for k, (_, r) in tried.items() if not r.get("too_slow")]
+    chosen = min((k for k in judged if tried[k][1]["passed"]), default=max(judged))
     data, result = tried[chosen]
     info["by_sensitivity"] = ranking[:chosen]
     info["float_layers"] = [*forced, *ranking[:chosen]]
-    info["tries"] = [{"float_layers": len(forced) + k, "top1_agreement": r["top1_agreement"],
-                      "accuracy_change_points": r.get("accuracy_change_points"), "passed": r["passed"]}
+    info["tries"] = [{"float_layers": len(forced) + k, "top1_agreement": r.get("top1_agreement"),
+                      "accuracy_change_points": r.get("accuracy_change_points"), "passed": r["passed"],
+                      **{key: r[key] for key in ("speedup_batch1", "too_slow") if key in r}}
                      for k, (_, r) in sorted(tried.items())]
     if not result["passed"]:
-        result["hint"] = (f"; with the {len(info['float_layers'])} most sensitive layer(s) in float it still fails "
-                          f"(--int8-max-float {cfg.int8_max_float} allows more; --calibration-images, "
-                          f"--calibration-method change the rest)")
+        result["hint"] = _hint(cfg, len(info["float_layers"]), tried, forced)
     info["latency_ms_batch1"] = _latencies(calibrated, data, tried[0][0] if info["float_layers"] else None)
     return data, result, info
+
+
+def _hint(cfg: ExportConfig, kept: int, tried: dict[int, tuple[bytes, dict]], forced: list[str]) -> str:
+    slow = min((k for k, (_, r) in tried.items() if r.get("too_slow")), default=None)
+    if slow is None:
+        return (f"; with the {kept} most sensitive layer(s) in float it still fails (--int8-max-float "
+                f"{cfg.int8_max_float} allows more; --calibration-images, --calibration-method change the rest)")
+    speedup = tried[slow][1]["speedup_batch1"]
+    return (f"; keeping {len(forced) + slow} layer(s) in float would leave INT8 only {speedup:.2f}x as fast as fp32 "
+            f"at batch 1 (--int8-min-speedup {cfg.int8_min_speedup:g} sets that floor; fp32 may serve better here)")
+
+
+def _speedup(graph: bytes, calibrated: Int8Calibration, fp32_ms: list[float]) -> float:
+    """fp32's batch-1 latency over `graph`'s, fp32 timed on the first call only."""
+    size, name = calibrated.image_size, calibrated.input_name
+    if not fp32_ms:
+        fp32_ms.append(batch1_latency_ms(calibrated.prepared, size, name))
+    return round(fp32_ms[0] / batch1_latency_ms(graph, size, name), 3)
 
 
 def _latencies(calibrated: Int8Calibration, chosen: bytes, all_int8: bytes | None) -> dict:
@@ -92,11 +128,15 @@ def _forced(calibrated: Int8Calibration, cfg: ExportConfig) -> list[str]:
     return asked
 
 
-def _search(passes: Callable[[int], bool], most: int) -> int | None:
-    """The fewest k in 1..most for which `passes(k)` (assumed to turn true and stay true as k grows), or None."""
+def _search(passes: Callable[[int], bool | None], most: int) -> int | None:
+    """The fewest k in 1..most for which `passes(k)` (assumed to turn true and stay true as k grows), or None.
+    `passes(k)` None: no k from here on can do (too slow), the search stops."""
     failed = 0
     for k in [s for s in _STEPS if s < most] + [most]:
-        if passes(k):
+        outcome = passes(k)
+        if outcome is None:
+            return None
+        if outcome:
             low, high = failed, k
             while high - low > 1:
                 mid = (low + high) // 2
