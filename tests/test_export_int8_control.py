@@ -1,5 +1,6 @@
 """Accuracy-controlled INT8 on the tiny real run (flowers-mini): a layer kept in float on request, the per-layer
-error ranking, and a gate that still fails (or a float layer that costs INT8 its speed): one line, nothing written. The mechanism only, never accuracy."""
+error ranking, and a gate that still fails (or a float layer that costs INT8 its speed): one line, nothing written.
+The mechanism only, never accuracy."""
 
 from __future__ import annotations
 
