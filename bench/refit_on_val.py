@@ -5,6 +5,10 @@ val', train on train' + val'), each scored on the real val split.
 
     .venv/bin/python bench/refit_on_val.py --data oxford102/split_official.csv
     .venv/bin/python bench/refit_on_val.py --data flower_photos/split.csv --extra "--folds 5"
+
+With --variant (repeatable), refit runs only, one per variant's flags, all scored on the real val split:
+
+    .venv/bin/python bench/refit_on_val.py --data oxford102/split_official.csv --variant "--views 4" --variant "--views 8"
 """
 
 from __future__ import annotations
@@ -51,14 +55,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default="flower_photos/split.csv", help="relative to ../shared/datasets")
     parser.add_argument("--extra", default="--cache-dir bench/out/cache", help="flags of both runs")
     parser.add_argument("--refit-extra", default="", help="flags of the refit run only (e.g. --folds 5)")
+    parser.add_argument("--variant", action="append", default=[], help="refit runs only: these flags (repeat)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "refit_on_val"))
     args = parser.parse_args(argv)
     name = Path(args.data).parent.name
     manifest = derived_manifest(train_benchmark.DATASETS / args.data, Path(args.out) / f"{name}.csv")
     rel = manifest.relative_to(train_benchmark.DATASETS) if manifest.is_relative_to(train_benchmark.DATASETS) else manifest
+    runs = ([f"{args.extra} {variant}" for variant in args.variant] if args.variant else
+            [f"{args.extra} --no-refit", f"{args.extra} {args.refit_extra}".strip()])
     train_benchmark.main(["--data", str(rel), "--no-tta", "--out", str(Path(args.out) / name),
-                          "--json", str(Path(args.out) / f"{name}.json"), "--extra", f"{args.extra} --no-refit",
-                          "--extra", f"{args.extra} {args.refit_extra}".strip()])
+                          "--json", str(Path(args.out) / f"{name}.json"), *[a for r in runs for a in ("--extra", r)]])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from visiontune.training.budget import (
     Replanner,
     choose,
     evaluation_seconds,
+    ladder_for,
     predict_seconds,
 )
 
@@ -68,6 +69,11 @@ def test_the_richest_plan_that_fits_is_chosen():
     tight = choose(1.0, 10, COUNTS, RATES, 20, phase2=True)
     assert (tight.views, tight.finetune_epochs, tight.fits) == (0, 0, False)
     assert "shorter than it needs" in tight.describe()
+    # Few-shot data's 8 views top the ladder: with room for them the plan takes them, without it the usual steps.
+    assert ladder_for(8)[:4] == ((8, 4), (8, 3), (8, 2), LADDER[0]) and ladder_for(2) == LADDER
+    rich = 10 + predict_seconds(8, 4, 20, COUNTS, RATES, phase2=True)
+    assert choose(rich + 1, 10, COUNTS, RATES, 20, phase2=True, most_views=8).views == 8
+    assert choose(needed[(4, 4)] + 1, 10, COUNTS, RATES, 20, phase2=True, most_views=8).views == 4
 
 
 def test_a_run_with_a_budget_records_its_plan(tiny, tmp_path):

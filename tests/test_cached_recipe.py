@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import visiontune
@@ -70,11 +71,25 @@ def test_one_pass_crop_turns_the_way_pillow_does(photos, angle):
         assert np.abs(turned - expected).mean() > 2 * np.abs(got - expected).mean()
 
 
-def test_training_views_at_a_smaller_size(tiny, tmp_path):
-    result = visiontune.train(tiny, out=tmp_path / "small", train_size=160, **FAST)
+def test_views_follow_images_a_class_unless_given():
+    default = TrainConfig()
+    assert default.views is None and default.views_for(660.0) == 4  # flower_photos' train + val
+    assert default.views_for(20.0) == 8 and default.views_for(32.0) == 5 and default.views_for(1.0) == 8  # the most: 8
+    assert TrainConfig(views=1).views_for(1.0) == 1 and TrainConfig(class_views=0).views_for(1.0) == 4
+
+
+def test_training_views_at_a_smaller_size_and_more_of_them_for_few_images(tiny, tmp_path):
+    # 3 classes x 8 photos, a quarter each to val and test: the refit trains on 6 a class, so --class-views 30
+    # asks for 5 views an image where --views is not given.
+    fast = {k: v for k, v in FAST.items() if k != "views"}
+    result = visiontune.train(tiny, out=tmp_path / "small", train_size=160, class_views=30, **fast)
     meta = json.loads((result.run_dir / "model.json").read_text())
     assert meta["preprocess"]["input_size"] == 224  # what the saved model is evaluated and served at
-    assert any("training views at 160 px, validation and test at 224 px" in n for n in result.metrics["notes"])
+    notes = result.metrics["notes"]
+    assert any("training views at 160 px, validation and test at 224 px" in n for n in notes)
+    assert "5 augmented views an image, not 4: 6.0 labelled images a class (--class-views 30; --views sets them)" in notes
+    saved = (result.run_dir / "config.yaml").read_text()
+    assert "views: 5, chosen for --class-views 30" in saved and yaml.safe_load(saved)["views"] == 5
     assert result.metrics["val"]["top1"] >= 0.5
 
 

@@ -174,4 +174,5 @@ def test_a_config_file_is_a_base_that_flags_override(tmp_path):
 
 def test_specs_read_types_from_the_declarations():
     kinds = {s.name: (s.kind, s.optional) for s in specs(c.TrainConfig)}
-    assert kinds["views"] == (int, False) and kinds["weights"] == (str, True) and kinds["augment"][0] is c.AugmentConfig
+    assert kinds["views"] == (int, True) and kinds["head_epochs"] == (int, False) and kinds["weights"] == (str, True)
+    assert kinds["augment"][0] is c.AugmentConfig

@@ -12,6 +12,7 @@ from visiontune.config.choices import default_workers
 from visiontune.config.deploy import BenchConfig, EvalConfig, ExplainConfig, ExportConfig, InferenceConfig, ServeConfig
 from visiontune.config.track import MODEL_URI_PREFIX, TRACKERS, TRACKING_URI_ENV, TrackConfig
 from visiontune.config.train import (
+           DEFAULT_VIEWS,
            AugmentConfig,
            DataConfig,
            DistillConfig,
@@ -25,5 +26,5 @@ from visiontune.settings import from_dict, load_yaml, override, save_yaml, to_di
 
 __all__ = ["AugmentConfig", "BenchConfig", "DataConfig", "DistillConfig", "DoctorConfig", "EnsembleConfig", "EvalConfig",
            "ExplainConfig", "ExportConfig", "InferenceConfig", "ScanConfig", "ServeConfig", "SplitConfig", "TrackConfig",
-           "TrainConfig", "MODEL_URI_PREFIX", "TRACKERS", "TRACKING_URI_ENV",
+           "TrainConfig", "DEFAULT_VIEWS", "MODEL_URI_PREFIX", "TRACKERS", "TRACKING_URI_ENV",
            "default_workers", "from_dict", "load_yaml", "override", "save_yaml", "to_dict"]

@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from visiontune.config import TrainConfig
+from visiontune.config import DEFAULT_VIEWS, TrainConfig
 from visiontune.data.loader import load_all
 from visiontune.data.parallel import progress
 from visiontune.data.transforms import Preprocess
@@ -90,7 +90,7 @@ def _keys(names: list[str], identity: str, spec: Preprocess, split_points: range
     validation, test, or training views with --views 0), then the views of a train run with the default settings
     (view 0 is the centre crop)."""
     default = TrainConfig()
-    for views, aug, seed in ((1, None, 0), (1 + default.views, augment_from(default), default.seed)):
+    for views, aug, seed in ((1, None, 0), (1 + DEFAULT_VIEWS, augment_from(default), default.seed)):
         for split_at in split_points:
             yield view_cache_key(names, identity, spec, split_at, views, aug, seed)
 

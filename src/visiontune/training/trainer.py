@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visiontune.config import TrainConfig
+from visiontune.config import DEFAULT_VIEWS, TrainConfig
 from visiontune.data.index import Dataset
 from visiontune.data.integrity import scan_dataset
 from visiontune.data.loader import load_all
@@ -160,6 +160,16 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
 
     decode_started = time.perf_counter()
     all_sets, images, digests = _decode(dataset, split, spec.preprocess, cfg, quiet, notes)
+    if cfg.views is None:
+        per_class = _images_per_class(all_sets, uses_refit(cfg, len(all_sets.val) > 0, d.active, teacher) is None,
+                                      len(dataset.classes))
+        cfg = override(cfg, views=cfg.views_for(per_class))
+        if cfg.views > DEFAULT_VIEWS:
+            notes.append(f"{cfg.views} augmented views an image, not {DEFAULT_VIEWS}: {per_class:.1f} labelled images "
+                         f"a class (--class-views {cfg.class_views}; --views sets them)")
+        if d.is_main:  # config.yaml says what the run did; a resume reads the same number back
+            run.write_config(data_label, root, cfg, comment=f"views: {cfg.views}, chosen for "
+                                                            f"--class-views {cfg.class_views}")
     plan = runner = replanner = known = searched = None
     if cfg.budget:  # never with --full-finetune: TrainConfig refuses the pair
         decode_rate = len(images) / max(time.perf_counter() - decode_started, 1e-6)
@@ -242,6 +252,12 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
     run.write_metrics(metrics)
     checkpoint.remove()
     return TrainResult(run_dir, meta, metrics, history.rows, notes)
+
+
+def _images_per_class(sets: Sets, refits: bool, classes: int) -> float:
+    """Labelled images a class averages in what the kept model trains on (positives of a label, multi-label)."""
+    labels = sets.labels[np.concatenate([sets.train, sets.val]) if refits else sets.train]
+    return float(labels.sum() if labels.ndim == 2 else len(labels)) / max(classes, 1)
 
 
 def _disk(cfg: TrainConfig, run: RunDir) -> DiskCache:
