@@ -13,6 +13,7 @@ from visiontune.config.deploy import BenchConfig, EvalConfig, ExplainConfig, Exp
 from visiontune.config.track import MODEL_URI_PREFIX, TRACKERS, TRACKING_URI_ENV, TrackConfig
 from visiontune.config.train import (
            DEFAULT_VIEWS,
+           MOST_VIEWS,
            AugmentConfig,
            DataConfig,
            DistillConfig,
@@ -26,5 +27,5 @@ from visiontune.settings import from_dict, load_yaml, override, save_yaml, to_di
 
 __all__ = ["AugmentConfig", "BenchConfig", "DataConfig", "DistillConfig", "DoctorConfig", "EnsembleConfig", "EvalConfig",
            "ExplainConfig", "ExportConfig", "InferenceConfig", "ScanConfig", "ServeConfig", "SplitConfig", "TrackConfig",
-           "TrainConfig", "DEFAULT_VIEWS", "MODEL_URI_PREFIX", "TRACKERS", "TRACKING_URI_ENV",
+           "TrainConfig", "DEFAULT_VIEWS", "MOST_VIEWS", "MODEL_URI_PREFIX", "TRACKERS", "TRACKING_URI_ENV",
            "default_workers", "from_dict", "load_yaml", "override", "save_yaml", "to_dict"]

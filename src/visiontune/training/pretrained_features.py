@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from visiontune.config import DEFAULT_VIEWS, TrainConfig
+from visiontune.config import DEFAULT_VIEWS, MOST_VIEWS, TrainConfig
 from visiontune.data.loader import load_all
 from visiontune.data.parallel import progress
 from visiontune.data.transforms import Preprocess
@@ -88,9 +88,10 @@ def pretrained_features(paths: list[str], digests: list[str], chunks: list[np.nd
 def _keys(names: list[str], identity: str, spec: Preprocess, split_points: range) -> Iterator[str]:
     """Every key the centre crops of these files may be cached under: one view (these features, or a train run's
     validation, test, or training views with --views 0), then the views of a train run with the default settings
-    (view 0 is the centre crop)."""
+    (view 0 is the centre crop; as many views as TrainConfig.views_for gave the data)."""
     default = TrainConfig()
-    for views, aug, seed in ((1, None, 0), (1 + DEFAULT_VIEWS, augment_from(default), default.seed)):
+    looks = [(1, None, 0)] + [(1 + v, augment_from(default), default.seed) for v in range(DEFAULT_VIEWS, MOST_VIEWS + 1)]
+    for views, aug, seed in looks:
         for split_at in split_points:
             yield view_cache_key(names, identity, spec, split_at, views, aug, seed)
 
