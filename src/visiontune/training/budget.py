@@ -132,13 +132,6 @@ def evaluation_seconds(counts: Counts, rates: Rates, refit: bool) -> float:
     return passes * per_image + _FIXED_END_SECONDS
 
 
-def ladder_for(views: int) -> tuple[tuple[int, int], ...]:
-    """The ladder topped by the run's own views where they are more than its first step (few-shot data's default,
-    or --views): a budget that has room for the run without a budget plans no less than it."""
-    richer = tuple((views, epochs) for epochs in (4, 3, 2)) if views > LADDER[0][0] else ()
-    return richer + LADDER
-
-
 def predict_seconds(views: int, finetune_epochs: int, head_epochs: int, counts: Counts, rates: Rates,
                     phase2: bool, folds: int = 0, evaluate: bool = True) -> float:
     """Seconds from the frozen pass to the end of the run's evaluation (`folds`: as `fits_of` takes them)."""
@@ -156,11 +149,10 @@ def _end_seconds(counts: Counts, rates: Rates, folds: int, evaluate: bool) -> fl
 
 
 def choose(budget: float, elapsed: float, counts: Counts, rates: Rates, head_epochs: int, phase2: bool,
-           folds: int = 0, evaluate: bool = True, most_views: int = LADDER[0][0]) -> Plan:
-    """The richest plan of the ladder (topped by `most_views`, see ladder_for) that fits; the smallest one when none
-    does."""
+           folds: int = 0, evaluate: bool = True) -> Plan:
+    """The richest plan of the ladder that fits; the smallest one when none does."""
     plan = None
-    for views, epochs in ladder_for(most_views):
+    for views, epochs in LADDER:
         epochs = epochs if phase2 else 0
         seconds = elapsed + predict_seconds(views, epochs, head_epochs, counts, rates, phase2, folds, evaluate)
         plan = Plan(views, epochs, head_epochs, seconds, budget, seconds <= budget)
@@ -281,7 +273,7 @@ def plan_budget(model: torch.nn.Module, spec, cfg: TrainConfig, images: list, se
     folds = cfg.folds if refit else 0
     phase2 = has_top and cfg.finetune_epochs > 0
     plan = choose(parse_duration(cfg.budget), time.perf_counter() - started, counts, rates, cfg.head_epochs,
-                  phase2=phase2, folds=folds, evaluate=cfg.evaluate, most_views=cfg.views)
+                  phase2=phase2, folds=folds, evaluate=cfg.evaluate)
     notes.append(f"plan: {plan.describe()} (warm-up on this machine: {rates.frozen_views:.0f} frozen-pass views/s, "
                  f"{rates.train_views:.0f} phase-2 views/s, {rates.whole_images:.0f} images/s through the whole network)")
     replanner = Replanner(plan, started, counts, rates, folds, cfg.finetune_epochs if phase2 else 0, cfg.evaluate,

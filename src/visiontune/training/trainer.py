@@ -160,7 +160,7 @@ def _train(dataset: Dataset, cfg: TrainConfig, out: Path, d: Dist, started: floa
 
     decode_started = time.perf_counter()
     all_sets, images, digests = _decode(dataset, split, spec.preprocess, cfg, quiet, notes)
-    if cfg.views is None:
+    if cfg.views is None and not cfg.budget:  # a budget's plan sets the views (at most 4)
         per_class = _images_per_class(all_sets, uses_refit(cfg, len(all_sets.val) > 0, d.active, teacher) is None,
                                       len(dataset.classes))
         cfg = override(cfg, views=cfg.views_for(per_class))
