@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     from visiontune.data.decode import decode_full
     from visiontune.data.transforms import normalize
     from visiontune.inference import Classifier
+    from visiontune.inference.pixel_input import load_proto, with_pixel_input
     from visiontune.models.bundle import load_bundle
     from visiontune.models.onnx_graph import session_options
 
@@ -199,8 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     options = session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    basic.engine.session = ort.InferenceSession(str(run / "export" / "model.int8.onnx"), options,
-                                                providers=["CPUExecutionProvider"])
+    # The same graph the loader made (normalisation in front), on the basic optimisation level.
+    wrapped = with_pixel_input(load_proto(run / "export" / "model.int8.onnx"), basic.preprocess)
+    basic.engine.session = ort.InferenceSession(wrapped, options, providers=["CPUExecutionProvider"])
     engines["onnx int8, basic graph optimisation"] = basic
     spec = engines["pytorch fp32"].preprocess
 
@@ -229,10 +231,12 @@ def main(argv: list[str] | None = None) -> dict:
     jpeg_path = dataset.abspath(first_test)
     jpeg = jpeg_path.read_bytes()
     size = decode_full(jpeg).size
-    x = normalize(crops[:1], spec)
 
     print("timing batch-1 latency", file=sys.stderr, flush=True)
-    tensor = interleaved_latency({n: (lambda c=c: c.engine(x)) for n, c in engines.items()}, args.runs, args.warmup)
+    # Each engine timed from what it takes: an ONNX graph that normalises takes the crop itself.
+    inputs = {n: c.model.engine_input(crops[:1]) for n, c in engines.items()}
+    tensor = interleaved_latency({n: (lambda c=c, n=n: c.engine(inputs[n])) for n, c in engines.items()}, args.runs,
+                                 args.warmup)
     jpeg_ms = interleaved_latency({n: (lambda c=c: c.predict(jpeg, top_k=1, workers=1)) for n, c in engines.items()},
                                   args.runs, args.warmup)
     from visiontune.data.loader import load_for_model
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, clf in engines.items():
         if "basic graph" in name or "1 thread" in name or name.startswith("onnx int8 ") and "default" not in name:
             continue  # throughput of the main three engines only (time)
-        throughput[name] = {b: _throughput(clf.engine, x, b, args.seconds) for b in sizes}
+        throughput[name] = {b: _throughput(clf.engine, inputs[name], b, args.seconds) for b in sizes}
 
     model, meta = load_bundle(run)
     macs = count_macs(model, spec.input_size)

@@ -185,3 +185,39 @@ def test_prediction_of_a_failure_has_no_label():
     p = Prediction("x.jpg", error="file not found")
     assert p.label is None and p.probability is None and not p.ok
     assert p.to_dict()["error"] == "file not found"
+
+
+def test_onnx_engines_normalise_inside_their_graph_bit_for_bit(run, fast, crops):
+    """An ONNX engine takes the uint8 crops and normalises them in its graph (mean and std 0.5: division by 127.5
+    rounds): the same logits, bit for bit, as the exported file run on numpy's normalisation; the exported file
+    itself keeps its float input."""
+    import dataclasses
+
+    import onnx
+
+    from visiontune.data.transforms import normalize
+    from visiontune.inference.pixel_input import PIXELS, load_proto, with_pixel_input
+    from visiontune.models.onnx_graph import open_session
+
+    assert fast.engine.takes_pixels and fast.model.engine_input(crops) is crops
+    if not (run / "export" / "model.onnx").exists():
+        visiontune.api.export(run)
+    path = run / "export" / "model.onnx"
+    from_file = Classifier.load(path)
+    assert from_file.engine.takes_pixels and from_file.engine.input_name == PIXELS
+    plain = open_session(path, str(path))
+    assert [i.name for i in plain.get_inputs()] == ["input"]  # the file on disk is not changed
+    assert np.array_equal(from_file.logits(crops), plain.run(["logits"], {"input": normalize(crops, fast.preprocess)})[0])
+    # Per-channel constants (ImageNet's) stay with numpy: ONNX Runtime's channels-last broadcast is slower.
+    imagenet = dataclasses.replace(fast.preprocess, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    assert with_pixel_input(load_proto(path), imagenet) is None
+    assert with_pixel_input(load_proto(path), dataclasses.replace(imagenet, mean=(0.4,) * 3, std=(0.3,) * 3))
+    with pytest.raises(TypeError, match="takes uint8 crops"):
+        from_file.engine(normalize(crops, fast.preprocess))
+    # A graph whose input is not one float N x 3 x S x S image is run as it is.
+    small = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 8, 8])]))
+    assert with_pixel_input(small, fast.preprocess) is None
+    assert load_proto(b"not an onnx graph") is None

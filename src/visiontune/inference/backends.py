@@ -1,5 +1,7 @@
 """Engines that turn a normalised N x 3 x S x S float32 batch into N x C float32 logits, and `LoadedModel`:
-an engine together with the description (labels, preprocessing, calibration) of the model it runs.
+an engine together with the description (labels, preprocessing, calibration) of the model it runs. An ONNX
+engine whose graph normalises (`takes_pixels`, see `pixel_input`) takes the uint8 N x S x S x 3 crops instead;
+`LoadedModel.engine_input` gives any engine what it takes.
 
 `engine(batch)` gives the logits; `engine.run(batch)` gives (logits, unknown scores), the scores None when the
 model carries no open-set score (a model made before it existed, or never evaluated).
@@ -45,11 +47,18 @@ class LoadedModel:
     def temperature(self) -> float:
         return float((self.meta.extra.get("calibration") or {}).get("temperature", 1.0))
 
+    def engine_input(self, crops: np.ndarray) -> np.ndarray:
+        """What the engine takes for these uint8 crops: the crops themselves when its graph normalises them, else
+        the normalised float32 tensor."""
+        if getattr(self.engine, "takes_pixels", False):
+            return crops if crops.ndim == 4 else crops[None]
+        return normalize(crops, self.meta.preprocess)
+
     def crop_logits(self, crops: np.ndarray) -> np.ndarray:
         """uint8 N x S x S x 3 crops made with this model's preprocessing -> float32 N x C raw logits."""
         if self.takes_crops:
             return self.engine.logits(crops)
-        return self.engine(normalize(crops, self.meta.preprocess))
+        return self.engine(self.engine_input(crops))
 
     def crop_outputs(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Like `crop_logits`, with each crop's unknown score (None when the model has none: an ensemble, or a
@@ -57,7 +66,7 @@ class LoadedModel:
         run = getattr(self.engine, "run", None)
         if self.takes_crops or run is None:
             return self.crop_logits(crops), None
-        return run(normalize(crops, self.meta.preprocess))
+        return run(self.engine_input(crops))
 
 
 class TorchBackend:
@@ -84,7 +93,8 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, model: str | Path | bytes, where: str, threads: int = InferenceConfig.threads, *,
-                 spinning: bool = True):
+                 spinning: bool = True, takes_pixels: bool = False):
+        """`takes_pixels`: `model` is a graph made by `pixel_input.with_pixel_input` (uint8 crops in)."""
         self.where = where
         self.session = open_session(model, where, threads, spinning=spinning)
         inputs = self.session.get_inputs()
@@ -92,6 +102,8 @@ class OnnxBackend:
             raise ModelError(f"{where}: expected one N x 3 x H x W image input, found "
                              f"{[(i.name, i.shape) for i in inputs]}")
         self.input_name = inputs[0].name
+        self.takes_pixels = takes_pixels
+        self.input_type = np.uint8 if takes_pixels else np.float32
         names = [o.name for o in self.session.get_outputs()]
         # Exports name their outputs; a graph made elsewhere has its logits first.
         self.outputs = [LOGITS if LOGITS in names else names[0]] + ([SCORE] if SCORE in names else [])
@@ -105,7 +117,9 @@ class OnnxBackend:
         return self.run(batch)[0]
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self.session.run(self.outputs, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        if self.takes_pixels and batch.dtype != np.uint8:
+            raise TypeError(f"{self.where}: this engine takes uint8 crops, not {batch.dtype} (LoadedModel.engine_input)")
+        out = self.session.run(self.outputs, {self.input_name: np.ascontiguousarray(batch, dtype=self.input_type)})
         return out[0].astype(np.float32, copy=False), (out[1].astype(np.float32) if len(out) > 1 else None)
 
 

@@ -20,7 +20,6 @@ import numpy as np
 
 from visiontune.config import SPLITS, BenchConfig
 from visiontune.data.loader import load_for_model
-from visiontune.data.transforms import normalize
 from visiontune.inference.classifier import Classifier
 from visiontune.models.locate import locate_model
 from visiontune.models.run_dir import RunDir
@@ -160,7 +159,7 @@ def measure(clf: Classifier, jpeg: bytes, cfg: BenchConfig, say=lambda line: Non
     """One engine's numbers; `say` gets a line after each step (the CLI's progress)."""
     crop = load_for_model(jpeg, clf.preprocess)[None]
     # An ensemble votes on crops (each member prepares its own input); a single network is timed from its tensor.
-    engine, x = (clf.logits, crop) if clf.is_ensemble else (clf.engine, normalize(crop, clf.preprocess))
+    engine, x = (clf.logits, crop) if clf.is_ensemble else (clf.engine, clf.model.engine_input(crop))
     tensor = _time_calls(lambda: engine(x), cfg.runs, cfg.warmup)
     say(f"batch 1 from a tensor: {_percentiles(tensor)['p50']:.2f} ms ({len(tensor)} calls)")
     e2e = _time_calls(lambda: clf.predict(jpeg, top_k=1, workers=1), cfg.runs, cfg.warmup)

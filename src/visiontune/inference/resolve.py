@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from visiontune.config import BACKENDS, SERVE_PRECISIONS, InferenceConfig
+from visiontune.data.transforms import Preprocess
 from visiontune.errors import ConfigError, ModelError
 from visiontune.inference.backends import (
     LoadedModel,
@@ -22,6 +23,7 @@ from visiontune.inference.backends import (
     load_torchscript,
 )
 from visiontune.inference.ensemble import EnsembleVote
+from visiontune.inference.pixel_input import custom_metadata, load_proto, with_pixel_input
 from visiontune.models import open_set
 from visiontune.models.bundle import ModelMeta, read_meta
 from visiontune.models.locate import locate_model
@@ -65,10 +67,28 @@ def open_model(path: str | Path, backend: str | None = None, *, precision: str =
     return _run_on_torch(found.path, threads)
 
 
+def _onnx_engine(model: Path | bytes, where: str, threads: int, spinning: bool,
+                 spec: Preprocess | None = None) -> OnnxBackend:
+    """An ONNX Runtime engine over `model` with the normalisation in its graph (`pixel_input`): by `spec`, or by
+    the preprocessing in the graph's own visiontune metadata; as it is when neither is there to go by."""
+    from visiontune.export.metadata import MODEL_KEY, read_metadata
+
+    proto = load_proto(model)
+    if proto is not None and spec is None and MODEL_KEY in custom_metadata(proto):
+        try:
+            spec = read_metadata(custom_metadata(proto), where)[0].preprocess
+        except ModelError:
+            spec = None  # the caller reads the metadata next and says what is wrong with it
+    wrapped = with_pixel_input(proto, spec) if proto is not None and spec is not None else None
+    if wrapped is None:
+        return OnnxBackend(model, where, threads, spinning=spinning)
+    return OnnxBackend(wrapped, where, threads, spinning=spinning, takes_pixels=True)
+
+
 def _onnx_file(path: Path, threads: int, spinning: bool) -> LoadedModel:
     from visiontune.export.metadata import read_metadata
 
-    engine = OnnxBackend(path, str(path), threads, spinning=spinning)
+    engine = _onnx_engine(path, str(path), threads, spinning)
     meta, metrics, _ = read_metadata(engine.metadata, str(path))
     check_output_width(engine, meta, path)
     suffixes = path.suffixes
@@ -124,7 +144,9 @@ def check_output_width(engine, meta: ModelMeta, path: Path) -> None:
     one blank image through it, checked before it is used."""
     size = meta.preprocess.input_size
     try:
-        out = np.asarray(engine(np.zeros((1, 3, size, size), dtype=np.float32)))
+        pixels = getattr(engine, "takes_pixels", False)
+        blank = np.zeros((1, size, size, 3), np.uint8) if pixels else np.zeros((1, 3, size, size), np.float32)
+        out = np.asarray(engine(blank))
     except Exception as exc:
         raise ModelError(f"{path}: does not run on a 1 x 3 x {size} x {size} input ({first_line(exc)[:160]})") from None
     if out.shape != (1, meta.num_classes):
@@ -150,7 +172,7 @@ def _run_on_onnx(run: Path, precision: str, threads: int, spinning: bool) -> Loa
     if file is not None:
         from visiontune.export.metadata import read_metadata
 
-        engine = OnnxBackend(file, str(file), threads, spinning=spinning)
+        engine = _onnx_engine(file, str(file), threads, spinning, meta.preprocess)
         name = "onnx int8" if file == RunDir(run).export_file("onnx", "int8") else "onnx fp32"
         # ... but the unknown score is inside the exported graph: its threshold must be the one of that fit.
         meta = open_set.for_graph(meta, read_metadata(engine.metadata, str(file))[0], SCORE in engine.outputs)
@@ -160,8 +182,8 @@ def _run_on_onnx(run: Path, precision: str, threads: int, spinning: bool) -> Loa
         from visiontune.models.open_set_head import attach
 
         model, meta = load_bundle(run)
-        engine = OnnxBackend(serialize(to_onnx(attach(model, run, meta), meta.preprocess.input_size)),
-                             f"{run} (in memory)", threads, spinning=spinning)
+        engine = _onnx_engine(serialize(to_onnx(attach(model, run, meta), meta.preprocess.input_size)),
+                              f"{run} (in memory)", threads, spinning, meta.preprocess)
         name = "onnx fp32"
     return LoadedModel(engine, meta, run, "onnx", name, RunDir(run).read_metrics())
 
