@@ -200,9 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     options = session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    # The same graph the loader made (normalisation in front), on the basic optimisation level.
-    wrapped = with_pixel_input(load_proto(run / "export" / "model.int8.onnx"), basic.preprocess)
-    basic.engine.session = ort.InferenceSession(wrapped, options, providers=["CPUExecutionProvider"])
+    # The same graph the loader made (with the normalisation in front when it put it there), on the basic level.
+    int8_file = run / "export" / "model.int8.onnx"
+    wrapped = with_pixel_input(load_proto(int8_file), basic.preprocess) if basic.engine.takes_pixels else None
+    basic.engine.session = ort.InferenceSession(wrapped or str(int8_file), options, providers=["CPUExecutionProvider"])
     engines["onnx int8, basic graph optimisation"] = basic
     spec = engines["pytorch fp32"].preprocess
 
