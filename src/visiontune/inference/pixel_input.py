@@ -83,7 +83,7 @@ def _is_float_image(value, size: int) -> bool:
     from onnx import TensorProto
 
     kind = value.type.tensor_type
-    if kind.elem_type != TensorProto.FLOAT or len(kind.shape.dim) != 4 or value.name == PIXELS:
+    if kind.elem_type != TensorProto.FLOAT or len(kind.shape.dim) != 4:
         return False
     fixed = [d.dim_value if d.HasField("dim_value") else None for d in kind.shape.dim[1:]]
     return all(v in (None, want) for v, want in zip(fixed, (3, size, size)))
