@@ -93,7 +93,7 @@ class ExportConfig(Settings):
     opset: int = setting(17, "ONNX opset", low=7)
     calibration_images: int = setting(128, "training images INT8 calibration sees (a seeded sample)", low=1)
     # Tens of MB each for Lite0.
-    calibration_window: int = setting(128, "images whose activations ONNX Runtime holds at once while calibrating",
+    calibration_window: int = setting(128, "images whose activations are held in memory at once while calibrating",
                                       low=1)
     # 256 was too few: on flower_photos the same INT8 model agreed with fp32 on 98.8 % of a 256-image sample and
     # 99.5 % of all 367 test images.

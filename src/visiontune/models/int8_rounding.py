@@ -42,13 +42,12 @@ class _Layer:
 
 
 class InputMoments:
-    """The second moments of every supported convolution's input over calibration images, measured once on the
-    fp32 (prepared) graph so that any INT8 graph built from it can be re-rounded."""
+    """The second moments of every supported convolution's input over calibration images, measured on the fp32
+    (prepared) graph so that any INT8 graph built from it can be re-rounded. `add` takes the inputs a pass over the
+    images computed anyway (the calibration's); `measure` runs a pass of its own."""
 
-    def __init__(self, prepared: bytes, batches: Iterable[np.ndarray], input_name: str, threads: int = 0):
+    def __init__(self, prepared: bytes):
         import onnx
-
-        from visiontune.models.int8_sensitivity import _with_outputs
 
         graph = onnx.load_from_string(prepared).graph
         weights = {i.name: i for i in graph.initializer}
@@ -57,14 +56,33 @@ class InputMoments:
             layer = _layer(node, weights)
             if layer is not None:
                 self.layers[node.name] = layer
-        session, wanted = _with_outputs(prepared, sorted({layer.input for layer in self.layers.values()}), threads)
-        for batch in batches:
-            values = dict(zip(wanted, session.run(wanted, {input_name: batch})))
-            values[input_name] = batch
-            for layer in self.layers.values():
-                if layer.input in values:
-                    _accumulate(layer, values[layer.input])
+
+    @property
+    def inputs(self) -> set[str]:
+        """The tensors `add` needs."""
+        return {layer.input for layer in self.layers.values()}
+
+    def add(self, values: dict[str, np.ndarray]) -> None:
+        """Accumulate a batch: `values` maps tensor names to their values on the same images."""
+        for layer in self.layers.values():
+            if layer.input in values:
+                _accumulate(layer, values[layer.input])
+
+    def done(self) -> InputMoments:
+        """Forget the layers no batch reached."""
         self.layers = {name: layer for name, layer in self.layers.items() if layer.count}
+        return self
+
+    @classmethod
+    def measure(cls, prepared: bytes, batches: Iterable[np.ndarray], input_name: str,
+                threads: int = 0) -> InputMoments:
+        from visiontune.models.int8_sensitivity import _with_outputs
+
+        moments = cls(prepared)
+        session, wanted = _with_outputs(prepared, sorted(moments.inputs), threads)
+        for batch in batches:
+            moments.add({input_name: batch, **dict(zip(wanted, session.run(wanted, {input_name: batch})))})
+        return moments.done()
 
 
 def round_weights(int8, moments: InputMoments, skip: Iterable[str] = ()) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 from visiontune.config import ExportConfig
 from visiontune.errors import ExportError
 from visiontune.models.int8_rounding import InputMoments, round_weights
+from visiontune.models.percentile_ranges import write_percentile_ranges
 
 
 class _Batches:
@@ -125,6 +126,7 @@ class Int8Calibration:
         out = Path(self._tmp.name) / "int8.onnx"
         # Histogram calibrators print their progress to stdout, which belongs to the CLI's own output.
         with contextlib.redirect_stdout(io.StringIO()):
+            self._calibrate()
             _quantize_static(str(self._prepared), str(out), self._reader, exclude=exclude, window=self._window,
                              ranges=self._ranges, **self._options)
         # Load and re-serialise: the calibration scratch files must not be referenced afterwards.
@@ -135,12 +137,23 @@ class Int8Calibration:
             round_weights(graph, self.input_moments(), skip=exclude)
         return graph.SerializeToString()
 
+    def _calibrate(self) -> None:
+        """The percentile ranges, and GPTQ's moments from the same pass, before the first graph is built (ONNX
+        Runtime calibrates the other methods itself, in `quantize_static`)."""
+        if self._ranges.is_file() or self._options["method"] != "percentile":
+            return
+        moments = InputMoments(self.prepared) if self._rounding == "gptq" else None
+        seen = write_percentile_ranges(self._prepared, self._reader.images, self.input_name, self._ranges,
+                                       window=self._reader.window(self._window), moments=moments)
+        if moments is not None and moments.inputs <= seen:
+            self._moments = moments.done()
+
     def input_moments(self) -> InputMoments:
         """What GPTQ rounds against, measured on the calibration images once for every graph built."""
         if self._moments is None:
             images = np.concatenate(self._reader.images)
-            self._moments = InputMoments(self.prepared, [images[i:i + 16] for i in range(0, len(images), 16)],
-                                         self.input_name)
+            self._moments = InputMoments.measure(self.prepared, [images[i:i + 16] for i in range(0, len(images), 16)],
+                                                 self.input_name)
         return self._moments
 
     def close(self) -> None:
