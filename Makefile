@@ -29,8 +29,10 @@ browser:
 lint: install
 	$(BIN)/ruff check src tests bench
 
+# Two test processes share the cores: torch using every core in each oversubscribes them (BENCHMARKS.md,
+# "The test suite's threads"), so each gets half; the CLI processes the tests start inherit it.
 test: install browser
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+	OMP_NUM_THREADS=$$(( ($$(nproc) + 1) / 2 )) $(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info
