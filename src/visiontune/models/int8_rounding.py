@@ -26,6 +26,7 @@ _BLOCK = 128  # columns rounded before their error is pushed to the rest in one 
 # Output positions an image contributes to a layer's H, at most: the early layers' 112 x 112 add cost, not
 # information (H is at most 25 x 25 per channel there).
 _POSITIONS = 1024
+MOMENT_BATCH = 16  # images whose patches go into one matrix product when H is accumulated
 
 
 @dataclass

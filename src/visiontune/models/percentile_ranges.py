@@ -22,17 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontune.models.int8_rounding import InputMoments
+from visiontune.models.int8_rounding import MOMENT_BATCH, InputMoments
 
 PERCENTILE, BINS = 99.999, 2048  # ONNX Runtime's defaults for CalibrationMethod.Percentile
-_MOMENT_BATCH = 16
 
 
 def write_percentile_ranges(prepared: Path, images: list[np.ndarray], input_name: str, cache: Path, *,
                             window: int, moments: InputMoments | None = None) -> set[str]:
     """Calibrate `prepared` (a `quant_pre_process`ed graph file) on `images` (one image a call, (1, C, H, W), as
     ONNX Runtime's calibration runs them) and write the ranges to `cache`; `moments` is fed the inputs it needs
-    from the same pass, 16 images at a time. Returns the tensors calibrated (with the input, what `moments` got)."""
+    from the same pass, MOMENT_BATCH images at a time. Returns the tensors calibrated (with the input, what `moments` got)."""
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, save_tensors_data
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
@@ -46,6 +45,8 @@ def write_percentile_ranges(prepared: Path, images: list[np.ndarray], input_name
         del calibrator
     names = [o.name for o in session.get_outputs()]
     wanted = [n for n in names if n in tensors]
+    needs = moments.inputs if moments is not None else set()
+    needed = [n for n in wanted if n in needs]
     step = max(1, window)
     windows = [images[i:i + step] for i in range(0, len(images), step)]
 
@@ -69,9 +70,9 @@ def write_percentile_ranges(prepared: Path, images: list[np.ndarray], input_name
             outputs = held if held is not None else run(group)
             counts = pool.map(lambda n: stats[n].histogram(outputs[n]), wanted)  # submitted: they run meanwhile
             if moments is not None:
-                fed = {input_name: group, **{n: outputs[n] for n in wanted if n in moments.inputs}}
-                for j in range(0, len(group), _MOMENT_BATCH):
-                    moments.add({n: np.concatenate(v[j:j + _MOMENT_BATCH]) for n, v in fed.items()})
+                fed = {input_name: group, **{n: outputs[n] for n in needed}}
+                for j in range(0, len(group), MOMENT_BATCH):
+                    moments.add({n: np.concatenate(v[j:j + MOMENT_BATCH]) for n, v in fed.items()})
             for name, hist in zip(wanted, counts):
                 stats[name].hist = hist if stats[name].hist is None else stats[name].hist + hist
             outputs = held = None

@@ -18,7 +18,7 @@ import numpy as np
 
 from visiontune.config import ExportConfig
 from visiontune.errors import ExportError
-from visiontune.models.int8_rounding import InputMoments, round_weights
+from visiontune.models.int8_rounding import MOMENT_BATCH, InputMoments, round_weights
 from visiontune.models.percentile_ranges import write_percentile_ranges
 
 
@@ -152,8 +152,8 @@ class Int8Calibration:
         """What GPTQ rounds against, measured on the calibration images once for every graph built."""
         if self._moments is None:
             images = np.concatenate(self._reader.images)
-            self._moments = InputMoments.measure(self.prepared, [images[i:i + 16] for i in range(0, len(images), 16)],
-                                                 self.input_name)
+            batches = [images[i:i + MOMENT_BATCH] for i in range(0, len(images), MOMENT_BATCH)]
+            self._moments = InputMoments.measure(self.prepared, batches, self.input_name)
         return self._moments
 
     def close(self) -> None:
