@@ -88,6 +88,10 @@ def test_int8_is_static_qdq_per_channel_and_reports_accuracy_change(run, exporte
     weight_scales = [scales[n.input[1]] for n in graph.node
                      if n.op_type == "DequantizeLinear" and n.input[1] in scales and len(scales[n.input[1]].dims) == 1]
     assert any(s.dims[0] > 1 for s in weight_scales)
+    # The logits come out of the INT8 classifier in float, not back on a uint8 grid where two classes could tie.
+    made_by = {out: n for n in graph.node for out in n.output}
+    assert [made_by[o.name].op_type != "DequantizeLinear" for o in graph.output] == [True] * len(graph.output)
+    assert any(made_by[i].op_type == "DequantizeLinear" for i in made_by["logits"].input if i in made_by)
     info = json.loads({p.key: p.value for p in onnx.load(str(result.path)).metadata_props}["visiontune.export"])
     assert info["precision"] == "int8" and info["int8"]["per_channel"] is True and info["int8"]["calibration_images"] == 12
 

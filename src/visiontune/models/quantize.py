@@ -131,6 +131,7 @@ class Int8Calibration:
                              ranges=self._ranges, **self._options)
         # Load and re-serialise: the calibration scratch files must not be referenced afterwards.
         graph = onnx.load(str(out))
+        float_outputs(graph)
         if exclude:
             float_again(graph, onnx.load(str(self._prepared)), set(exclude))
         if self._rounding == "gptq":
@@ -223,6 +224,31 @@ def float_again(int8, prepared, exclude: set[str]) -> None:
         _put_back(graph, activation, tensor, initializers, twin_initializers)
     _drop_unread(graph)
     onnx.checker.check_model(int8)
+
+
+def float_outputs(int8) -> None:
+    """Leave the graph's outputs in float, in place: a QuantizeLinear -> DequantizeLinear pair that ends at a graph
+    output is removed and the node before it writes the output itself.
+
+    ONNX Runtime quantizes the classifier's output too, so the logits come back on a uint8 grid (a step of 0.036 on
+    the flower_photos run): two classes' logits can come out exactly equal (8 of oxford102's 1,024 test images), the
+    answer then depends on the class order, and the probabilities are rounded for nothing, since the integer kernel
+    can write float as cheaply (the same batch-1 latency, measured: BENCHMARKS.md)."""
+    graph = int8.graph
+    made_by = {out: node for node in graph.node for out in node.output}
+    inputs = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    for output in graph.output:
+        dq = made_by.get(output.name)
+        q = made_by.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or q.input[0] in inputs:
+            continue
+        source = q.input[0]
+        graph.node.remove(dq)
+        graph.node.remove(q)
+        for node in graph.node:
+            node.output[:] = [output.name if name == source else name for name in node.output]
+            node.input[:] = [output.name if name == source else name for name in node.input]
+    _drop_unread(graph)
 
 
 def _need(graph, names, initializers: set[str], twin_initializers: dict) -> None:
