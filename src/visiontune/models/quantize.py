@@ -242,6 +242,8 @@ def float_outputs(int8) -> None:
         q = made_by.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         if q is None or q.op_type != "QuantizeLinear" or q.input[0] in inputs:
             continue
+        if [n.name for n in graph.node if q.output[0] in n.input] != [dq.name]:  # another reader keeps the pair
+            continue
         source = q.input[0]
         graph.node.remove(dq)
         graph.node.remove(q)
