@@ -237,6 +237,7 @@ def float_outputs(int8) -> None:
     graph = int8.graph
     made_by = {out: node for node in graph.node for out in node.output}
     inputs = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    removed = False
     for output in graph.output:
         dq = made_by.get(output.name)
         q = made_by.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
@@ -250,7 +251,9 @@ def float_outputs(int8) -> None:
         for node in graph.node:
             node.output[:] = [output.name if name == source else name for name in node.output]
             node.input[:] = [output.name if name == source else name for name in node.input]
-    _drop_unread(graph)
+        removed = True
+    if removed:  # the pairs' scales and zero points
+        _drop_unread(graph)
 
 
 def _need(graph, names, initializers: set[str], twin_initializers: dict) -> None:
